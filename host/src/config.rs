@@ -1,0 +1,225 @@
+//! Command line and environment: raw arguments (clap, each option also read
+//! from an environment variable), then a validated [`ServeConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::plugins::{Isolation, Limits, limits};
+
+/// flaghost: feature-flag evaluation over OFREP, with targeting rules as
+/// sandboxed WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "flaghost", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// flaghost's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve OFREP evaluations over HTTP.
+    Serve(ServeArgs),
+    /// Check flag files and plugins without serving: exit 0 when all load,
+    /// else list every problem (file, flag, reason) and exit 1.
+    Validate(SourceArgs),
+}
+
+/// Where flags and plugins come from.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Directory of flag files, one per environment: `<environment>.json` in
+    /// the flagd flag-definition format.
+    #[arg(long, env = "FLAGHOST_FLAGS", default_value = "flags")]
+    pub flags: PathBuf,
+
+    /// Directory of targeting plugins: `<name>.wasm` components implementing
+    /// the flaghost:rules contract. Without it, no plugin is loaded.
+    #[arg(long, env = "FLAGHOST_PLUGINS")]
+    pub plugins: Option<PathBuf>,
+
+    /// Sandbox limits for plugin calls.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The plugin sandbox's limits.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Wall-clock deadline of one plugin call, in milliseconds.
+    #[arg(long, env = "FLAGHOST_PLUGIN_DEADLINE_MS", default_value_t = limits::DEFAULT_DEADLINE.as_millis() as u64)]
+    pub plugin_deadline_ms: u64,
+
+    /// Cap on a plugin instance's linear memory, in MiB.
+    #[arg(long, env = "FLAGHOST_PLUGIN_MEMORY_MIB", default_value_t = limits::DEFAULT_MEMORY_BYTES >> 20)]
+    pub plugin_memory_mib: usize,
+
+    /// How plugin evaluations are isolated: `reuse` keeps one instance per
+    /// plugin per worker thread (fast; a trapped instance is discarded),
+    /// `fresh` instantiates for every evaluation (nothing survives a call).
+    #[arg(long, env = "FLAGHOST_PLUGIN_ISOLATION", value_enum, default_value_t = Isolation::Reuse)]
+    pub plugin_isolation: Isolation,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `flaghost serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FLAGHOST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Flags and plugins.
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// The environment `/ofrep/v1/...` evaluates in;
+    /// `/environments/{env}/ofrep/v1/...` picks another.
+    #[arg(long, env = "FLAGHOST_DEFAULT_ENVIRONMENT", default_value = "production")]
+    pub default_environment: String,
+
+    /// Seconds a resolved flag set stays cached before it is reloaded.
+    #[arg(long, env = "FLAG_CACHE_TTL", default_value_t = crate::cache::DEFAULT_TTL.as_secs())]
+    pub cache_ttl: u64,
+
+    /// Largest request body accepted, in bytes; larger ones get a 413.
+    #[arg(long, env = "FLAGHOST_BODY_LIMIT", default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
+    pub body_limit: usize,
+
+    /// Log format (the level comes from `RUST_LOG`, default `info`).
+    #[arg(long, env = "FLAGHOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{option}: {reason}")]
+pub struct ConfigError {
+    /// The option (and its environment variable).
+    pub option: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+/// A validated `serve` configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Flag file directory.
+    pub flags: PathBuf,
+    /// Plugin directory, if any.
+    pub plugins: Option<PathBuf>,
+    /// Default environment.
+    pub default_environment: String,
+    /// Cache TTL.
+    pub cache_ttl: Duration,
+    /// Body limit in bytes.
+    pub body_limit: usize,
+    /// Plugin limits.
+    pub limits: Limits,
+}
+
+impl LimitArgs {
+    /// The limits these arguments ask for.
+    pub fn to_limits(&self) -> Result<Limits, ConfigError> {
+        if self.plugin_deadline_ms == 0 {
+            return Err(ConfigError {
+                option: "--plugin-deadline-ms (FLAGHOST_PLUGIN_DEADLINE_MS)",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.plugin_memory_mib == 0 || self.plugin_memory_mib > 4096 {
+            return Err(ConfigError {
+                option: "--plugin-memory-mib (FLAGHOST_PLUGIN_MEMORY_MIB)",
+                reason: "must be between 1 and 4096".into(),
+            });
+        }
+        Ok(Limits {
+            deadline: Duration::from_millis(self.plugin_deadline_ms),
+            memory_bytes: self.plugin_memory_mib << 20,
+            isolation: self.plugin_isolation,
+            ..Limits::default()
+        })
+    }
+}
+
+impl ServeArgs {
+    /// Validates the raw arguments.
+    pub fn validate(self) -> Result<ServeConfig, ConfigError> {
+        if !crate::store::valid_environment_name(&self.default_environment) {
+            return Err(ConfigError {
+                option: "--default-environment (FLAGHOST_DEFAULT_ENVIRONMENT)",
+                reason: format!(
+                    "{:?} is not a valid environment name: use letters, digits, '_', '.' and '-'",
+                    self.default_environment
+                ),
+            });
+        }
+        if self.cache_ttl == 0 {
+            return Err(ConfigError {
+                option: "--cache-ttl (FLAG_CACHE_TTL)",
+                reason: "must be at least 1 second".into(),
+            });
+        }
+        Ok(ServeConfig {
+            listen: self.listen,
+            limits: self.source.limits.to_limits()?,
+            flags: self.source.flags,
+            plugins: self.source.plugins,
+            default_environment: self.default_environment,
+            cache_ttl: Duration::from_secs(self.cache_ttl),
+            body_limit: self.body_limit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("flaghost").chain(args.iter().copied()))
+            .expect("arguments parse")
+    }
+
+    #[test]
+    fn serve_arguments_validate_into_a_config() {
+        let Command::Serve(args) = parse(&[
+            "serve", "--listen", "127.0.0.1:0", "--flags", "f", "--plugins", "p",
+            "--default-environment", "staging", "--plugin-deadline-ms", "25",
+            "--plugin-isolation", "fresh",
+        ])
+        .command
+        else {
+            panic!("expected serve");
+        };
+        let config = args.validate().expect("valid");
+        assert_eq!(config.default_environment, "staging");
+        assert_eq!(config.limits.deadline, Duration::from_millis(25));
+        assert_eq!(config.limits.isolation, Isolation::Fresh);
+        assert_eq!(config.plugins, Some(PathBuf::from("p")));
+    }
+
+    #[test]
+    fn bad_values_name_their_option() {
+        let Command::Serve(args) = parse(&["serve", "--default-environment", "../etc"]).command
+        else {
+            panic!("expected serve");
+        };
+        let err = args.validate().expect_err("refused");
+        assert!(err.option.contains("FLAGHOST_DEFAULT_ENVIRONMENT"), "{err}");
+    }
+}

@@ -1,0 +1,102 @@
+//! The evaluation context a caller sends: a targeting key and attributes.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value as Json};
+
+/// An evaluation context, cheap to clone (shared by `Arc`), so a plugin call
+/// can hold it for the duration of a call without copying it.
+#[derive(Debug, Clone, Default)]
+pub struct EvaluationContext(Arc<Inner>);
+
+#[derive(Debug, Default)]
+struct Inner {
+    targeting_key: Option<String>,
+    /// Every attribute the caller sent, `targetingKey` included.
+    attributes: Map<String, Json>,
+}
+
+/// A context of the wrong shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    /// `targetingKey` was present but not a string.
+    #[error("\"targetingKey\" must be a string, not {0}")]
+    TargetingKeyNotString(String),
+}
+
+impl EvaluationContext {
+    /// A context from the attributes a caller sent (OFREP's `context` object).
+    pub fn from_attributes(attributes: Map<String, Json>) -> Result<Self, ContextError> {
+        let targeting_key = match attributes.get("targetingKey") {
+            None | Some(Json::Null) => None,
+            Some(Json::String(key)) => Some(key.clone()),
+            Some(other) => return Err(ContextError::TargetingKeyNotString(other.to_string())),
+        };
+        Ok(Self(Arc::new(Inner {
+            targeting_key,
+            attributes,
+        })))
+    }
+
+    /// The targeting key, if the caller sent one.
+    pub fn targeting_key(&self) -> Option<&str> {
+        self.0.targeting_key.as_deref()
+    }
+
+    /// All attributes, `targetingKey` included.
+    pub fn attributes(&self) -> &Map<String, Json> {
+        &self.0.attributes
+    }
+
+    /// The attribute at `path`: a top-level key first, then a dotted path into
+    /// nested objects (`user.address.country`).
+    pub fn get(&self, path: &str) -> Option<&Json> {
+        if let Some(v) = self.0.attributes.get(path) {
+            return Some(v);
+        }
+        let mut parts = path.split('.');
+        let mut current = self.0.attributes.get(parts.next()?)?;
+        for part in parts {
+            current = match current {
+                Json::Object(map) => map.get(part)?,
+                Json::Array(items) => items.get(part.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        Some(current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx(v: Json) -> EvaluationContext {
+        let Json::Object(map) = v else { panic!("test context must be an object") };
+        EvaluationContext::from_attributes(map).expect("valid test context")
+    }
+
+    #[test]
+    fn reads_top_level_and_nested_attributes() {
+        let c = ctx(json!({"targetingKey": "u1", "country": "NL",
+                            "user": {"address": {"city": "Delft"}, "tags": ["a", "b"]},
+                            "dotted.key": 1}));
+        assert_eq!(c.targeting_key(), Some("u1"));
+        assert_eq!(c.get("country"), Some(&json!("NL")));
+        assert_eq!(c.get("user.address.city"), Some(&json!("Delft")));
+        assert_eq!(c.get("user.tags.1"), Some(&json!("b")));
+        assert_eq!(c.get("dotted.key"), Some(&json!(1)));
+        assert_eq!(c.get("user.missing"), None);
+        assert_eq!(c.get("country.x"), None);
+    }
+
+    #[test]
+    fn refuses_a_targeting_key_that_is_not_a_string() {
+        let Json::Object(map) = json!({"targetingKey": 42}) else { unreachable!() };
+        assert!(matches!(
+            EvaluationContext::from_attributes(map),
+            Err(ContextError::TargetingKeyNotString(_))
+        ));
+    }
+}

@@ -1,0 +1,165 @@
+//! The flag model: one environment's flag set as flaghost evaluates it, and
+//! the flagd-format parser that builds it (see [`parse`]).
+//!
+//! A [`FlagSet`] is immutable once built; a change to a flag file builds a new
+//! one, and readers holding the old one finish with it.
+
+mod parse;
+
+pub use parse::{FlagFileError, Problem, RuleBinder, parse_flag_file};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::evaluation::TargetingRule;
+
+/// A flag value: what a variant stands for.
+///
+/// Integers and floats are kept apart (`1` and `1.0` are different values), as
+/// OpenFeature distinguishes integer and float flags.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Value {
+    /// A boolean flag value.
+    Bool(bool),
+    /// A string flag value.
+    String(String),
+    /// An integer flag value.
+    Integer(i64),
+    /// A float flag value; always written with a decimal point.
+    Float(f64),
+    /// An object flag value.
+    Object(serde_json::Map<String, serde_json::Value>),
+}
+
+/// The type of a flag: all of its variants share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    /// Boolean variants.
+    Bool,
+    /// String variants.
+    String,
+    /// Numeric variants, integer or float.
+    Number,
+    /// Object variants.
+    Object,
+}
+
+impl Value {
+    /// The type this value belongs to.
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            Value::Bool(_) => ValueType::Bool,
+            Value::String(_) => ValueType::String,
+            Value::Integer(_) | Value::Float(_) => ValueType::Number,
+            Value::Object(_) => ValueType::Object,
+        }
+    }
+}
+
+impl std::fmt::Display for ValueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ValueType::Bool => "boolean",
+            ValueType::String => "string",
+            ValueType::Number => "number",
+            ValueType::Object => "object",
+        })
+    }
+}
+
+/// A metadata value: flagd allows strings, numbers and booleans.
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
+
+/// Whether a flag is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagState {
+    /// Evaluated normally.
+    Enabled,
+    /// Answers DISABLED with no value: the caller's code default applies.
+    Disabled,
+}
+
+/// How a flag picks its variant.
+#[derive(Clone)]
+pub enum Targeting {
+    /// No rule: the default variant, reason STATIC.
+    None,
+    /// A rule that picks a variant per context (today: a wasm plugin).
+    Rule(Arc<dyn TargetingRule>),
+    /// A rule flaghost loaded but cannot evaluate; flagd answers PARSE_ERROR for
+    /// such a flag instead of refusing the whole file, and so does flaghost.
+    Unparsable(String),
+}
+
+impl std::fmt::Debug for Targeting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Targeting::None => f.write_str("None"),
+            Targeting::Rule(rule) => write!(f, "Rule({})", rule.describe()),
+            Targeting::Unparsable(why) => write!(f, "Unparsable({why:?})"),
+        }
+    }
+}
+
+/// One flag, validated.
+#[derive(Debug, Clone)]
+pub struct Flag {
+    /// The flag's key.
+    pub key: String,
+    /// Enabled or disabled.
+    pub state: FlagState,
+    /// Variant name to value; never empty, all of one [`ValueType`].
+    pub variants: HashMap<String, Value>,
+    /// The variant served when no rule applies; `None` means the caller's code
+    /// default. NB: when set, it names one of `variants` (checked at parse).
+    pub default_variant: Option<String>,
+    /// How the variant is picked.
+    pub targeting: Targeting,
+    /// The flag's metadata laid over the flag set's (flag keys win), merged
+    /// once at parse so evaluation only clones it.
+    pub metadata: Arc<Metadata>,
+}
+
+impl Flag {
+    /// The type of the flag's variants.
+    pub fn value_type(&self) -> Option<ValueType> {
+        self.variants.values().next().map(Value::value_type)
+    }
+}
+
+/// One environment's flags, as evaluated: immutable, shared by `Arc`.
+#[derive(Debug)]
+pub struct FlagSet {
+    /// The environment these flags belong to.
+    pub environment: String,
+    /// Flag key to flag.
+    pub flags: HashMap<String, Flag>,
+    /// The flag set's own metadata (`metadata` at the top of the file).
+    pub metadata: Arc<Metadata>,
+    /// Hex digest of the file the set was built from: two sets with the same
+    /// digest evaluate identically.
+    pub digest: String,
+    /// Flags that loaded with a rule flaghost cannot evaluate (they answer
+    /// PARSE_ERROR), each with the reason.
+    pub warnings: Vec<Problem>,
+}
+
+impl FlagSet {
+    /// Names of the plugins this set's rules call.
+    pub fn plugins_used(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .flags
+            .values()
+            .filter_map(|f| match &f.targeting {
+                Targeting::Rule(rule) => rule.plugin_name().map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}

@@ -1,0 +1,352 @@
+//! The flagd flag-definition format (`flags`, `$evaluators`, `metadata`),
+//! parsed and validated into a [`FlagSet`].
+//!
+//! Parsing collects every problem in a file rather than stopping at the first,
+//! so `flaghost validate` can list them all; a file with any problem is refused
+//! whole. The checks follow flagd's schema (schema/flags.json): `state` and
+//! `variants` required, variants all of one type, metadata values strings,
+//! numbers or booleans, and a `defaultVariant` that names a variant.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+
+use super::{Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
+use crate::evaluation::TargetingRule;
+
+/// Turns a `{"plugin": [name, config]}` rule into something that evaluates.
+///
+/// Implemented by the plugin registry; a flag file is parsed against the
+/// plugins that are loaded, so a reference to a missing plugin or a
+/// configuration the plugin refuses is a load error.
+pub trait RuleBinder {
+    /// Binds `flag_key`'s rule to plugin `plugin` with `config`, or says why not.
+    fn bind(
+        &self,
+        flag_key: &str,
+        variants: &[String],
+        plugin: &str,
+        config: &Json,
+    ) -> Result<Arc<dyn TargetingRule>, String>;
+}
+
+/// One thing wrong in a flag file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The flag it concerns; `None` for the file as a whole.
+    pub flag: Option<String>,
+    /// What is wrong, in words that say what to fix.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.flag {
+            Some(flag) => write!(f, "flag {flag:?}: {}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
+/// A flag file that was refused, with every problem found in it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct FlagFileError {
+    /// The file, as given to the parser.
+    pub file: String,
+    /// Everything wrong with it; never empty.
+    pub problems: Vec<Problem>,
+}
+
+/// Parses and validates one flag file for `environment`.
+///
+/// `file` names the file in error messages. Rules that use a plugin are bound
+/// through `binder`.
+pub fn parse_flag_file(
+    file: &str,
+    environment: &str,
+    bytes: &[u8],
+    binder: &dyn RuleBinder,
+) -> Result<FlagSet, FlagFileError> {
+    let refuse = |problems: Vec<Problem>| FlagFileError {
+        file: file.to_owned(),
+        problems,
+    };
+    let whole = |reason: String| Problem { flag: None, reason };
+
+    let doc: Json = serde_json::from_slice(bytes)
+        .map_err(|e| refuse(vec![whole(format!("not valid JSON: {e}"))]))?;
+    let Json::Object(mut doc) = doc else {
+        return Err(refuse(vec![whole(
+            "the file must hold a JSON object with a \"flags\" object".into(),
+        )]));
+    };
+
+    let mut problems = Vec::new();
+    let set_metadata = match doc.remove("metadata") {
+        None => Metadata::new(),
+        Some(m) => parse_metadata(m).unwrap_or_else(|reason| {
+            problems.push(whole(format!("metadata: {reason}")));
+            Metadata::new()
+        }),
+    };
+    let raw_flags = match doc.remove("flags") {
+        Some(Json::Object(flags)) => flags,
+        Some(_) => {
+            problems.push(whole(
+                "\"flags\" must be an object mapping flag keys to flags".into(),
+            ));
+            Default::default()
+        }
+        None => {
+            problems.push(whole("missing \"flags\"".into()));
+            Default::default()
+        }
+    };
+    if let Some(evaluators) = doc.get("$evaluators") {
+        if !evaluators.is_object() {
+            problems.push(whole(
+                "\"$evaluators\" must be an object mapping names to rules".into(),
+            ));
+        }
+    }
+
+    let mut flags = HashMap::with_capacity(raw_flags.len());
+    let mut warnings = Vec::new();
+    for (key, raw) in raw_flags {
+        match parse_flag(&key, raw, &set_metadata, binder) {
+            Ok(flag) => {
+                if let Targeting::Unparsable(reason) = &flag.targeting {
+                    warnings.push(Problem {
+                        flag: Some(key.clone()),
+                        reason: reason.clone(),
+                    });
+                }
+                flags.insert(key, flag);
+            }
+            Err(reasons) => problems.extend(reasons.into_iter().map(|reason| Problem {
+                flag: Some(key.clone()),
+                reason,
+            })),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(refuse(problems));
+    }
+    warnings.sort_by(|a, b| a.flag.cmp(&b.flag));
+    Ok(FlagSet {
+        environment: environment.to_owned(),
+        flags,
+        metadata: Arc::new(set_metadata),
+        digest: format!("{:x}", Sha256::digest(bytes)),
+        warnings,
+    })
+}
+
+/// One flag; every problem with it, or the flag.
+fn parse_flag(
+    key: &str,
+    raw: Json,
+    set_metadata: &Metadata,
+    binder: &dyn RuleBinder,
+) -> Result<Flag, Vec<String>> {
+    let Json::Object(mut raw) = raw else {
+        return Err(vec!["a flag must be a JSON object".into()]);
+    };
+    if key.is_empty() {
+        return Err(vec!["a flag key must not be empty".into()]);
+    }
+    let mut problems = Vec::new();
+
+    let state = match raw.remove("state") {
+        Some(Json::String(s)) if s == "ENABLED" => FlagState::Enabled,
+        Some(Json::String(s)) if s == "DISABLED" => FlagState::Disabled,
+        Some(other) => {
+            problems.push(format!(
+                "\"state\" must be \"ENABLED\" or \"DISABLED\", not {other}"
+            ));
+            FlagState::Disabled
+        }
+        None => {
+            problems.push("missing \"state\" (\"ENABLED\" or \"DISABLED\")".into());
+            FlagState::Disabled
+        }
+    };
+
+    let variants = match raw.remove("variants") {
+        Some(v) => parse_variants(v).unwrap_or_else(|reason| {
+            problems.push(reason);
+            HashMap::new()
+        }),
+        None => {
+            problems.push("missing \"variants\"".into());
+            HashMap::new()
+        }
+    };
+
+    let default_variant = match raw.remove("defaultVariant") {
+        None | Some(Json::Null) => None,
+        Some(Json::String(name)) => {
+            if !variants.is_empty() && !variants.contains_key(&name) {
+                problems.push(format!(
+                    "\"defaultVariant\" {name:?} is not one of the variants ({})",
+                    sorted_names(&variants).join(", ")
+                ));
+            }
+            Some(name)
+        }
+        Some(other) => {
+            problems.push(format!(
+                "\"defaultVariant\" must be a variant name or null, not {other}"
+            ));
+            None
+        }
+    };
+
+    let mut metadata = set_metadata.clone();
+    if let Some(m) = raw.remove("metadata") {
+        match parse_metadata(m) {
+            Ok(own) => metadata.extend(own),
+            Err(reason) => problems.push(format!("metadata: {reason}")),
+        }
+    }
+
+    // The rule is bound only once the rest is sound: a plugin's configuration
+    // check is given the variant names, which must be right first.
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let targeting = match raw.remove("targeting") {
+        None => Targeting::None,
+        Some(rule) => parse_targeting(key, &sorted_names(&variants), rule, binder)
+            .map_err(|reason| vec![reason])?,
+    };
+    Ok(Flag {
+        key: key.to_owned(),
+        state,
+        variants,
+        default_variant,
+        targeting,
+        metadata: Arc::new(metadata),
+    })
+}
+
+/// Variants: a non-empty object whose values share one type.
+fn parse_variants(raw: Json) -> Result<HashMap<String, Value>, String> {
+    let Json::Object(raw) = raw else {
+        return Err("\"variants\" must be an object mapping variant names to values".into());
+    };
+    if raw.is_empty() {
+        return Err("\"variants\" must hold at least one variant".into());
+    }
+    let mut variants = HashMap::with_capacity(raw.len());
+    let mut first: Option<(String, ValueType)> = None;
+    for (name, raw_value) in raw {
+        if name.is_empty() {
+            return Err("a variant name must not be empty".into());
+        }
+        let value = match raw_value {
+            Json::Bool(b) => Value::Bool(b),
+            Json::String(s) => Value::String(s),
+            Json::Number(n) => match n.as_i64() {
+                Some(i) => Value::Integer(i),
+                None => Value::Float(n.as_f64().ok_or_else(|| {
+                    format!("variant {name:?}: the number {n} is out of range")
+                })?),
+            },
+            Json::Object(o) => Value::Object(o),
+            other => {
+                return Err(format!(
+                    "variant {name:?}: {other} is not a boolean, string, number or object"
+                ));
+            }
+        };
+        match &first {
+            None => first = Some((name.clone(), value.value_type())),
+            Some((first_name, ty)) if *ty != value.value_type() => {
+                return Err(format!(
+                    "variants must share one type: {first_name:?} is a {ty}, {name:?} is a {}",
+                    value.value_type()
+                ));
+            }
+            Some(_) => {}
+        }
+        variants.insert(name, value);
+    }
+    Ok(variants)
+}
+
+/// Metadata: an object of strings, numbers and booleans.
+fn parse_metadata(raw: Json) -> Result<Metadata, String> {
+    let Json::Object(map) = raw else {
+        return Err("must be an object".into());
+    };
+    for (k, v) in &map {
+        if !(v.is_string() || v.is_number() || v.is_boolean()) {
+            return Err(format!(
+                "{k:?} is {v}; values must be strings, numbers or booleans"
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// A flag's `targeting`.
+///
+/// `{}` is no rule (flagd treats it so). `{"plugin": [name, config]}` binds a
+/// plugin, and any problem with it refuses the file. Other JsonLogic rules load
+/// and answer PARSE_ERROR until flaghost evaluates JsonLogic.
+fn parse_targeting(
+    flag_key: &str,
+    variants: &[String],
+    rule: Json,
+    binder: &dyn RuleBinder,
+) -> Result<Targeting, String> {
+    let Json::Object(rule) = rule else {
+        return Err(format!("\"targeting\" must be an object, not {rule}"));
+    };
+    if rule.is_empty() {
+        return Ok(Targeting::None);
+    }
+    match rule.get("plugin") {
+        Some(args) if rule.len() == 1 => {
+            let (name, config) = match args {
+                Json::Array(a) if a.len() == 2 => match &a[0] {
+                    Json::String(name) => (name, &a[1]),
+                    other => {
+                        return Err(format!(
+                            "\"plugin\" names its plugin first, as a string, not {other}"
+                        ));
+                    }
+                },
+                _ => {
+                    return Err(
+                        "\"plugin\" takes two arguments: [\"<plugin name>\", <configuration>]"
+                            .into(),
+                    );
+                }
+            };
+            binder
+                .bind(flag_key, variants, name, config)
+                .map(Targeting::Rule)
+        }
+        _ => {
+            let ops: Vec<&str> = rule.keys().map(String::as_str).collect();
+            Ok(Targeting::Unparsable(format!(
+                "targeting operator(s) {ops:?} are not supported; only {{\"plugin\": [name, config]}} is"
+            )))
+        }
+    }
+}
+
+fn sorted_names(variants: &HashMap<String, Value>) -> Vec<String> {
+    let mut names: Vec<String> = variants.keys().cloned().collect();
+    names.sort();
+    names
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,130 @@
+//! [`ApiError`]: the one place an error becomes a status and a JSON body.
+//!
+//! Bodies follow OFREP's failure shapes (`key`, `errorCode`, `errorDetails`),
+//! which OpenFeature providers need to fall back to the caller's default.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tracing::{debug, error};
+
+use crate::environments::LookupError;
+use crate::evaluation::{ErrorCode, EvaluationError};
+use crate::flags::Metadata;
+
+/// An error answered to an HTTP caller.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The request was malformed: body, JSON or context shape.
+    BadRequest {
+        /// The flag asked for, on single-flag requests.
+        key: Option<String>,
+        /// What to fix.
+        details: String,
+    },
+    /// The body was over the limit.
+    TooLarge {
+        /// The flag asked for, on single-flag requests.
+        key: Option<String>,
+        /// The limit.
+        details: String,
+    },
+    /// An environment that cannot be found or is unavailable.
+    Environment {
+        /// The flag asked for, on single-flag requests.
+        key: Option<String>,
+        /// Why.
+        error: LookupError,
+    },
+    /// A flag's evaluation failed.
+    Evaluation {
+        /// The flag.
+        key: String,
+        /// How.
+        error: EvaluationError,
+    },
+    /// No route.
+    NoRoute(String),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    error_code: &'static str,
+    error_details: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<&'a Metadata>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, key, code, details, metadata) = match &self {
+            ApiError::BadRequest { key, details } => (
+                StatusCode::BAD_REQUEST,
+                key.as_deref(),
+                "INVALID_CONTEXT",
+                details.clone(),
+                None,
+            ),
+            ApiError::TooLarge { key, details } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                key.as_deref(),
+                "INVALID_CONTEXT",
+                details.clone(),
+                None,
+            ),
+            ApiError::Environment { key, error } => {
+                let status = match error {
+                    LookupError::NotFound(_) => StatusCode::NOT_FOUND,
+                    LookupError::InvalidName(_) => StatusCode::BAD_REQUEST,
+                    LookupError::Unavailable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                let code = match error {
+                    LookupError::NotFound(_) => ErrorCode::FlagNotFound,
+                    _ => ErrorCode::General,
+                };
+                (status, key.as_deref(), code.as_str(), error.to_string(), None)
+            }
+            ApiError::Evaluation { key, error } => {
+                let status = match error.code {
+                    ErrorCode::FlagNotFound => StatusCode::NOT_FOUND,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                (
+                    status,
+                    Some(key.as_str()),
+                    error.code.as_str(),
+                    error.details.clone(),
+                    error.metadata.as_deref(),
+                )
+            }
+            ApiError::NoRoute(path) => (
+                StatusCode::NOT_FOUND,
+                None,
+                "GENERAL",
+                format!("no endpoint at {path}; OFREP lives under /ofrep/v1/ and /environments/{{environment}}/ofrep/v1/"),
+                None,
+            ),
+        };
+        if status.is_server_error() {
+            error!(status = status.as_u16(), error_code = code, details = %details, "request failed");
+        } else {
+            debug!(status = status.as_u16(), error_code = code, details = %details, "request refused");
+        }
+        let body = Body {
+            key,
+            error_code: code,
+            error_details: &details,
+            metadata,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The fallback for unknown paths: a JSON 404, like every other error.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_owned())
+}

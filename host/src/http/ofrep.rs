@@ -1,0 +1,229 @@
+//! OFREP: single and bulk flag evaluation
+//! (../shared/reference/ofrep/openapi.yaml).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState};
+use crate::evaluation::{self, EvaluationContext, EvaluationError, Resolution};
+use crate::flags::{FlagSet, FlagState, Metadata, Value};
+
+/// Path parameters of both route families.
+#[derive(Deserialize)]
+pub struct FlagPath {
+    environment: Option<String>,
+    key: Option<String>,
+}
+
+/// `POST .../ofrep/v1/evaluate/flags/{key}`.
+pub async fn evaluate_one(
+    State(state): State<AppState>,
+    Path(path): Path<FlagPath>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = path.key.unwrap_or_default();
+    let context = parse_request(body, Some(&key))?;
+    let set = flag_set(&state, path.environment.as_deref(), Some(&key)).await?;
+    match evaluation::evaluate(&set, &key, &context, None) {
+        Ok(resolution) => Ok(json_response(StatusCode::OK, &success(&key, &resolution))),
+        Err(error) => Err(ApiError::Evaluation { key, error }),
+    }
+}
+
+/// `POST .../ofrep/v1/evaluate/flags`: every enabled flag, each a success or
+/// a failure, with an `ETag` over the answer so an unchanged answer is a 304.
+pub async fn evaluate_all(
+    State(state): State<AppState>,
+    Path(path): Path<FlagPath>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let context = parse_request(body, None)?;
+    let set = flag_set(&state, path.environment.as_deref(), None).await?;
+    let body = bulk(&set, &context);
+    // NB: the ETag hashes the answer itself, so it changes whenever the answer
+    // for this context would (a flag file change, a different context), and a
+    // 304 can never stand for another context's answer.
+    let etag = format!("\"{:.32x}\"", Sha256::digest(&body));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
+    if matches {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+    }
+    let mut response = raw_json_response(StatusCode::OK, body);
+    response.headers_mut().insert(header::ETAG, etag_value);
+    Ok(response)
+}
+
+/// The request body: `{"context": {...}}`; a missing or null context is empty.
+fn parse_request(
+    body: Result<Bytes, BytesRejection>,
+    key: Option<&str>,
+) -> Result<EvaluationContext, ApiError> {
+    let bad = |details: String| ApiError::BadRequest {
+        key: key.map(str::to_owned),
+        details,
+    };
+    let body = body.map_err(|rejection| match rejection {
+        BytesRejection::FailedToBufferBody(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge {
+                key: key.map(str::to_owned),
+                details: "the request body is over the size limit".into(),
+            }
+        }
+        other => bad(format!("cannot read the request body: {other}")),
+    })?;
+    if body.is_empty() {
+        return Ok(EvaluationContext::default());
+    }
+    let request: Json = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
+    let Json::Object(mut request) = request else {
+        return Err(bad("the request body must be a JSON object: {\"context\": {...}}".into()));
+    };
+    match request.remove("context") {
+        None | Some(Json::Null) => Ok(EvaluationContext::default()),
+        Some(Json::Object(attributes)) => {
+            EvaluationContext::from_attributes(attributes).map_err(|e| bad(e.to_string()))
+        }
+        Some(other) => Err(bad(format!(
+            "\"context\" must be a JSON object, not {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn json_kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+async fn flag_set(
+    state: &AppState,
+    environment: Option<&str>,
+    key: Option<&str>,
+) -> Result<std::sync::Arc<FlagSet>, ApiError> {
+    let environment = environment.unwrap_or(&state.default_environment);
+    state
+        .environments
+        .get(environment)
+        .await
+        .map_err(|error| ApiError::Environment {
+            key: key.map(str::to_owned),
+            error,
+        })
+}
+
+/// A successful evaluation as OFREP sends it.
+#[derive(Serialize)]
+struct Success<'a> {
+    key: &'a str,
+    /// Absent when the caller's code default applies (ADR-0006).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a Value>,
+    reason: &'static str,
+    /// Always present: the Python provider fails on a success without it.
+    /// Empty when no variant was served, as flagd sends it.
+    variant: &'a str,
+    metadata: &'a Metadata,
+}
+
+/// A failed evaluation inside a bulk answer.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Failure<'a> {
+    key: &'a str,
+    error_code: &'static str,
+    error_details: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<&'a Metadata>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Entry<'a> {
+    Success(Success<'a>),
+    Failure(Failure<'a>),
+}
+
+#[derive(Serialize)]
+struct Bulk<'a> {
+    flags: Vec<Entry<'a>>,
+    metadata: &'a Metadata,
+}
+
+fn success<'a>(key: &'a str, r: &'a Resolution) -> Success<'a> {
+    Success {
+        key,
+        value: r.value.as_ref(),
+        reason: r.reason.as_str(),
+        variant: r.variant.as_deref().unwrap_or(""),
+        metadata: &r.metadata,
+    }
+}
+
+fn failure<'a>(key: &'a str, e: &'a EvaluationError) -> Failure<'a> {
+    Failure {
+        key,
+        error_code: e.code.as_str(),
+        error_details: &e.details,
+        metadata: e.metadata.as_deref(),
+    }
+}
+
+/// Evaluates every enabled flag (disabled flags are left out, as flagd does),
+/// sorted by key so equal answers serialise to equal bytes.
+fn bulk(set: &FlagSet, context: &EvaluationContext) -> Vec<u8> {
+    let mut keys: Vec<&String> = set
+        .flags
+        .iter()
+        .filter(|(_, f)| f.state == FlagState::Enabled)
+        .map(|(k, _)| k)
+        .collect();
+    keys.sort();
+    let results: Vec<(&str, Result<Resolution, EvaluationError>)> = keys
+        .into_iter()
+        .map(|k| (k.as_str(), evaluation::evaluate(set, k, context, None)))
+        .collect();
+    let flags = results
+        .iter()
+        .map(|(k, r)| match r {
+            Ok(r) => Entry::Success(success(k, r)),
+            Err(e) => Entry::Failure(failure(k, e)),
+        })
+        .collect();
+    // NB: serialising these types cannot fail: string keys, finite values.
+    serde_json::to_vec(&Bulk {
+        flags,
+        metadata: &set.metadata,
+    })
+    .unwrap_or_default()
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    raw_json_response(status, serde_json::to_vec(body).unwrap_or_default())
+}
+
+fn raw_json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,214 @@
+//! Running a plugin call: which instance it runs on, under which limits, and
+//! what a failure becomes.
+//!
+//! In [`Isolation::Reuse`] each thread keeps one warm instance per plugin, in a
+//! thread-local, so evaluations on different tokio workers never share an
+//! instance and never take a lock. A warm instance also keeps each rule's
+//! parsed configuration (a `targeting` resource) so it is parsed once. An
+//! instance whose call trapped is dropped: its state cannot leak into a later
+//! evaluation. In [`Isolation::Fresh`] every call gets a new instance.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Weak};
+
+use wasmtime::component::ResourceAny;
+use wasmtime::{Store, Trap};
+
+use super::bindings::v0_1::TargetingRule as Bindings;
+use super::limits::HostState;
+use super::{EPOCH_TICK, Isolation, Plugin, PluginError, PluginRule};
+use crate::evaluation::EvaluationContext;
+
+/// A warm instance drops its rules and starts over past this many: rules of
+/// flag sets that were replaced would otherwise accumulate in it.
+const MAX_RULES_PER_INSTANCE: usize = 1024;
+
+struct Warm {
+    /// The plugin this instance belongs to; dead once the plugin is replaced.
+    plugin: Weak<Plugin>,
+    store: Store<HostState>,
+    bindings: Bindings,
+    /// Rule id to the guest's parsed configuration.
+    rules: HashMap<u64, ResourceAny>,
+}
+
+thread_local! {
+    /// This thread's warm instances, by plugin id.
+    static WARM: RefCell<HashMap<u64, Warm>> = RefCell::new(HashMap::new());
+}
+
+/// Evaluates `rule` for `context` under the plugin's limits.
+pub(super) fn evaluate(
+    rule: &PluginRule,
+    context: &EvaluationContext,
+) -> Result<Option<String>, PluginError> {
+    let plugin = &rule.plugin;
+    match plugin.limits.isolation {
+        Isolation::Fresh => {
+            let (mut store, bindings) = instantiate(plugin)?;
+            store.data_mut().context = Some(context.clone());
+            let handle = create(plugin, &mut store, &bindings, rule)?;
+            call(plugin, &mut store, &bindings, handle)
+        }
+        Isolation::Reuse => WARM.with(|warm| {
+            let mut warm = warm.borrow_mut();
+            let result = evaluate_warm(&mut warm, rule, context);
+            if let Err(e) = &result {
+                if !matches!(e, PluginError::Guest { .. }) {
+                    // NB: a trapped instance is never used again.
+                    warm.remove(&plugin.id);
+                }
+            }
+            result
+        }),
+    }
+}
+
+fn evaluate_warm(
+    warm: &mut HashMap<u64, Warm>,
+    rule: &PluginRule,
+    context: &EvaluationContext,
+) -> Result<Option<String>, PluginError> {
+    let plugin = &rule.plugin;
+    let slot = match warm.entry(plugin.id) {
+        Entry::Occupied(e) if e.get().rules.len() < MAX_RULES_PER_INSTANCE => e.into_mut(),
+        entry => {
+            let (store, bindings) = instantiate(plugin)?;
+            let fresh = Warm {
+                plugin: Arc::downgrade(plugin),
+                store,
+                bindings,
+                rules: HashMap::new(),
+            };
+            let slot = match entry {
+                Entry::Occupied(mut e) => {
+                    e.insert(fresh);
+                    e.into_mut()
+                }
+                Entry::Vacant(e) => e.insert(fresh),
+            };
+            slot
+        }
+    };
+    slot.store.set_epoch_deadline(deadline_ticks(plugin));
+    slot.store.data_mut().context = Some(context.clone());
+    let handle = match slot.rules.get(&rule.id) {
+        Some(handle) => *handle,
+        None => {
+            let handle = create(plugin, &mut slot.store, &slot.bindings, rule)?;
+            slot.rules.insert(rule.id, handle);
+            handle
+        }
+    };
+    let result = call(plugin, &mut slot.store, &slot.bindings, handle);
+    slot.store.data_mut().context = None;
+    if warm.len() > 1 && result.is_ok() {
+        sweep(warm);
+    }
+    result
+}
+
+/// Drops warm instances of plugins that no longer exist (replaced or removed).
+fn sweep(warm: &mut HashMap<u64, Warm>) {
+    // Cheap: one atomic load per entry, and only threads holding more than
+    // one plugin's instance get here.
+    warm.retain(|_, w| w.plugin.strong_count() > 0);
+}
+
+/// Runs the plugin's configuration check on a fresh instance.
+pub(super) fn check_config(
+    plugin: &Plugin,
+    flag_key: &str,
+    variants: &[String],
+    config: &str,
+) -> Result<(), PluginError> {
+    let (mut store, bindings) = instantiate(plugin)?;
+    let answer = bindings
+        .flaghost_rules_rule()
+        .call_check_config(&mut store, flag_key, variants, config)
+        .map_err(|e| classify(plugin, &store, e))?;
+    answer.map_err(|message| PluginError::Guest {
+        plugin: plugin.name.clone(),
+        message,
+    })
+}
+
+fn deadline_ticks(plugin: &Plugin) -> u64 {
+    let ticks = plugin.limits.deadline.as_micros() / EPOCH_TICK.as_micros().max(1);
+    u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+}
+
+fn instantiate(plugin: &Plugin) -> Result<(Store<HostState>, Bindings), PluginError> {
+    let mut store = Store::new(&plugin.engine, HostState::new(&plugin.limits));
+    store.limiter(|state| state);
+    store.set_epoch_deadline(deadline_ticks(plugin));
+    let bindings = plugin
+        .pre
+        .instantiate(&mut store)
+        .map_err(|e| classify(plugin, &store, e))?;
+    Ok((store, bindings))
+}
+
+/// Creates the guest's `targeting` resource for `rule` (parses its configuration).
+fn create(
+    plugin: &Plugin,
+    store: &mut Store<HostState>,
+    bindings: &Bindings,
+    rule: &PluginRule,
+) -> Result<ResourceAny, PluginError> {
+    let answer = bindings
+        .flaghost_rules_rule()
+        .targeting()
+        .call_create(&mut *store, &rule.flag_key, &rule.variants, &rule.config)
+        .map_err(|e| classify(plugin, store, e))?;
+    answer.map_err(|message| PluginError::Guest {
+        plugin: plugin.name.clone(),
+        message: format!("refused its configuration: {message}"),
+    })
+}
+
+/// Calls `evaluate` on a rule resource.
+fn call(
+    plugin: &Plugin,
+    store: &mut Store<HostState>,
+    bindings: &Bindings,
+    handle: ResourceAny,
+) -> Result<Option<String>, PluginError> {
+    let answer = bindings
+        .flaghost_rules_rule()
+        .targeting()
+        .call_evaluate(&mut *store, handle)
+        .map_err(|e| classify(plugin, store, e))?;
+    answer.map_err(|message| PluginError::Guest {
+        plugin: plugin.name.clone(),
+        message,
+    })
+}
+
+/// What a failed call means, from the error and what the store saw.
+fn classify(plugin: &Plugin, store: &Store<HostState>, err: wasmtime::Error) -> PluginError {
+    let name = plugin.name.clone();
+    if store.data().memory_exceeded {
+        return PluginError::Memory {
+            plugin: name,
+            cap: plugin.limits.memory_bytes,
+        };
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => PluginError::Deadline {
+            plugin: name,
+            deadline: plugin.limits.deadline,
+        },
+        Some(trap) => PluginError::Trap {
+            plugin: name,
+            reason: trap.to_string(),
+        },
+        // Not a wasm trap: a trapping import stub, a failed instantiation.
+        None => PluginError::Trap {
+            plugin: name,
+            reason: err.root_cause().to_string(),
+        },
+    }
+}

@@ -1,0 +1,108 @@
+//! The sandbox's limits and the per-store state that enforces them.
+
+use std::time::Duration;
+
+use wasmtime::ResourceLimiter;
+
+use crate::evaluation::EvaluationContext;
+
+/// Default evaluation deadline.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);
+/// Default cap on a plugin instance's linear memory.
+pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
+/// Default cap on the wasm stack of a call.
+pub const DEFAULT_WASM_STACK_BYTES: usize = 512 << 10;
+/// Largest component file flaghost will compile.
+pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 << 20;
+
+/// How evaluations are isolated from one another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Isolation {
+    /// Each worker thread keeps one instance per plugin and reuses it; an
+    /// instance that traps is thrown away. A rule may keep state between
+    /// evaluations on the same thread (it cannot see other plugins', nor
+    /// anything outside its sandbox). The fast default.
+    #[default]
+    Reuse,
+    /// A fresh instance for every evaluation: nothing survives a call.
+    /// Costs an instantiation (microseconds) per evaluation.
+    Fresh,
+}
+
+/// The limits every plugin call runs under.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Wall-clock budget of one call (epoch interruption).
+    pub deadline: Duration,
+    /// Cap on an instance's linear memory, in bytes.
+    pub memory_bytes: usize,
+    /// Cap on the wasm stack, in bytes.
+    pub wasm_stack_bytes: usize,
+    /// Largest component file accepted.
+    pub max_component_bytes: usize,
+    /// How evaluations are isolated.
+    pub isolation: Isolation,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline: DEFAULT_DEADLINE,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            wasm_stack_bytes: DEFAULT_WASM_STACK_BYTES,
+            max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
+            isolation: Isolation::default(),
+        }
+    }
+}
+
+/// Tables may hold this many elements: generous for any rule, small enough
+/// that a table cannot stand in for unbounded memory.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// What a plugin's `Store` holds.
+pub(super) struct HostState {
+    /// The context of the evaluation in progress; `None` between calls.
+    pub context: Option<EvaluationContext>,
+    memory_bytes: usize,
+    /// Set when the guest asked for more memory than the cap, so the trap that
+    /// follows is reported as a memory overrun rather than a bare trap.
+    pub memory_exceeded: bool,
+}
+
+impl HostState {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            context: None,
+            memory_bytes: limits.memory_bytes,
+            memory_exceeded: false,
+        }
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.memory_exceeded = true;
+            wasmtime::bail!(
+                "memory cap exceeded: asked for {desired} bytes, the cap is {}",
+                self.memory_bytes
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}

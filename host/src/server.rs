@@ -1,0 +1,146 @@
+//! Start-up: load plugins and flags, pick the backends, serve until a signal.
+//!
+//! [`build`] is the one place that decides which cache and store run; it logs
+//! what it picked.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::cache::{FlagCache, MemoryCache};
+use crate::config::{ServeConfig, SourceArgs};
+use crate::environments::Environments;
+use crate::http::{AppState, app};
+use crate::plugins::{PluginError, PluginRuntime, PluginSet};
+use crate::store::{DirStore, FlagStore, StoreError};
+
+/// A service ready to serve: its router state and what it loaded.
+pub struct Service {
+    /// The router's state.
+    pub state: AppState,
+    /// The body limit for the router.
+    pub body_limit: usize,
+    /// Keeps the engine (and its epoch ticker) alive.
+    pub runtime: Arc<PluginRuntime>,
+}
+
+/// Loads plugins from `dir` (if any), refusing to go on if one fails.
+fn load_plugins(
+    runtime: &PluginRuntime,
+    dir: Option<&Path>,
+) -> anyhow::Result<(PluginSet, Vec<PluginError>)> {
+    match dir {
+        None => Ok((PluginSet::default(), Vec::new())),
+        Some(dir) => runtime
+            .load_dir(dir)
+            .with_context(|| format!("cannot read the plugin directory {}", dir.display())),
+    }
+}
+
+/// Builds the service for `config`: every plugin and every flag file must
+/// load, or start-up fails listing what is wrong.
+pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
+    let runtime = Arc::new(PluginRuntime::new(config.limits.clone())?);
+    let (plugins, plugin_errors) = load_plugins(&runtime, config.plugins.as_deref())?;
+    if !plugin_errors.is_empty() {
+        let list: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("plugins refused:\n  {}", list.join("\n  "));
+    }
+    for plugin in plugins.iter() {
+        if !plugin.trapped_imports().is_empty() {
+            info!(plugin = plugin.name(), imports = ?plugin.trapped_imports(),
+                  "plugin imports interfaces outside the contract; calling them traps");
+        }
+    }
+    let plugin_names: Vec<String> = plugins.iter().map(|p| p.name().to_owned()).collect();
+
+    let store = Arc::new(DirStore::new(&config.flags, plugins));
+    let environments = store
+        .environments_sync()
+        .with_context(|| format!("cannot read the flag directory {}", config.flags.display()))?;
+    // NB: the one place the cache backend is picked. The Redis backend will
+    // be chosen here too, from REDIS_URL.
+    let cache: Arc<dyn FlagCache> = Arc::new(MemoryCache::new(config.cache_ttl));
+    let read_path = Arc::new(Environments::new(cache.clone(), store.clone() as Arc<dyn FlagStore>));
+
+    let mut problems = Vec::new();
+    let mut loaded = Vec::new();
+    for env in &environments {
+        match read_path.refresh(env).await {
+            Ok(set) => {
+                for w in &set.warnings {
+                    warn!(environment = %env, problem = %w, "flag loaded with a rule it cannot evaluate");
+                }
+                loaded.push(format!("{env} ({} flags)", set.flags.len()));
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("flag files refused:\n  {}", problems.join("\n  "));
+    }
+    if !environments.contains(&config.default_environment) {
+        warn!(default_environment = %config.default_environment,
+              "the default environment has no flag file: /ofrep/v1/ answers 404 until it has one");
+    }
+    info!(
+        environments = ?loaded,
+        plugins = ?plugin_names,
+        cache = %cache.describe(),
+        store = %store.describe(),
+        default_environment = %config.default_environment,
+        plugin_deadline = ?config.limits.deadline,
+        plugin_memory_bytes = config.limits.memory_bytes,
+        plugin_isolation = ?config.limits.isolation,
+        "flaghost loaded"
+    );
+    Ok(Service {
+        state: AppState {
+            environments: read_path,
+            default_environment: config.default_environment.as_str().into(),
+        },
+        body_limit: config.body_limit,
+        runtime,
+    })
+}
+
+/// Serves `service` on `listener` until `shutdown` completes, then finishes
+/// in-flight requests and returns.
+pub async fn serve(
+    listener: TcpListener,
+    service: Service,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router = app(service.state, service.body_limit);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("server failed")?;
+    drop(service.runtime);
+    Ok(())
+}
+
+/// `flaghost validate`: every problem with the plugins and flag files.
+pub fn validate(source: &SourceArgs) -> anyhow::Result<Vec<String>> {
+    let runtime = PluginRuntime::new(source.limits.to_limits()?)?;
+    let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;
+    let mut problems: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
+    let store = DirStore::new(&source.flags, plugins);
+    let environments = store
+        .environments_sync()
+        .with_context(|| format!("cannot read the flag directory {}", source.flags.display()))?;
+    for env in environments {
+        match store.load_sync(&env) {
+            Ok(_) => {}
+            Err(StoreError::Invalid(e)) => {
+                problems.extend(e.problems.iter().map(|p| format!("{}: {p}", e.file)));
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    Ok(problems)
+}

@@ -1,0 +1,60 @@
+//! Flag sources: where an environment's flag file comes from.
+//!
+//! [`FlagStore`] is the port; [`DirStore`] reads `<dir>/<environment>.json`.
+
+mod dir;
+
+pub use dir::DirStore;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::flags::{FlagFileError, FlagSet};
+
+/// Why a flag set could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The environment name is not `[A-Za-z0-9_.-]+`.
+    #[error("invalid environment name {0:?}: use letters, digits, '_', '.' and '-'")]
+    InvalidEnvironment(String),
+    /// No flag file for the environment.
+    #[error("environment {0:?} was not found")]
+    NotFound(String),
+    /// The file exists but was refused.
+    #[error(transparent)]
+    Invalid(#[from] FlagFileError),
+    /// The file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+}
+
+/// A source of flag sets, one per environment.
+#[async_trait]
+pub trait FlagStore: Send + Sync {
+    /// Loads and validates `environment`'s flag set.
+    async fn load(&self, environment: &str) -> Result<Arc<FlagSet>, StoreError>;
+
+    /// The environments this store holds.
+    async fn environments(&self) -> Result<Vec<String>, StoreError>;
+
+    /// What the store is, for logs (`directory ./flags`).
+    fn describe(&self) -> String;
+}
+
+/// Whether `name` can name an environment: it appears in URLs, file names and
+/// cache keys, so it is limited to `[A-Za-z0-9_.-]`, and not `.` or `..`.
+pub fn valid_environment_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}

@@ -1,0 +1,111 @@
+//! A directory of flag files, `<dir>/<environment>.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+
+use super::{FlagStore, StoreError, valid_environment_name};
+use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
+use crate::plugins::PluginSet;
+
+/// Reads flag files from a directory; rules are bound to `plugins`.
+pub struct DirStore {
+    dir: PathBuf,
+    plugins: PluginSet,
+    /// The last set parsed per environment: a file whose bytes did not change
+    /// is not parsed (nor its plugin configurations checked) again.
+    parsed: Mutex<HashMap<String, Arc<FlagSet>>>,
+}
+
+impl DirStore {
+    /// A store over `dir`, binding rules to `plugins`.
+    pub fn new(dir: impl Into<PathBuf>, plugins: PluginSet) -> Self {
+        Self {
+            dir: dir.into(),
+            plugins,
+            parsed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads and parses one environment's file, synchronously.
+    pub fn load_sync(&self, environment: &str) -> Result<Arc<FlagSet>, StoreError> {
+        if !valid_environment_name(environment) {
+            return Err(StoreError::InvalidEnvironment(environment.to_owned()));
+        }
+        let path = self.dir.join(format!("{environment}.json"));
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(environment.to_owned()));
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let digest = format!("{:x}", Sha256::digest(&bytes));
+        if let Some(set) = self.parsed().get(environment) {
+            if set.digest == digest {
+                return Ok(set.clone());
+            }
+        }
+        let binder: &dyn RuleBinder = &self.plugins;
+        let set = Arc::new(parse_flag_file(
+            &path.display().to_string(),
+            environment,
+            &bytes,
+            binder,
+        )?);
+        self.parsed().insert(environment.to_owned(), set.clone());
+        Ok(set)
+    }
+
+    /// The environments: the stems of the `*.json` files in the directory.
+    pub fn environments_sync(&self) -> Result<Vec<String>, StoreError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| StoreError::Io {
+            path: self.dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter_map(|p| p.file_stem()?.to_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn parsed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<FlagSet>>> {
+        // The map is only ever replaced entry by entry: a panic elsewhere
+        // cannot leave it half-written.
+        self.parsed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl FlagStore for DirStore {
+    async fn load(&self, environment: &str) -> Result<Arc<FlagSet>, StoreError> {
+        // NB: synchronous on purpose. It runs when a cached set expires, reads
+        // one small file, and re-parses only when the file's bytes changed;
+        // `block_in_place` would panic on a current-thread runtime.
+        self.load_sync(environment)
+    }
+
+    async fn environments(&self) -> Result<Vec<String>, StoreError> {
+        self.environments_sync()
+    }
+
+    fn describe(&self) -> String {
+        format!("directory {}", self.dir.display())
+    }
+}

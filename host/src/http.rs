@@ -40,6 +40,7 @@ pub fn app(state: AppState, body_limit: usize) -> Router {
         .nest("/environments/{environment}/ofrep/v1", ofrep)
         .route("/healthz", get(health::healthz))
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

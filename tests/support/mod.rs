@@ -1,1 +1,189 @@
-//! Support for the end-to-end tests.
+//! Support for the end-to-end tests and benches: build the guest components,
+//! lay out flag and plugin directories, and serve flaghost on a free port.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use flaghost::config::ServeConfig;
+use flaghost::plugins::Limits;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository")
+        .to_path_buf()
+}
+
+/// Builds every guest component once per test binary (`plugins/build.sh`).
+pub fn build_plugins() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new("bash")
+            .arg(root().join("plugins/build.sh"))
+            .status()
+            .expect("run plugins/build.sh");
+        assert!(status.success(), "plugins/build.sh failed");
+    });
+}
+
+/// An example plugin's component file.
+pub fn plugin(name: &str) -> PathBuf {
+    build_plugins();
+    root().join("target/plugins").join(format!("{name}.wasm"))
+}
+
+/// A purpose-built test component's file.
+pub fn fixture(name: &str) -> PathBuf {
+    build_plugins();
+    root().join("target/plugin-fixtures").join(format!("{name}.wasm"))
+}
+
+/// A flag directory and a plugin directory in a temporary folder.
+pub struct Dirs {
+    tmp: tempfile::TempDir,
+}
+
+impl Dirs {
+    /// Empty directories.
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(tmp.path().join("flags")).expect("flags dir");
+        std::fs::create_dir(tmp.path().join("plugins")).expect("plugins dir");
+        Self { tmp }
+    }
+
+    /// The flag directory.
+    pub fn flags(&self) -> PathBuf {
+        self.tmp.path().join("flags")
+    }
+
+    /// The plugin directory.
+    pub fn plugins(&self) -> PathBuf {
+        self.tmp.path().join("plugins")
+    }
+
+    /// Writes `<environment>.json`.
+    pub fn flag_file(self, environment: &str, doc: &Value) -> Self {
+        let path = self.flags().join(format!("{environment}.json"));
+        std::fs::write(path, serde_json::to_vec_pretty(doc).expect("json")).expect("write flags");
+        self
+    }
+
+    /// Copies a component file in as plugin `name`.
+    pub fn plugin(self, name: &str, component: &Path) -> Self {
+        std::fs::copy(component, self.plugins().join(format!("{name}.wasm")))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", component.display()));
+        self
+    }
+
+    /// Writes raw bytes as plugin `name`.
+    pub fn plugin_bytes(self, name: &str, bytes: &[u8]) -> Self {
+        std::fs::write(self.plugins().join(format!("{name}.wasm")), bytes).expect("write plugin");
+        self
+    }
+
+    /// A serve configuration over these directories, listening on a free port.
+    pub fn config(&self, default_environment: &str, limits: Limits) -> ServeConfig {
+        ServeConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            flags: self.flags(),
+            plugins: Some(self.plugins()),
+            default_environment: default_environment.to_owned(),
+            cache_ttl: flaghost::cache::DEFAULT_TTL,
+            body_limit: flaghost::http::DEFAULT_BODY_LIMIT,
+            limits,
+        }
+    }
+}
+
+impl Default for Dirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// flaghost serving on 127.0.0.1 on a free port; stops when dropped.
+pub struct Flaghost {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A real HTTP client.
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Flaghost {
+    /// Builds and serves `config`; fails as start-up would.
+    pub async fn start(config: &ServeConfig) -> anyhow::Result<Self> {
+        let service = flaghost::server::build(config).await?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(flaghost::server::serve(listener, service, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            base,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// `POST {path}` with a raw body; the status and the JSON answer (Null if none).
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request reaches flaghost");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("body");
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                panic!("answer is not JSON ({e}): {}", String::from_utf8_lossy(&bytes))
+            })
+        };
+        (status, json)
+    }
+
+    /// Evaluates `key` in the default environment with `context`.
+    pub async fn evaluate(&self, key: &str, context: Value) -> (u16, Value) {
+        self.evaluate_in(None, key, context).await
+    }
+
+    /// Evaluates `key` in `environment` (or the default) with `context`.
+    pub async fn evaluate_in(&self, environment: Option<&str>, key: &str, context: Value) -> (u16, Value) {
+        let prefix = environment.map(|e| format!("/environments/{e}")).unwrap_or_default();
+        let body = serde_json::json!({ "context": context }).to_string();
+        self.post_raw(&format!("{prefix}/ofrep/v1/evaluate/flags/{key}"), body).await
+    }
+
+    /// Stops serving and waits for in-flight requests to finish.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Flaghost {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -46,6 +46,8 @@ pub enum ApiError {
     },
     /// No route.
     NoRoute(String),
+    /// A route that takes another method.
+    WrongMethod(String),
 }
 
 #[derive(Serialize)]
@@ -108,6 +110,13 @@ impl IntoResponse for ApiError {
                 format!("no endpoint at {path}; OFREP lives under /ofrep/v1/ and /environments/{{environment}}/ofrep/v1/"),
                 None,
             ),
+            ApiError::WrongMethod(path) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                None,
+                "GENERAL",
+                format!("{path} takes POST with a JSON body {{\"context\": {{...}}}}"),
+                None,
+            ),
         };
         if status.is_server_error() {
             error!(status = status.as_u16(), error_code = code, details = %details, "request failed");
@@ -127,4 +136,9 @@ impl IntoResponse for ApiError {
 /// The fallback for unknown paths: a JSON 404, like every other error.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NoRoute(uri.path().to_owned())
+}
+
+/// The fallback for a known path with the wrong method.
+pub async fn method_not_allowed(uri: axum::http::Uri) -> ApiError {
+    ApiError::WrongMethod(uri.path().to_owned())
 }

@@ -18,11 +18,19 @@ async fn start(body_limit: usize) -> (Flaghost, Dirs) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_is_a_400_naming_the_problem() {
     let (fh, _dirs) = start(1 << 20).await;
-    let (status, body) = fh.post_raw("/ofrep/v1/evaluate/flags/f", "{\"context\": ").await;
+    let (status, body) = fh
+        .post_raw("/ofrep/v1/evaluate/flags/f", "{\"context\": ")
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["key"], "f");
     assert_eq!(body["errorCode"], "INVALID_CONTEXT");
-    assert!(body["errorDetails"].as_str().expect("details").contains("not valid JSON"), "{body}");
+    assert!(
+        body["errorDetails"]
+            .as_str()
+            .expect("details")
+            .contains("not valid JSON"),
+        "{body}"
+    );
     let (status, body) = fh.post_raw("/ofrep/v1/evaluate/flags", "nope").await;
     assert_eq!(status, 400, "{body}");
     assert!(body["errorCode"].is_string());
@@ -37,10 +45,18 @@ async fn a_context_of_the_wrong_shape_is_a_400() {
         (json!({"context": {"targetingKey": 7}}), "targetingKey"),
         (json!([1]), "must be a JSON object"),
     ] {
-        let (status, answer) = fh.post_raw("/ofrep/v1/evaluate/flags/f", body.to_string()).await;
+        let (status, answer) = fh
+            .post_raw("/ofrep/v1/evaluate/flags/f", body.to_string())
+            .await;
         assert_eq!(status, 400, "{body} -> {answer}");
         assert_eq!(answer["errorCode"], "INVALID_CONTEXT");
-        assert!(answer["errorDetails"].as_str().expect("details").contains(says), "{answer}");
+        assert!(
+            answer["errorDetails"]
+                .as_str()
+                .expect("details")
+                .contains(says),
+            "{answer}"
+        );
     }
 }
 
@@ -49,8 +65,11 @@ async fn an_unknown_flag_is_a_404_flag_not_found() {
     let (fh, _dirs) = start(1 << 20).await;
     let (status, body) = fh.evaluate("nope", json!({})).await;
     assert_eq!(status, 404);
-    assert_eq!(body, json!({"key": "nope", "errorCode": "FLAG_NOT_FOUND",
-                            "errorDetails": "flag \"nope\" was not found in environment \"prod\""}));
+    assert_eq!(
+        body,
+        json!({"key": "nope", "errorCode": "FLAG_NOT_FOUND",
+                            "errorDetails": "flag \"nope\" was not found in environment \"prod\""})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,9 +78,20 @@ async fn an_unknown_environment_is_a_404_that_names_it() {
     let (status, body) = fh.evaluate_in(Some("mars"), "f", json!({})).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["errorCode"], "FLAG_NOT_FOUND");
-    assert!(body["errorDetails"].as_str().expect("details").contains("\"mars\""), "{body}");
-    let (status, body) = fh.post_raw("/environments/a..b%2F/ofrep/v1/evaluate/flags", "{}").await;
-    assert_eq!(status, 400, "an invalid name is refused before any file is touched: {body}");
+    assert!(
+        body["errorDetails"]
+            .as_str()
+            .expect("details")
+            .contains("\"mars\""),
+        "{body}"
+    );
+    let (status, body) = fh
+        .post_raw("/environments/a..b%2F/ofrep/v1/evaluate/flags", "{}")
+        .await;
+    assert_eq!(
+        status, 400,
+        "an invalid name is refused before any file is touched: {body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,13 +108,28 @@ async fn a_body_over_the_limit_is_a_413() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_methods_and_paths_answer_json() {
     let (fh, _dirs) = start(1 << 20).await;
-    let response = fh.client.get(format!("{}/ofrep/v1/evaluate/flags/f", fh.base)).send().await.expect("get");
+    let response = fh
+        .client
+        .get(format!("{}/ofrep/v1/evaluate/flags/f", fh.base))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(response.status(), 405);
     let body: serde_json::Value = response.json().await.expect("json body");
-    assert!(body["errorDetails"].as_str().expect("details").contains("POST"));
+    assert!(
+        body["errorDetails"]
+            .as_str()
+            .expect("details")
+            .contains("POST")
+    );
     let (status, body) = fh.post_raw("/nowhere", "{}").await;
     assert_eq!(status, 404);
     assert!(body["errorDetails"].is_string());
-    let health = fh.client.get(format!("{}/healthz", fh.base)).send().await.expect("health");
+    let health = fh
+        .client
+        .get(format!("{}/healthz", fh.base))
+        .send()
+        .await
+        .expect("health");
     assert_eq!(health.status(), 200);
 }

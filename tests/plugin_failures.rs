@@ -14,15 +14,18 @@ fn dirs_with(fixture_name: &str, config: Value) -> Dirs {
     Dirs::new()
         .plugin("allow-list", &plugin("allow-list"))
         .plugin(fixture_name, &fixture(fixture_name))
-        .flag_file("prod", &json!({"flags": {
-            "neighbour": {"state": "ENABLED", "variants": {"on": true, "off": false},
-                          "defaultVariant": "off",
-                          "targeting": {"plugin": ["allow-list",
-                              {"attribute": "country", "values": ["NL"], "variant": "on"}]}},
-            "bad": {"state": "ENABLED", "variants": {"on": true, "off": false},
-                    "defaultVariant": "off",
-                    "targeting": {"plugin": [fixture_name, config]}}
-        }}))
+        .flag_file(
+            "prod",
+            &json!({"flags": {
+                "neighbour": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                              "defaultVariant": "off",
+                              "targeting": {"plugin": ["allow-list",
+                                  {"attribute": "country", "values": ["NL"], "variant": "on"}]}},
+                "bad": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                        "defaultVariant": "off",
+                        "targeting": {"plugin": [fixture_name, config]}}
+            }}),
+        )
 }
 
 fn limits() -> Limits {
@@ -36,17 +39,27 @@ fn limits() -> Limits {
 /// The neighbour answers right, for a matching and a non-matching context.
 async fn neighbour_is_fine(fh: &Flaghost) {
     let (status, body) = fh.evaluate("neighbour", json!({"country": "NL"})).await;
-    assert_eq!((status, &body["value"], &body["reason"]), (200, &json!(true), &json!("TARGETING_MATCH")), "{body}");
+    assert_eq!(
+        (status, &body["value"], &body["reason"]),
+        (200, &json!(true), &json!("TARGETING_MATCH")),
+        "{body}"
+    );
     let (status, body) = fh.evaluate("neighbour", json!({"country": "US"})).await;
-    assert_eq!((status, &body["value"], &body["reason"]), (200, &json!(false), &json!("DEFAULT")), "{body}");
+    assert_eq!(
+        (status, &body["value"], &body["reason"]),
+        (200, &json!(false), &json!("DEFAULT")),
+        "{body}"
+    );
 }
 
 /// Evaluates `bad` several times while the neighbour is evaluated
 /// concurrently; every `bad` answer must be an ERROR whose details contain
 /// `says`, and the neighbour must stay right throughout and after.
-async fn fails_alone(fixture_name: &str, says: &str) {
+async fn fails_alone(fixture_name: &str, says: &str, limits: Limits) {
     let dirs = dirs_with(fixture_name, json!({}));
-    let fh = Flaghost::start(&dirs.config("prod", limits())).await.expect("starts");
+    let fh = Flaghost::start(&dirs.config("prod", limits))
+        .await
+        .expect("starts");
     let neighbours = async {
         for _ in 0..20 {
             neighbour_is_fine(&fh).await;
@@ -59,7 +72,10 @@ async fn fails_alone(fixture_name: &str, says: &str) {
             assert_eq!(body["errorCode"], "GENERAL", "{body}");
             assert_eq!(body["key"], "bad");
             let details = body["errorDetails"].as_str().expect("details");
-            assert!(details.contains(fixture_name), "names the plugin: {details}");
+            assert!(
+                details.contains(fixture_name),
+                "names the plugin: {details}"
+            );
             assert!(details.contains(says), "says {says:?}: {details}");
         }
     };
@@ -70,41 +86,57 @@ async fn fails_alone(fixture_name: &str, says: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_is_an_error_and_the_instance_is_replaced() {
-    fails_alone("trap", "trapped").await;
+    fails_alone("trap", "trapped", limits()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_loop_is_stopped_at_the_deadline() {
-    fails_alone("endless-loop", "deadline").await;
+    fails_alone("endless-loop", "deadline", limits()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_growth_past_the_cap_is_stopped() {
-    fails_alone("memory-hog", "memory cap").await;
+    // A deadline long enough that only the cap can stop it.
+    let limits = Limits {
+        deadline: Duration::from_secs(5),
+        ..limits()
+    };
+    fails_alone("memory-hog", "memory cap", limits).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_file_traps_for_want_of_the_capability() {
-    fails_alone("reads-file", "trapped").await;
+    fails_alone("reads-file", "wasi:filesystem", limits()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_the_clock_traps_for_want_of_the_capability() {
-    fails_alone("reads-clock", "trapped").await;
+    fails_alone("reads-clock", "wasi:clocks/wall-clock", limits()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_configuration_is_refused_at_load_naming_file_flag_and_reason() {
     let dirs = dirs_with("picky-config", json!({"ok": false}));
-    let err = Flaghost::start(&dirs.config("prod", limits())).await.err().expect("refused");
+    let err = Flaghost::start(&dirs.config("prod", limits()))
+        .await
+        .err()
+        .expect("refused");
     let message = format!("{err:#}");
     assert!(message.contains("prod.json"), "names the file: {message}");
-    assert!(message.contains("flag \"bad\""), "names the flag: {message}");
-    assert!(message.contains("refused the configuration"), "says why: {message}");
+    assert!(
+        message.contains("flag \"bad\""),
+        "names the flag: {message}"
+    );
+    assert!(
+        message.contains("refused the configuration"),
+        "says why: {message}"
+    );
 
     // The same plugin with a configuration it accepts serves.
     let dirs = dirs_with("picky-config", json!({"ok": true}));
-    let fh = Flaghost::start(&dirs.config("prod", limits())).await.expect("starts");
+    let fh = Flaghost::start(&dirs.config("prod", limits()))
+        .await
+        .expect("starts");
     let (status, body) = fh.evaluate("bad", json!({})).await;
     assert_eq!((status, &body["value"]), (200, &json!(true)), "{body}");
     neighbour_is_fine(&fh).await;
@@ -114,10 +146,19 @@ async fn a_bad_configuration_is_refused_at_load_naming_file_flag_and_reason() {
 async fn a_flag_naming_a_plugin_that_is_not_loaded_is_refused() {
     let dirs = dirs_with("trap", json!({}));
     std::fs::remove_file(dirs.plugins().join("trap.wasm")).expect("remove");
-    let err = Flaghost::start(&dirs.config("prod", limits())).await.err().expect("refused");
+    let err = Flaghost::start(&dirs.config("prod", limits()))
+        .await
+        .err()
+        .expect("refused");
     let message = format!("{err:#}");
-    assert!(message.contains("plugin \"trap\" is not loaded"), "{message}");
-    assert!(message.contains("allow-list"), "lists what is loaded: {message}");
+    assert!(
+        message.contains("plugin \"trap\" is not loaded"),
+        "{message}"
+    );
+    assert!(
+        message.contains("allow-list"),
+        "lists what is loaded: {message}"
+    );
 }
 
 #[test]
@@ -125,12 +166,21 @@ fn files_that_are_not_components_are_refused_and_the_rest_load() {
     let dirs = Dirs::new()
         .plugin("allow-list", &plugin("allow-list"))
         .plugin_bytes("empty", b"")
-        .plugin_bytes("random", &[0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 0x00, 0x01, 0x02])
+        .plugin_bytes(
+            "random",
+            &[0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 0x00, 0x01, 0x02],
+        )
         .plugin_bytes("core-module", b"\0asm\x01\0\0\0")
-        .plugin_bytes("truncated", &std::fs::read(plugin("allow-list")).expect("read")[..4096]);
+        .plugin_bytes(
+            "truncated",
+            &std::fs::read(plugin("allow-list")).expect("read")[..4096],
+        );
     let runtime = PluginRuntime::new(Limits::default()).expect("engine");
     let (plugins, errors) = runtime.load_dir(&dirs.plugins()).expect("dir");
-    assert_eq!(plugins.iter().map(|p| p.name()).collect::<Vec<_>>(), ["allow-list"]);
+    assert_eq!(
+        plugins.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        ["allow-list"]
+    );
     let said: Vec<String> = errors.iter().map(ToString::to_string).collect();
     let expect = [
         ("core-module", "core WebAssembly module, not a component"),
@@ -140,9 +190,16 @@ fn files_that_are_not_components_are_refused_and_the_rest_load() {
     ];
     assert_eq!(said.len(), expect.len(), "{said:#?}");
     for ((name, what), message) in expect.iter().zip(&said) {
-        assert!(message.contains(name) && message.contains(what), "{name}: {message}");
+        assert!(
+            message.contains(name) && message.contains(what),
+            "{name}: {message}"
+        );
     }
-    assert!(errors.iter().all(|e| matches!(e, PluginError::Invalid { .. })));
+    assert!(
+        errors
+            .iter()
+            .all(|e| matches!(e, PluginError::Invalid { .. }))
+    );
 }
 
 #[test]
@@ -152,6 +209,12 @@ fn a_component_of_another_world_is_refused_naming_what_is_missing() {
     let (plugins, errors) = runtime.load_dir(&dirs.plugins()).expect("dir");
     assert!(plugins.is_empty());
     let message = errors[0].to_string();
-    assert!(matches!(errors[0], PluginError::Contract { .. }), "{message}");
-    assert!(message.contains("flaghost:rules/rule@0.1.0"), "names the missing export: {message}");
+    assert!(
+        matches!(errors[0], PluginError::Contract { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("flaghost:rules/rule@0.1.0"),
+        "names the missing export: {message}"
+    );
 }

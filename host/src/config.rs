@@ -87,7 +87,11 @@ pub struct ServeArgs {
 
     /// The environment `/ofrep/v1/...` evaluates in;
     /// `/environments/{env}/ofrep/v1/...` picks another.
-    #[arg(long, env = "FLAGHOST_DEFAULT_ENVIRONMENT", default_value = "production")]
+    #[arg(
+        long,
+        env = "FLAGHOST_DEFAULT_ENVIRONMENT",
+        default_value = "production"
+    )]
     pub default_environment: String,
 
     /// Seconds a resolved flag set stays cached before it is reloaded.
@@ -198,9 +202,19 @@ mod tests {
     #[test]
     fn serve_arguments_validate_into_a_config() {
         let Command::Serve(args) = parse(&[
-            "serve", "--listen", "127.0.0.1:0", "--flags", "f", "--plugins", "p",
-            "--default-environment", "staging", "--plugin-deadline-ms", "25",
-            "--plugin-isolation", "fresh",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--flags",
+            "f",
+            "--plugins",
+            "p",
+            "--default-environment",
+            "staging",
+            "--plugin-deadline-ms",
+            "25",
+            "--plugin-isolation",
+            "fresh",
         ])
         .command
         else {

@@ -97,34 +97,38 @@ pub struct EvaluationError {
     pub metadata: Option<Arc<Metadata>>,
 }
 
-/// A successful evaluation.
+/// A successful evaluation, borrowing from the flag set it was evaluated
+/// over: the hot path allocates nothing.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Resolution {
+pub struct Resolution<'a> {
     /// The value served; `None` means the caller's code default applies
     /// (disabled flag, or no default variant).
-    pub value: Option<Value>,
+    pub value: Option<&'a Value>,
     /// The variant served, when there is one.
-    pub variant: Option<String>,
+    pub variant: Option<&'a str>,
     /// Why.
     pub reason: Reason,
     /// The flag's metadata laid over the flag set's.
-    pub metadata: Arc<Metadata>,
+    pub metadata: &'a Metadata,
 }
 
 /// Evaluates flag `key` of `set` for `context`.
 ///
 /// `expected` is the type the caller asked for, if it said (OFREP does not; an
 /// SDK checks the type itself): a flag of another type is TYPE_MISMATCH.
-pub fn evaluate(
-    set: &FlagSet,
+pub fn evaluate<'a>(
+    set: &'a FlagSet,
     key: &str,
     context: &EvaluationContext,
     expected: Option<ValueType>,
-) -> Result<Resolution, EvaluationError> {
+) -> Result<Resolution<'a>, EvaluationError> {
     let Some(flag) = set.flags.get(key) else {
         return Err(EvaluationError {
             code: ErrorCode::FlagNotFound,
-            details: format!("flag {key:?} was not found in environment {:?}", set.environment),
+            details: format!(
+                "flag {key:?} was not found in environment {:?}",
+                set.environment
+            ),
             metadata: None,
         });
     };
@@ -157,29 +161,40 @@ pub fn evaluate(
             format!("flag {key:?} has a rule that could not be parsed: {why}"),
         )),
         Targeting::Rule(rule) => match rule.evaluate(context) {
-            Ok(None) => Ok(resolved(flag, flag.default_variant.as_deref(), Reason::Default)),
-            Ok(Some(variant)) if flag.variants.contains_key(&variant) => {
-                Ok(resolved(flag, Some(&variant), Reason::TargetingMatch))
-            }
-            Ok(Some(variant)) => Err(fail(
-                ErrorCode::General,
-                format!("{} answered variant {variant:?}, which flag {key:?} does not have", rule.describe()),
+            Ok(None) => Ok(resolved(
+                flag,
+                flag.default_variant.as_deref(),
+                Reason::Default,
             )),
+            Ok(Some(variant)) => match flag.variants.get_key_value(variant.as_str()) {
+                Some((name, value)) => Ok(Resolution {
+                    value: Some(value),
+                    variant: Some(name),
+                    reason: Reason::TargetingMatch,
+                    metadata: &flag.metadata,
+                }),
+                None => Err(fail(
+                    ErrorCode::General,
+                    format!(
+                        "{} answered variant {variant:?}, which flag {key:?} does not have",
+                        rule.describe()
+                    ),
+                )),
+            },
             Err(e) => Err(fail(ErrorCode::General, e.0)),
         },
     }
 }
 
-/// A resolution serving `variant` (or the code default when `None`).
-fn resolved(flag: &Flag, variant: Option<&str>, reason: Reason) -> Resolution {
-    // NB: a variant reaching here is one of the flag's (a default variant is
-    // checked at parse, a rule's answer just above).
-    let value = variant.and_then(|v| flag.variants.get(v)).cloned();
+/// A resolution serving the flag's `variant` (or the code default when `None`).
+fn resolved<'a>(flag: &'a Flag, variant: Option<&'a str>, reason: Reason) -> Resolution<'a> {
+    // NB: `variant` is the flag's default variant, which parsing checked is
+    // one of its variants.
     Resolution {
-        value,
-        variant: variant.map(str::to_owned),
+        value: variant.and_then(|v| flag.variants.get(v)),
+        variant,
         reason,
-        metadata: flag.metadata.clone(),
+        metadata: &flag.metadata,
     }
 }
 

@@ -254,9 +254,11 @@ fn check_header(bytes: &[u8], max_bytes: usize) -> Result<(), String> {
     }
     // Bytes 4..8: version and layer; layer 0 is a core module, 1 a component.
     if bytes[6..8] == [0, 0] {
-        return Err("this is a core WebAssembly module, not a component: build it for \
+        return Err(
+            "this is a core WebAssembly module, not a component: build it for \
                     wasm32-wasip2, or wrap it with `wasm-tools component new`"
-            .into());
+                .into(),
+        );
     }
     Ok(())
 }
@@ -379,7 +381,11 @@ impl RuleBinder for PluginSet {
             loaded.sort();
             return Err(format!(
                 "plugin {plugin:?} is not loaded (loaded: {})",
-                if loaded.is_empty() { "none".into() } else { loaded.join(", ") }
+                if loaded.is_empty() {
+                    "none".into()
+                } else {
+                    loaded.join(", ")
+                }
             ));
         };
         let config = config.to_string();

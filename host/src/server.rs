@@ -65,7 +65,10 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
     // NB: the one place the cache backend is picked. The Redis backend will
     // be chosen here too, from REDIS_URL.
     let cache: Arc<dyn FlagCache> = Arc::new(MemoryCache::new(config.cache_ttl));
-    let read_path = Arc::new(Environments::new(cache.clone(), store.clone() as Arc<dyn FlagStore>));
+    let read_path = Arc::new(Environments::new(
+        cache.clone(),
+        store.clone() as Arc<dyn FlagStore>,
+    ));
 
     let mut problems = Vec::new();
     let mut loaded = Vec::new();

@@ -39,7 +39,9 @@ pub fn plugin(name: &str) -> PathBuf {
 /// A purpose-built test component's file.
 pub fn fixture(name: &str) -> PathBuf {
     build_plugins();
-    root().join("target/plugin-fixtures").join(format!("{name}.wasm"))
+    root()
+        .join("target/plugin-fixtures")
+        .join(format!("{name}.wasm"))
 }
 
 /// A flag directory and a plugin directory in a temporary folder.
@@ -150,7 +152,10 @@ impl Flaghost {
             Value::Null
         } else {
             serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                panic!("answer is not JSON ({e}): {}", String::from_utf8_lossy(&bytes))
+                panic!(
+                    "answer is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&bytes)
+                )
             })
         };
         (status, json)
@@ -162,10 +167,18 @@ impl Flaghost {
     }
 
     /// Evaluates `key` in `environment` (or the default) with `context`.
-    pub async fn evaluate_in(&self, environment: Option<&str>, key: &str, context: Value) -> (u16, Value) {
-        let prefix = environment.map(|e| format!("/environments/{e}")).unwrap_or_default();
+    pub async fn evaluate_in(
+        &self,
+        environment: Option<&str>,
+        key: &str,
+        context: Value,
+    ) -> (u16, Value) {
+        let prefix = environment
+            .map(|e| format!("/environments/{e}"))
+            .unwrap_or_default();
         let body = serde_json::json!({ "context": context }).to_string();
-        self.post_raw(&format!("{prefix}/ofrep/v1/evaluate/flags/{key}"), body).await
+        self.post_raw(&format!("{prefix}/ofrep/v1/evaluate/flags/{key}"), body)
+            .await
     }
 
     /// Stops serving and waits for in-flight requests to finish.

@@ -3,13 +3,18 @@
 //! Hand-written rather than a TTL-map crate: it holds one entry per
 //! environment (a handful), and its expiry is tested with a controllable
 //! [`Clock`], which the crates we looked at (moka) do not offer outside their
-//! own tests. Expired entries are dropped when read or overwritten; with so
-//! few keys no purge task is needed.
+//! own tests. Expired entries are dropped when overwritten; with so few keys
+//! no purge task is needed.
+//!
+//! Reads take no lock: the map is an immutable snapshot behind an
+//! [`ArcSwap`], replaced whole on a write (writes are rare: one per
+//! environment per TTL).
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
 use super::{CacheError, FlagCache};
@@ -31,16 +36,22 @@ impl Clock for SystemClock {
     }
 }
 
+#[derive(Clone)]
 struct Entry {
     set: Arc<FlagSet>,
     expires_at: Instant,
 }
 
+type Entries = HashMap<String, Entry>;
+
 /// Flag sets in memory, each for `ttl`.
 pub struct MemoryCache {
     ttl: Duration,
     clock: Arc<dyn Clock>,
-    entries: RwLock<HashMap<String, Entry>>,
+    /// The current entries; read without locking.
+    entries: ArcSwap<Entries>,
+    /// Serialises writers so that two concurrent updates cannot lose one.
+    write: Mutex<()>,
 }
 
 impl MemoryCache {
@@ -54,7 +65,8 @@ impl MemoryCache {
         Self {
             ttl,
             clock,
-            entries: RwLock::new(HashMap::new()),
+            entries: ArcSwap::from_pointee(HashMap::new()),
+            write: Mutex::new(()),
         }
     }
 
@@ -64,11 +76,19 @@ impl MemoryCache {
     }
 
     fn lookup(&self, environment: &str) -> Option<Arc<FlagSet>> {
-        // NB: entries are replaced whole under the lock, so a poisoned lock
-        // still guards a consistent map.
-        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        let entries = self.entries.load();
         let entry = entries.get(environment)?;
         (self.clock.now() < entry.expires_at).then(|| entry.set.clone())
+    }
+
+    /// Replaces the map with `change` applied to a copy of it.
+    fn update(&self, change: impl FnOnce(&mut Entries)) {
+        // NB: the guard protects no data, only the order of writers, so a
+        // poisoned lock is still good to take.
+        let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut entries = Entries::clone(&self.entries.load());
+        change(&mut entries);
+        self.entries.store(Arc::new(entries));
     }
 }
 
@@ -79,20 +99,22 @@ impl FlagCache for MemoryCache {
     }
 
     async fn put(&self, set: Arc<FlagSet>) -> Result<(), CacheError> {
-        let expires_at = self.clock.now() + self.ttl;
-        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-        entries.insert(set.environment.clone(), Entry { set, expires_at });
+        let now = self.clock.now();
+        let expires_at = now + self.ttl;
+        self.update(|entries| {
+            entries.retain(|_, e| e.expires_at > now);
+            entries.insert(set.environment.clone(), Entry { set, expires_at });
+        });
         Ok(())
     }
 
     async fn invalidate(&self, environment: Option<&str>) -> Result<(), CacheError> {
-        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-        match environment {
+        self.update(|entries| match environment {
             Some(env) => {
                 entries.remove(env);
             }
             None => entries.clear(),
-        }
+        });
         Ok(())
     }
 
@@ -104,7 +126,6 @@ impl FlagCache for MemoryCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     /// A clock that moves only when told to.
     struct ManualClock(Mutex<Instant>);
@@ -137,9 +158,15 @@ mod tests {
         let cache = MemoryCache::with_clock(Duration::from_secs(300), clock.clone());
         cache.put(set("prod")).await.unwrap();
         clock.advance(Duration::from_secs(299));
-        assert!(cache.get("prod").await.unwrap().is_some(), "alive before the TTL");
+        assert!(
+            cache.get("prod").await.unwrap().is_some(),
+            "alive before the TTL"
+        );
         clock.advance(Duration::from_secs(1));
-        assert!(cache.get("prod").await.unwrap().is_none(), "gone at the TTL");
+        assert!(
+            cache.get("prod").await.unwrap().is_none(),
+            "gone at the TTL"
+        );
     }
 
     #[tokio::test]

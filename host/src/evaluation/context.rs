@@ -73,7 +73,9 @@ mod tests {
     use serde_json::json;
 
     fn ctx(v: Json) -> EvaluationContext {
-        let Json::Object(map) = v else { panic!("test context must be an object") };
+        let Json::Object(map) = v else {
+            panic!("test context must be an object")
+        };
         EvaluationContext::from_attributes(map).expect("valid test context")
     }
 
@@ -93,7 +95,9 @@ mod tests {
 
     #[test]
     fn refuses_a_targeting_key_that_is_not_a_string() {
-        let Json::Object(map) = json!({"targetingKey": 42}) else { unreachable!() };
+        let Json::Object(map) = json!({"targetingKey": 42}) else {
+            unreachable!()
+        };
         assert!(matches!(
             EvaluationContext::from_attributes(map),
             Err(ContextError::TargetingKeyNotString(_))

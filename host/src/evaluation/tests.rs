@@ -68,12 +68,32 @@ fn flag_set() -> FlagSet {
             "object": {"state": "ENABLED", "variants": {"o": {"k": [1, 2]}}, "defaultVariant": "o"}
         }
     });
-    parse_flag_file("test.json", "test", file.to_string().as_bytes(), &FixedBinder)
-        .expect("the test file is valid")
+    parse_flag_file(
+        "test.json",
+        "test",
+        file.to_string().as_bytes(),
+        &FixedBinder,
+    )
+    .expect("the test file is valid")
 }
 
-fn eval(key: &str) -> Result<Resolution, EvaluationError> {
-    evaluate(&flag_set(), key, &EvaluationContext::default(), None)
+/// A resolution, owned, so a test can hold it past its flag set.
+#[derive(Debug)]
+struct Answer {
+    value: Option<Value>,
+    variant: Option<String>,
+    reason: Reason,
+    metadata: Metadata,
+}
+
+fn eval(key: &str) -> Result<Answer, EvaluationError> {
+    let set = flag_set();
+    evaluate(&set, key, &EvaluationContext::default(), None).map(|r| Answer {
+        value: r.value.cloned(),
+        variant: r.variant.map(str::to_owned),
+        reason: r.reason,
+        metadata: r.metadata.clone(),
+    })
 }
 
 #[test]
@@ -143,7 +163,10 @@ fn a_failing_rule_is_general_with_its_message() {
     let e = eval("rule-fails").expect_err("fails");
     assert_eq!(e.code, ErrorCode::General);
     assert_eq!(e.details, "plugin x trapped");
-    assert!(e.metadata.is_some(), "an existing flag's metadata comes with its error");
+    assert!(
+        e.metadata.is_some(),
+        "an existing flag's metadata comes with its error"
+    );
 }
 
 #[test]
@@ -166,20 +189,42 @@ fn asking_for_another_type_is_type_mismatch() {
 #[test]
 fn objects_and_numbers_keep_their_types() {
     let r = eval("object").expect("resolves");
-    let Some(Value::Object(o)) = r.value else { panic!("an object") };
+    let Some(Value::Object(o)) = r.value else {
+        panic!("an object")
+    };
     assert_eq!(o.get("k"), Some(&json!([1, 2])));
     let set = flag_set();
-    let types: HashMap<&str, Option<ValueType>> =
-        set.flags.iter().map(|(k, f)| (k.as_str(), f.value_type())).collect();
+    let types: HashMap<&str, Option<ValueType>> = set
+        .flags
+        .iter()
+        .map(|(k, f)| (k.as_str(), f.value_type()))
+        .collect();
     assert_eq!(types["matched"], Some(ValueType::Number));
 }
 
 #[test]
 fn reason_and_code_names_are_openfeature_names() {
-    let reasons = [Reason::Static, Reason::TargetingMatch, Reason::Default, Reason::Disabled, Reason::Error];
+    let reasons = [
+        Reason::Static,
+        Reason::TargetingMatch,
+        Reason::Default,
+        Reason::Disabled,
+        Reason::Error,
+    ];
     let names: Vec<_> = reasons.iter().map(|r| r.as_str()).collect();
-    assert_eq!(names, ["STATIC", "TARGETING_MATCH", "DEFAULT", "DISABLED", "ERROR"]);
-    let codes = [ErrorCode::FlagNotFound, ErrorCode::ParseError, ErrorCode::TypeMismatch, ErrorCode::General];
+    assert_eq!(
+        names,
+        ["STATIC", "TARGETING_MATCH", "DEFAULT", "DISABLED", "ERROR"]
+    );
+    let codes = [
+        ErrorCode::FlagNotFound,
+        ErrorCode::ParseError,
+        ErrorCode::TypeMismatch,
+        ErrorCode::General,
+    ];
     let names: Vec<_> = codes.iter().map(|c| c.as_str()).collect();
-    assert_eq!(names, ["FLAG_NOT_FOUND", "PARSE_ERROR", "TYPE_MISMATCH", "GENERAL"]);
+    assert_eq!(
+        names,
+        ["FLAG_NOT_FOUND", "PARSE_ERROR", "TYPE_MISMATCH", "GENERAL"]
+    );
 }

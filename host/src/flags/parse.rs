@@ -248,22 +248,23 @@ fn parse_variants(raw: Json) -> Result<HashMap<String, Value>, String> {
         if name.is_empty() {
             return Err("a variant name must not be empty".into());
         }
-        let value = match raw_value {
-            Json::Bool(b) => Value::Bool(b),
-            Json::String(s) => Value::String(s),
-            Json::Number(n) => match n.as_i64() {
-                Some(i) => Value::Integer(i),
-                None => Value::Float(n.as_f64().ok_or_else(|| {
-                    format!("variant {name:?}: the number {n} is out of range")
-                })?),
-            },
-            Json::Object(o) => Value::Object(o),
-            other => {
-                return Err(format!(
-                    "variant {name:?}: {other} is not a boolean, string, number or object"
-                ));
-            }
-        };
+        let value =
+            match raw_value {
+                Json::Bool(b) => Value::Bool(b),
+                Json::String(s) => Value::String(s),
+                Json::Number(n) => match n.as_i64() {
+                    Some(i) => Value::Integer(i),
+                    None => Value::Float(n.as_f64().ok_or_else(|| {
+                        format!("variant {name:?}: the number {n} is out of range")
+                    })?),
+                },
+                Json::Object(o) => Value::Object(o),
+                other => {
+                    return Err(format!(
+                        "variant {name:?}: {other} is not a boolean, string, number or object"
+                    ));
+                }
+            };
         match &first {
             None => first = Some((name.clone(), value.value_type())),
             Some((first_name, ty)) if *ty != value.value_type() => {

@@ -88,7 +88,13 @@ impl IntoResponse for ApiError {
                     LookupError::NotFound(_) => ErrorCode::FlagNotFound,
                     _ => ErrorCode::General,
                 };
-                (status, key.as_deref(), code.as_str(), error.to_string(), None)
+                (
+                    status,
+                    key.as_deref(),
+                    code.as_str(),
+                    error.to_string(),
+                    None,
+                )
             }
             ApiError::Evaluation { key, error } => {
                 let status = match error.code {
@@ -107,7 +113,9 @@ impl IntoResponse for ApiError {
                 StatusCode::NOT_FOUND,
                 None,
                 "GENERAL",
-                format!("no endpoint at {path}; OFREP lives under /ofrep/v1/ and /environments/{{environment}}/ofrep/v1/"),
+                format!(
+                    "no endpoint at {path}; OFREP lives under /ofrep/v1/ and /environments/{{environment}}/ofrep/v1/"
+                ),
                 None,
             ),
             ApiError::WrongMethod(path) => (

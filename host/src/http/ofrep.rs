@@ -74,7 +74,9 @@ fn parse_request(
         details,
     };
     let body = body.map_err(|rejection| match rejection {
-        BytesRejection::FailedToBufferBody(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        BytesRejection::FailedToBufferBody(_)
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+        {
             ApiError::TooLarge {
                 key: key.map(str::to_owned),
                 details: "the request body is over the size limit".into(),
@@ -88,7 +90,9 @@ fn parse_request(
     let request: Json = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
     let Json::Object(mut request) = request else {
-        return Err(bad("the request body must be a JSON object: {\"context\": {...}}".into()));
+        return Err(bad(
+            "the request body must be a JSON object: {\"context\": {...}}".into(),
+        ));
     };
     match request.remove("context") {
         None | Some(Json::Null) => Ok(EvaluationContext::default()),
@@ -167,13 +171,13 @@ struct Bulk<'a> {
     metadata: &'a Metadata,
 }
 
-fn success<'a>(key: &'a str, r: &'a Resolution) -> Success<'a> {
+fn success<'a>(key: &'a str, r: &Resolution<'a>) -> Success<'a> {
     Success {
         key,
-        value: r.value.as_ref(),
+        value: r.value,
         reason: r.reason.as_str(),
-        variant: r.variant.as_deref().unwrap_or(""),
-        metadata: &r.metadata,
+        variant: r.variant.unwrap_or(""),
+        metadata: r.metadata,
     }
 }
 
@@ -196,7 +200,7 @@ fn bulk(set: &FlagSet, context: &EvaluationContext) -> Vec<u8> {
         .map(|(k, _)| k)
         .collect();
     keys.sort();
-    let results: Vec<(&str, Result<Resolution, EvaluationError>)> = keys
+    let results: Vec<(&str, Result<Resolution<'_>, EvaluationError>)> = keys
         .into_iter()
         .map(|k| (k.as_str(), evaluation::evaluate(set, k, context, None)))
         .collect();
@@ -222,7 +226,10 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
 fn raw_json_response(status: StatusCode, body: Vec<u8>) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         body,
     )
         .into_response()

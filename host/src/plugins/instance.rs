@@ -10,7 +10,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::{Arc, Weak};
 
 use wasmtime::component::ResourceAny;
@@ -72,25 +71,26 @@ fn evaluate_warm(
     context: &EvaluationContext,
 ) -> Result<Option<String>, PluginError> {
     let plugin = &rule.plugin;
-    let slot = match warm.entry(plugin.id) {
-        Entry::Occupied(e) if e.get().rules.len() < MAX_RULES_PER_INSTANCE => e.into_mut(),
-        entry => {
-            let (store, bindings) = instantiate(plugin)?;
-            let fresh = Warm {
+    let reusable = warm
+        .get(&plugin.id)
+        .is_some_and(|w| w.rules.len() < MAX_RULES_PER_INSTANCE);
+    if !reusable {
+        let (store, bindings) = instantiate(plugin)?;
+        // A new instance is rare (first call on a thread, after a trap, after
+        // a reload): the moment to drop instances of plugins that are gone.
+        sweep(warm);
+        warm.insert(
+            plugin.id,
+            Warm {
                 plugin: Arc::downgrade(plugin),
                 store,
                 bindings,
                 rules: HashMap::new(),
-            };
-            let slot = match entry {
-                Entry::Occupied(mut e) => {
-                    e.insert(fresh);
-                    e.into_mut()
-                }
-                Entry::Vacant(e) => e.insert(fresh),
-            };
-            slot
-        }
+            },
+        );
+    }
+    let Some(slot) = warm.get_mut(&plugin.id) else {
+        unreachable!("the instance was found or inserted just above");
     };
     slot.store.set_epoch_deadline(deadline_ticks(plugin));
     slot.store.data_mut().context = Some(context.clone());
@@ -104,16 +104,11 @@ fn evaluate_warm(
     };
     let result = call(plugin, &mut slot.store, &slot.bindings, handle);
     slot.store.data_mut().context = None;
-    if warm.len() > 1 && result.is_ok() {
-        sweep(warm);
-    }
     result
 }
 
 /// Drops warm instances of plugins that no longer exist (replaced or removed).
 fn sweep(warm: &mut HashMap<u64, Warm>) {
-    // Cheap: one atomic load per entry, and only threads holding more than
-    // one plugin's instance get here.
     warm.retain(|_, w| w.plugin.strong_count() > 0);
 }
 

@@ -93,13 +93,21 @@ struct Component;
 impl Guest for Component {
     type Targeting = AllowList;
 
-    fn check_config(_flag_key: String, variants: Vec<String>, config: String) -> Result<(), String> {
+    fn check_config(
+        _flag_key: String,
+        variants: Vec<String>,
+        config: String,
+    ) -> Result<(), String> {
         parse(&variants, &config).map(drop)
     }
 }
 
 impl GuestTargeting for AllowList {
-    fn create(_flag_key: String, variants: Vec<String>, config: String) -> Result<Targeting, String> {
+    fn create(
+        _flag_key: String,
+        variants: Vec<String>,
+        config: String,
+    ) -> Result<Targeting, String> {
         parse(&variants, &config).map(Targeting::new)
     }
 

@@ -83,7 +83,11 @@ impl Guest for Component {
 }
 
 impl GuestTargeting for Rollout {
-    fn create(flag_key: String, variants: Vec<String>, config: String) -> Result<Targeting, String> {
+    fn create(
+        flag_key: String,
+        variants: Vec<String>,
+        config: String,
+    ) -> Result<Targeting, String> {
         parse(&flag_key, &variants, &config).map(Targeting::new)
     }
 

@@ -12,7 +12,13 @@ use crate::evaluation::TargetingRule;
 struct NoPlugins;
 
 impl RuleBinder for NoPlugins {
-    fn bind(&self, _: &str, _: &[String], plugin: &str, _: &Json) -> Result<Arc<dyn TargetingRule>, String> {
+    fn bind(
+        &self,
+        _: &str,
+        _: &[String],
+        plugin: &str,
+        _: &Json,
+    ) -> Result<Arc<dyn TargetingRule>, String> {
         Err(format!("plugin {plugin:?} is not loaded"))
     }
 }
@@ -22,7 +28,12 @@ fn parse(doc: Json) -> Result<FlagSet, FlagFileError> {
 }
 
 fn problems(doc: Json) -> Vec<String> {
-    parse(doc).expect_err("refused").problems.iter().map(ToString::to_string).collect()
+    parse(doc)
+        .expect_err("refused")
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[test]
@@ -41,7 +52,10 @@ fn parses_every_value_type_and_keeps_integers_and_floats_apart() {
     assert_eq!(set.flags["f"].variants["zero"], Value::Float(0.0));
     assert_eq!(set.flags["o"].state, FlagState::Disabled);
     assert_eq!(set.flags["n"].default_variant, None);
-    assert!(matches!(set.flags["t"].targeting, Targeting::None), "{{}} is no rule");
+    assert!(
+        matches!(set.flags["t"].targeting, Targeting::None),
+        "{{}} is no rule"
+    );
     assert_eq!(set.digest.len(), 64);
 }
 
@@ -89,7 +103,9 @@ fn lists_every_problem_each_with_its_flag() {
     ];
     for (flag, what) in expect {
         assert!(
-            found.iter().any(|p| p.starts_with(&format!("flag {flag:?}")) && p.contains(what)),
+            found
+                .iter()
+                .any(|p| p.starts_with(&format!("flag {flag:?}")) && p.contains(what)),
             "no problem for {flag} containing {what:?} in {found:#?}"
         );
     }

@@ -1,0 +1,134 @@
+//! The `flaghost` binary itself: `validate` exit codes and listings, and
+//! `serve` answering, then stopping cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// The example plugins, built by plugins/build.sh.
+fn plugins() -> PathBuf {
+    let status = Command::new("bash")
+        .arg(root().join("plugins/build.sh"))
+        .status()
+        .expect("run plugins/build.sh");
+    assert!(status.success());
+    root().join("target/plugins")
+}
+
+fn flaghost() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flaghost"));
+    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    cmd
+}
+
+#[test]
+fn validate_accepts_the_examples() {
+    let out = flaghost()
+        .args(["validate", "--flags"])
+        .arg(root().join("examples/flags"))
+        .arg("--plugins")
+        .arg(plugins())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn validate_lists_every_problem_and_exits_1() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let flags = dir.path().join("flags");
+    std::fs::create_dir(&flags).expect("mkdir");
+    std::fs::write(
+        flags.join("a.json"),
+        r#"{"flags": {"x": {"state": "ON", "variants": {"v": 1}},
+        "y": {"state": "ENABLED", "variants": {"v": 1}, "targeting": {"plugin": ["ghost", {}]}}}}"#,
+    )
+    .expect("write");
+    std::fs::write(flags.join("b.json"), "{not json").expect("write");
+    let bad_plugins = dir.path().join("plugins");
+    std::fs::create_dir(&bad_plugins).expect("mkdir");
+    std::fs::write(bad_plugins.join("broken.wasm"), b"garbage!").expect("write");
+
+    let out = flaghost()
+        .args(["validate", "--flags"])
+        .arg(&flags)
+        .arg("--plugins")
+        .arg(&bad_plugins)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "plugin broken: not a WebAssembly file",
+        "a.json: flag \"x\": \"state\" must be",
+        "a.json: flag \"y\": plugin \"ghost\" is not loaded",
+        "b.json: not valid JSON",
+        "4 problem(s)",
+    ] {
+        assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
+    }
+}
+
+#[test]
+fn serve_answers_then_stops_cleanly_on_sigterm() {
+    let mut child = flaghost()
+        .args(["serve", "--listen", "127.0.0.1:0", "--flags"])
+        .arg(root().join("examples/flags"))
+        .arg("--plugins")
+        .arg(plugins())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("flaghost logs until it listens")
+            .expect("utf-8");
+        if let Some(rest) = line.split("address=").nth(1) {
+            break rest.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "never listened");
+    };
+
+    let answer = Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+        ])
+        .arg(r#"{"context":{"country":"DE"}}"#)
+        .arg(format!(
+            "http://{address}/ofrep/v1/evaluate/flags/eu-pricing-banner"
+        ))
+        .output()
+        .expect("curl");
+    let body: serde_json::Value = serde_json::from_slice(&answer.stdout).expect("json answer");
+    assert_eq!(body["variant"], "eu", "{body}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = child.wait().expect("exits");
+    assert!(exit.success(), "SIGTERM is a clean stop: {exit}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("SIGTERM")), "{rest:#?}");
+}

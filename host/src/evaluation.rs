@@ -137,13 +137,13 @@ pub fn evaluate<'a>(
         details,
         metadata: Some(flag.metadata.clone()),
     };
-    if let (Some(expected), Some(actual)) = (expected, flag.value_type()) {
-        if expected != actual {
-            return Err(fail(
-                ErrorCode::TypeMismatch,
-                format!("flag {key:?} is a {actual} flag, not a {expected} flag"),
-            ));
-        }
+    if let (Some(expected), Some(actual)) = (expected, flag.value_type())
+        && expected != actual
+    {
+        return Err(fail(
+            ErrorCode::TypeMismatch,
+            format!("flag {key:?} is a {actual} flag, not a {expected} flag"),
+        ));
     }
     if flag.state == FlagState::Disabled {
         return Ok(resolved(flag, None, Reason::Disabled));

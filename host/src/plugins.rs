@@ -31,7 +31,7 @@ use std::time::Duration;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::evaluation::{EvaluationContext, RuleError, TargetingRule};
 use crate::flags::RuleBinder;
@@ -126,7 +126,8 @@ impl PluginRuntime {
             // NB: flaghost calls plugins synchronously; without this, every call
             // pays for the component-model-async bookkeeping (~0.3 µs measured).
             .concurrency_support(false)
-            .max_wasm_stack(limits.wasm_stack_bytes);
+            .max_wasm_stack(limits.wasm_stack_bytes)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&limits)));
         let engine = Engine::new(&config)?;
         spawn_epoch_ticker(&engine);
         let mut linker = Linker::new(&engine);
@@ -217,6 +218,22 @@ impl PluginRuntime {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The pooling allocator's sizes: slots reserved up front, so instantiation is
+/// a few microseconds (it matters for [`Isolation::Fresh`], which instantiates
+/// per call). A `wasm32-wasip2` component holds a handful of core instances and
+/// two memories; the ratios leave room for that.
+fn pooling(limits: &Limits) -> PoolingAllocationConfig {
+    let components = limits.max_instances;
+    let mut pooling = PoolingAllocationConfig::default();
+    pooling
+        .total_component_instances(components)
+        .total_core_instances(components.saturating_mul(8))
+        .total_memories(components.saturating_mul(2))
+        .total_tables(components.saturating_mul(4))
+        .max_memory_size(limits.memory_bytes);
+    pooling
+}
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
 fn spawn_epoch_ticker(engine: &Engine) {

@@ -145,7 +145,7 @@ mod tests {
     fn set(env: &str) -> Arc<FlagSet> {
         Arc::new(FlagSet {
             environment: env.into(),
-            flags: HashMap::new(),
+            flags: Default::default(),
             metadata: Default::default(),
             digest: "d".into(),
             warnings: vec![],

@@ -7,14 +7,13 @@
 //! `variants` required, variants all of one type, metadata values strings,
 //! numbers or booleans, and a `defaultVariant` that names a variant.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
-use super::{Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
+use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
 use crate::evaluation::TargetingRule;
 
 /// Turns a `{"plugin": [name, config]}` rule into something that evaluates.
@@ -106,15 +105,15 @@ pub fn parse_flag_file(
             Default::default()
         }
     };
-    if let Some(evaluators) = doc.get("$evaluators") {
-        if !evaluators.is_object() {
-            problems.push(whole(
-                "\"$evaluators\" must be an object mapping names to rules".into(),
-            ));
-        }
+    if let Some(evaluators) = doc.get("$evaluators")
+        && !evaluators.is_object()
+    {
+        problems.push(whole(
+            "\"$evaluators\" must be an object mapping names to rules".into(),
+        ));
     }
 
-    let mut flags = HashMap::with_capacity(raw_flags.len());
+    let mut flags = FastMap::with_capacity_and_hasher(raw_flags.len(), Default::default());
     let mut warnings = Vec::new();
     for (key, raw) in raw_flags {
         match parse_flag(&key, raw, &set_metadata, binder) {
@@ -179,11 +178,11 @@ fn parse_flag(
     let variants = match raw.remove("variants") {
         Some(v) => parse_variants(v).unwrap_or_else(|reason| {
             problems.push(reason);
-            HashMap::new()
+            FastMap::default()
         }),
         None => {
             problems.push("missing \"variants\"".into());
-            HashMap::new()
+            FastMap::default()
         }
     };
 
@@ -235,14 +234,14 @@ fn parse_flag(
 }
 
 /// Variants: a non-empty object whose values share one type.
-fn parse_variants(raw: Json) -> Result<HashMap<String, Value>, String> {
+fn parse_variants(raw: Json) -> Result<FastMap<String, Value>, String> {
     let Json::Object(raw) = raw else {
         return Err("\"variants\" must be an object mapping variant names to values".into());
     };
     if raw.is_empty() {
         return Err("\"variants\" must hold at least one variant".into());
     }
-    let mut variants = HashMap::with_capacity(raw.len());
+    let mut variants = FastMap::with_capacity_and_hasher(raw.len(), Default::default());
     let mut first: Option<(String, ValueType)> = None;
     for (name, raw_value) in raw {
         if name.is_empty() {
@@ -343,7 +342,7 @@ fn parse_targeting(
     }
 }
 
-fn sorted_names(variants: &HashMap<String, Value>) -> Vec<String> {
+fn sorted_names(variants: &FastMap<String, Value>) -> Vec<String> {
     let mut names: Vec<String> = variants.keys().cloned().collect();
     names.sort();
     names

@@ -9,7 +9,6 @@
 //! evaluation. In [`Isolation::Fresh`] every call gets a new instance.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use wasmtime::component::ResourceAny;
@@ -19,6 +18,7 @@ use super::bindings::v0_1::TargetingRule as Bindings;
 use super::limits::HostState;
 use super::{EPOCH_TICK, Isolation, Plugin, PluginError, PluginRule};
 use crate::evaluation::EvaluationContext;
+use crate::flags::FastMap as HashMap;
 
 /// A warm instance drops its rules and starts over past this many: rules of
 /// flag sets that were replaced would otherwise accumulate in it.
@@ -35,7 +35,7 @@ struct Warm {
 
 thread_local! {
     /// This thread's warm instances, by plugin id.
-    static WARM: RefCell<HashMap<u64, Warm>> = RefCell::new(HashMap::new());
+    static WARM: RefCell<HashMap<u64, Warm>> = RefCell::new(HashMap::default());
 }
 
 /// Evaluates `rule` for `context` under the plugin's limits.
@@ -54,11 +54,11 @@ pub(super) fn evaluate(
         Isolation::Reuse => WARM.with(|warm| {
             let mut warm = warm.borrow_mut();
             let result = evaluate_warm(&mut warm, rule, context);
-            if let Err(e) = &result {
-                if !matches!(e, PluginError::Guest { .. }) {
-                    // NB: a trapped instance is never used again.
-                    warm.remove(&plugin.id);
-                }
+            if let Err(e) = &result
+                && !matches!(e, PluginError::Guest { .. })
+            {
+                // NB: a trapped instance is never used again.
+                warm.remove(&plugin.id);
             }
             result
         }),
@@ -85,7 +85,7 @@ fn evaluate_warm(
                 plugin: Arc::downgrade(plugin),
                 store,
                 bindings,
-                rules: HashMap::new(),
+                rules: HashMap::default(),
             },
         );
     }

@@ -14,6 +14,8 @@ pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
 pub const DEFAULT_WASM_STACK_BYTES: usize = 512 << 10;
 /// Largest component file flaghost will compile.
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 << 20;
+/// Default number of plugin instances that can exist at once.
+pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
 
 /// How evaluations are isolated from one another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -42,6 +44,11 @@ pub struct Limits {
     pub max_component_bytes: usize,
     /// How evaluations are isolated.
     pub isolation: Isolation,
+    /// Plugin instances that can exist at once, across all plugins and
+    /// threads (the pooling allocator's size). With [`Isolation::Reuse`] each
+    /// worker thread holds one per plugin; with [`Isolation::Fresh`] one per
+    /// evaluation in flight.
+    pub max_instances: u32,
 }
 
 impl Default for Limits {
@@ -52,6 +59,7 @@ impl Default for Limits {
             wasm_stack_bytes: DEFAULT_WASM_STACK_BYTES,
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             isolation: Isolation::default(),
+            max_instances: DEFAULT_MAX_INSTANCES,
         }
     }
 }

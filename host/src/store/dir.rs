@@ -54,10 +54,10 @@ impl DirStore {
             }
         };
         let digest = format!("{:x}", Sha256::digest(&bytes));
-        if let Some(set) = self.parsed().get(environment) {
-            if set.digest == digest {
-                return Ok(set.clone());
-            }
+        if let Some(set) = self.parsed().get(environment)
+            && set.digest == digest
+        {
+            return Ok(set.clone());
         }
         let binder: &dyn RuleBinder = &self.plugins;
         let set = Arc::new(parse_flag_file(

@@ -19,7 +19,8 @@ cargo build --manifest-path "$here/Cargo.toml" --release --target "$target" --qu
 out="$here/target/$target/release"
 mkdir -p "$root/target/plugins" "$root/target/plugin-fixtures"
 for dir in "$here"/*/ "$here"/fixtures/*/; do
-  [ -f "$dir/Cargo.toml" ] || continue
+  # Only component crates (cdylib); fixture-rule is a helper library.
+  grep -q cdylib "$dir/Cargo.toml" 2>/dev/null || continue
   name="$(basename "$dir")"
   case "$dir" in
     */fixtures/*) dest="$root/target/plugin-fixtures" ;;

@@ -1,0 +1,46 @@
+//! [`misbehaving_rule!`]: a targeting rule that accepts any configuration and
+//! runs the given body as its `evaluate`, so each test fixture is only its
+//! misbehaviour. The fixture crate depends on `wit-bindgen` itself (the macro
+//! expands `wit_bindgen::generate!` there) and lives in `plugins/fixtures/<name>/`
+//! (the WIT path is relative to it).
+
+/// Defines and exports a rule whose `evaluate` is `$evaluate`, a block
+/// answering `Result<Option<String>, String>`.
+#[macro_export]
+macro_rules! misbehaving_rule {
+    ($evaluate:block) => {
+        wit_bindgen::generate!({ path: "../../../wit", world: "targeting-rule" });
+
+        use exports::flaghost::rules::rule::{Guest, GuestTargeting, Targeting};
+
+        struct Component;
+
+        impl Guest for Component {
+            type Targeting = Rule;
+
+            fn check_config(
+                _flag_key: String,
+                _variants: Vec<String>,
+                _config: String,
+            ) -> Result<(), String> {
+                Ok(())
+            }
+        }
+
+        struct Rule;
+
+        impl GuestTargeting for Rule {
+            fn create(
+                _flag_key: String,
+                _variants: Vec<String>,
+                _config: String,
+            ) -> Result<Targeting, String> {
+                Ok(Targeting::new(Rule))
+            }
+
+            fn evaluate(&self) -> Result<Option<String>, String> $evaluate
+        }
+
+        export!(Component);
+    };
+}

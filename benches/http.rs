@@ -36,7 +36,7 @@ fn ofrep(c: &mut Criterion) {
             environments,
             default_environment: "production".into(),
         },
-        flaghost::http::DEFAULT_BODY_LIMIT,
+        &flaghost::http::HttpOptions::default(),
     );
     let body = r#"{"context":{"targetingKey":"user-4242","country":"NL","plan":"pro","age":34}}"#;
 

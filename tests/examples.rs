@@ -14,7 +14,7 @@ async fn start(isolation: Isolation) -> Flaghost {
         plugins: Some(root().join("target/plugins")),
         default_environment: "production".into(),
         cache_ttl: flaghost::cache::DEFAULT_TTL,
-        body_limit: flaghost::http::DEFAULT_BODY_LIMIT,
+        http: Default::default(),
         limits: Limits {
             isolation,
             ..Limits::default()

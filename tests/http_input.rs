@@ -11,7 +11,7 @@ async fn start(body_limit: usize) -> (Flaghost, Dirs) {
         "f": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}
     }}));
     let mut config = dirs.config("prod", Limits::default());
-    config.body_limit = body_limit;
+    config.http.body_limit = body_limit;
     (Flaghost::start(&config).await.expect("starts"), dirs)
 }
 
@@ -132,4 +132,65 @@ async fn wrong_methods_and_paths_answer_json() {
         .await
         .expect("health");
     assert_eq!(health.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_from_allowed_origins_may_call_and_read_the_etag() {
+    let dirs = Dirs::new().flag_file(
+        "prod",
+        &json!({"flags": {
+            "f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on"}
+        }}),
+    );
+    let mut config = dirs.config("prod", Limits::default());
+    config.http.cors =
+        flaghost::http::Cors::Origins(vec!["https://app.example".parse().expect("origin")]);
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let url = format!("{}/ofrep/v1/evaluate/flags", fh.base);
+
+    let preflight = |origin: &'static str| {
+        fh.client
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,if-none-match",
+            )
+            .send()
+    };
+    let allowed = preflight("https://app.example").await.expect("preflight");
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let methods = allowed.headers()["access-control-allow-methods"]
+        .to_str()
+        .expect("methods");
+    assert!(methods.contains("POST"), "{methods}");
+
+    let other = preflight("https://evil.example").await.expect("preflight");
+    assert!(
+        other.headers().get("access-control-allow-origin").is_none(),
+        "other origins get no grant"
+    );
+
+    let response = fh
+        .client
+        .post(&url)
+        .header("origin", "https://app.example")
+        .body(json!({"context": {}}).to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .expect("expose");
+    assert!(exposed.to_ascii_lowercase().contains("etag"), "{exposed}");
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::http::{Cors, HttpOptions};
 use crate::plugins::{Isolation, Limits, limits};
 
 /// flaghost: feature-flag evaluation over OFREP, with targeting rules as
@@ -102,6 +103,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_BODY_LIMIT", default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
 
+    /// Browser origins allowed to call flaghost (CORS), comma-separated
+    /// (`https://app.example.com,https://admin.example.com`), or `*` for any.
+    /// Unset: no CORS headers, so browsers refuse cross-origin calls.
+    #[arg(long, env = "FLAGHOST_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+
     /// Log format (the level comes from `RUST_LOG`, default `info`).
     #[arg(long, env = "FLAGHOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -130,8 +137,8 @@ pub struct ServeConfig {
     pub default_environment: String,
     /// Cache TTL.
     pub cache_ttl: Duration,
-    /// Body limit in bytes.
-    pub body_limit: usize,
+    /// The HTTP edge: body limit, CORS.
+    pub http: HttpOptions,
     /// Plugin limits.
     pub limits: Limits,
 }
@@ -185,9 +192,48 @@ impl ServeArgs {
             plugins: self.source.plugins,
             default_environment: self.default_environment,
             cache_ttl: Duration::from_secs(self.cache_ttl),
-            body_limit: self.body_limit,
+            http: HttpOptions {
+                body_limit: self.body_limit,
+                cors: parse_cors(&self.cors_allowed_origins)?,
+            },
         })
     }
+}
+
+/// The CORS setting from `--cors-allowed-origins`.
+fn parse_cors(origins: &[String]) -> Result<Cors, ConfigError> {
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return Ok(Cors::Off);
+    }
+    if origins == ["*"] {
+        return Ok(Cors::Any);
+    }
+    let bad = |reason: String| ConfigError {
+        option: "--cors-allowed-origins (FLAGHOST_CORS_ALLOWED_ORIGINS)",
+        reason,
+    };
+    origins
+        .into_iter()
+        .map(|origin| {
+            if origin == "*" {
+                return Err(bad("`*` cannot be combined with other origins".into()));
+            }
+            let scheme_ok = origin.starts_with("http://") || origin.starts_with("https://");
+            if !scheme_ok || origin.ends_with('/') {
+                return Err(bad(format!(
+                    "{origin:?} is not an origin: write scheme://host[:port], no path"
+                )));
+            }
+            axum::http::HeaderValue::from_str(origin)
+                .map_err(|_| bad(format!("{origin:?} is not a valid header value")))
+        })
+        .collect::<Result<_, _>>()
+        .map(Cors::Origins)
 }
 
 #[cfg(test)]
@@ -225,6 +271,22 @@ mod tests {
         assert_eq!(config.limits.deadline, Duration::from_millis(25));
         assert_eq!(config.limits.isolation, Isolation::Fresh);
         assert_eq!(config.plugins, Some(PathBuf::from("p")));
+    }
+
+    #[test]
+    fn cors_origins_parse_or_say_what_is_wrong() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(parse_cors(&[]).expect("off"), Cors::Off);
+        assert_eq!(parse_cors(&list(&["*"])).expect("any"), Cors::Any);
+        let Cors::Origins(o) =
+            parse_cors(&list(&["https://a.example", "http://b:8080"])).expect("list")
+        else {
+            panic!("a list");
+        };
+        assert_eq!(o.len(), 2);
+        assert!(parse_cors(&list(&["a.example"])).is_err());
+        assert!(parse_cors(&list(&["https://a.example/"])).is_err());
+        assert!(parse_cors(&list(&["*", "https://a.example"])).is_err());
     }
 
     #[test]

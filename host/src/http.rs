@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::environments::Environments;
 
@@ -30,17 +32,75 @@ pub struct AppState {
     pub default_environment: Arc<str>,
 }
 
+/// Which browser origins may call flaghost (CORS).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Cors {
+    /// No CORS headers: browsers refuse cross-origin calls.
+    #[default]
+    Off,
+    /// Any origin (`*`).
+    Any,
+    /// These origins (`https://app.example.com`).
+    Origins(Vec<HeaderValue>),
+}
+
+/// How the HTTP edge behaves.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Largest request body accepted; larger is a 413.
+    pub body_limit: usize,
+    /// Browser origins allowed to call.
+    pub cors: Cors,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            body_limit: DEFAULT_BODY_LIMIT,
+            cors: Cors::Off,
+        }
+    }
+}
+
+/// The CORS layer for `cors`: what OpenFeature's web SDKs send (a JSON POST,
+/// `If-None-Match` on bulk polls, an API key or bearer token) is allowed, and
+/// `ETag` is exposed so a browser client can read it.
+fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
+    let origins = match cors {
+        Cors::Off => return None,
+        Cors::Any => AllowOrigin::any(),
+        Cors::Origins(list) => AllowOrigin::list(list.clone()),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::IF_NONE_MATCH,
+                header::AUTHORIZATION,
+                HeaderName::from_static("x-api-key"),
+            ])
+            .expose_headers([header::ETAG])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
+}
+
 /// The router, without a socket: tests and benches call it with `oneshot`.
-pub fn app(state: AppState, body_limit: usize) -> Router {
+pub fn app(state: AppState, options: &HttpOptions) -> Router {
     let ofrep = Router::new()
         .route("/evaluate/flags", post(ofrep::evaluate_all))
         .route("/evaluate/flags/{key}", post(ofrep::evaluate_one));
-    Router::new()
+    let router = Router::new()
         .nest("/ofrep/v1", ofrep.clone())
         .nest("/environments/{environment}/ofrep/v1", ofrep)
         .route("/healthz", get(health::healthz))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(options.body_limit))
+        .with_state(state);
+    match cors_layer(&options.cors) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }

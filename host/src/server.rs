@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::cache::{FlagCache, MemoryCache};
 use crate::config::{ServeConfig, SourceArgs};
 use crate::environments::Environments;
-use crate::http::{AppState, app};
+use crate::http::{AppState, HttpOptions, app};
 use crate::plugins::{PluginError, PluginRuntime, PluginSet};
 use crate::store::{DirStore, FlagStore, StoreError};
 
@@ -22,8 +22,8 @@ use crate::store::{DirStore, FlagStore, StoreError};
 pub struct Service {
     /// The router's state.
     pub state: AppState,
-    /// The body limit for the router.
-    pub body_limit: usize,
+    /// How the router behaves.
+    pub http: HttpOptions,
     /// Keeps the engine (and its epoch ticker) alive.
     pub runtime: Arc<PluginRuntime>,
 }
@@ -106,7 +106,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             environments: read_path,
             default_environment: config.default_environment.as_str().into(),
         },
-        body_limit: config.body_limit,
+        http: config.http.clone(),
         runtime,
     })
 }
@@ -118,7 +118,7 @@ pub async fn serve(
     service: Service,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let router = app(service.state, service.body_limit);
+    let router = app(service.state, &service.http);
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

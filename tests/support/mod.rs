@@ -96,7 +96,7 @@ impl Dirs {
             plugins: Some(self.plugins()),
             default_environment: default_environment.to_owned(),
             cache_ttl: flaghost::cache::DEFAULT_TTL,
-            body_limit: flaghost::http::DEFAULT_BODY_LIMIT,
+            http: Default::default(),
             limits,
         }
     }

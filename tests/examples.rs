@@ -3,24 +3,15 @@
 //! client evaluates every example flag.
 
 use flaghost::plugins::{Isolation, Limits};
-use flaghost_tests::{Flaghost, build_plugins, root};
+use flaghost_tests::{Flaghost, examples_config};
 use serde_json::{Value, json};
 
 async fn start(isolation: Isolation) -> Flaghost {
-    build_plugins();
-    let config = flaghost::config::ServeConfig {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        flags: root().join("examples/flags"),
-        plugins: Some(root().join("target/plugins")),
-        default_environment: "production".into(),
-        cache_ttl: flaghost::cache::DEFAULT_TTL,
-        http: Default::default(),
-        limits: Limits {
-            isolation,
-            ..Limits::default()
-        },
+    let limits = Limits {
+        isolation,
+        ..Limits::default()
     };
-    Flaghost::start(&config)
+    Flaghost::start(&examples_config(limits))
         .await
         .expect("flaghost starts on the examples")
 }

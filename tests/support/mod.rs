@@ -44,6 +44,21 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(format!("{name}.wasm"))
 }
 
+/// A configuration serving the bundled examples (examples/flags with the
+/// example plugins), `production` by default, on a free port.
+pub fn examples_config(limits: Limits) -> ServeConfig {
+    build_plugins();
+    ServeConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        flags: root().join("examples/flags"),
+        plugins: Some(root().join("target/plugins")),
+        default_environment: "production".into(),
+        cache_ttl: flaghost::cache::DEFAULT_TTL,
+        http: Default::default(),
+        limits,
+    }
+}
+
 /// A flag directory and a plugin directory in a temporary folder.
 pub struct Dirs {
     tmp: tempfile::TempDir,

@@ -1,0 +1,65 @@
+"""Drives flaghost with the OpenFeature Python SDK and its OFREP provider.
+
+Usage: python3 check.py <flaghost base URL>
+Prints one line per check and exits 1 if any failed. The flags are the
+bundled examples (examples/flags); tests/real_clients.rs starts flaghost.
+"""
+
+import sys
+
+from openfeature import api
+from openfeature.contrib.provider.ofrep import OFREPProvider
+from openfeature.evaluation_context import EvaluationContext
+from openfeature.flag_evaluation import ErrorCode
+
+base = sys.argv[1]
+failures = []
+
+
+def check(name, got, want):
+    ok = got == want
+    print(f"{'ok  ' if ok else 'FAIL'} python {name}: got {got!r}, want {want!r}")
+    if not ok:
+        failures.append(name)
+
+
+api.set_provider(OFREPProvider(base_url=base), domain="production")
+api.set_provider(OFREPProvider(base_url=f"{base}/environments/staging"), domain="staging")
+prod = api.get_client("production")
+staging = api.get_client("staging")
+
+dutch_beta = EvaluationContext("user-1", {"country": "NL", "account": {"tier": "beta"}})
+nobody = EvaluationContext()
+
+d = prod.get_boolean_details("beta-search", False, dutch_beta)
+check("boolean by nested attribute", (d.value, d.variant, d.reason), (True, "on", "TARGETING_MATCH"))
+d = prod.get_string_details("eu-pricing-banner", "fallback", dutch_beta)
+check("string by attribute", (d.value, d.variant, d.reason), ("Prices include VAT", "eu", "TARGETING_MATCH"))
+d = prod.get_string_details("eu-pricing-banner", "fallback", EvaluationContext("u", {"country": "US"}))
+check("string default variant", (d.value, d.variant, d.reason), ("", "none", "DEFAULT"))
+d = prod.get_integer_details("items-per-page", 1, nobody)
+check("integer", (d.value, d.variant, d.reason), (10, "small", "STATIC"))
+d = prod.get_float_details("discount-rate", 0.5, nobody)
+check("float", (d.value, d.variant, d.reason), (0.15, "sale", "STATIC"))
+d = prod.get_object_details("theme", {}, nobody)
+check("object", (d.value, d.variant), ({"background": "#ffffff", "accent": "#0057b8"}, "light"))
+check("metadata", (d.flag_metadata.get("flagSetId"), d.flag_metadata.get("team")), ("shop", "platform"))
+
+d = prod.get_boolean_details("no-such-flag", True, nobody)
+check("missing flag", (d.value, d.error_code), (True, ErrorCode.FLAG_NOT_FOUND))
+d = prod.get_boolean_details("legacy-reports", False, nobody)
+check("disabled flag", (d.value, d.reason), (False, "DISABLED"))
+d = prod.get_boolean_details("items-per-page", False, nobody)
+check("type mismatch", (d.value, d.error_code), (False, ErrorCode.TYPE_MISMATCH))
+
+for user, want in (("user-1", False), ("user-2", True)):
+    d = prod.get_boolean_details("new-checkout", not want, EvaluationContext(user))
+    check(f"targeting key {user}", (d.value, d.reason), (want, "TARGETING_MATCH"))
+
+d = staging.get_boolean_details("new-checkout", False, nobody)
+check("environment by base URL", (d.value, d.variant, d.reason), (True, "on", "STATIC"))
+d = staging.get_string_details("eu-pricing-banner", "fallback", EvaluationContext("u", {"country": "PL"}))
+check("environment by base URL, targeted", d.value, "Prices include VAT")
+
+print(f"python: {len(failures)} failed")
+sys.exit(1 if failures else 0)

@@ -1,0 +1,73 @@
+//! flaghost driven by the real OpenFeature clients: the Python SDK with its
+//! OFREP provider and the JavaScript server SDK with its OFREP provider
+//! (installed by tests/clients/install.sh into target/clients/). Each client
+//! runs its checks (tests/clients/check.py, check.mjs) against the examples:
+//! every value type, details, a missing flag, a disabled flag, a type
+//! mismatch, targeting by attribute and by targeting key, and an environment
+//! picked by base URL.
+
+use std::process::{Command, Output};
+
+use flaghost::plugins::Limits;
+use flaghost_tests::{Flaghost, examples_config, root};
+
+/// Installs the clients once (the script is idempotent).
+fn install_clients() {
+    let status = Command::new("bash")
+        .arg(root().join("tests/clients/install.sh"))
+        .status()
+        .expect("run tests/clients/install.sh");
+    assert!(
+        status.success(),
+        "installing the OpenFeature clients failed"
+    );
+}
+
+/// Runs `command` off the async workers (flaghost serves on them meanwhile)
+/// and fails the test with the client's own output if any check failed.
+async fn run_checks(client: &str, mut command: Command) {
+    let output: Output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("cannot run the {client} client: {e}"));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{said}");
+    assert!(
+        output.status.success(),
+        "{client} client checks failed:\n{said}"
+    );
+    assert!(
+        said.contains(": 0 failed"),
+        "{client} client ran no checks:\n{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_openfeature_clients_get_correct_answers() {
+    install_clients();
+    let fh = Flaghost::start(&examples_config(Limits::default()))
+        .await
+        .expect("flaghost starts");
+    let clients = root().join("target/clients");
+
+    let mut python = Command::new("python3");
+    python
+        .arg(root().join("tests/clients/check.py"))
+        .arg(&fh.base)
+        .env("PYTHONPATH", clients.join("python"));
+    run_checks("python", python).await;
+
+    // Node resolves ES module imports from the script's own folder, so the
+    // script runs from beside its node_modules.
+    let script = clients.join("js/check.mjs");
+    std::fs::copy(root().join("tests/clients/check.mjs"), &script).expect("copy check.mjs");
+    let mut node = Command::new("node");
+    node.arg(&script).arg(&fh.base);
+    run_checks("javascript", node).await;
+
+    fh.stop().await.expect("clean stop");
+}

@@ -80,6 +80,33 @@ async fn every_example_flag(fh: &Flaghost) {
         "DISABLED",
     );
 
+    // JsonLogic, flagd-style: a $ref'd sem_ver gate, then a fractional split.
+    check(
+        &fh.evaluate(
+            "new-app-ui",
+            json!({"targetingKey": "user-1", "appVersion": "4.9.2"}),
+        )
+        .await,
+        Some(json!("classic")),
+        "v1",
+        "DEFAULT",
+    );
+    let (status, body) = fh
+        .evaluate(
+            "new-app-ui",
+            json!({"targetingKey": "user-1", "appVersion": "v5.1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["reason"]),
+        (200, &json!("TARGETING_MATCH")),
+        "{body}"
+    );
+    assert!(
+        ["redesign", "redesign-beta"].contains(&body["value"].as_str().unwrap_or("")),
+        "{body}"
+    );
+
     // The rollout: stable per user, about a quarter of users in.
     let mut on = 0;
     for i in 0..400 {
@@ -197,6 +224,7 @@ async fn bulk_evaluation_answers_every_enabled_flag_with_an_etag() {
             "discount-rate",
             "eu-pricing-banner",
             "items-per-page",
+            "new-app-ui",
             "new-checkout",
             "theme"
         ],

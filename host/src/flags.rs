@@ -5,6 +5,7 @@
 //! one, and readers holding the old one finish with it.
 
 mod parse;
+mod targeting;
 
 pub use parse::{FlagFileError, Problem, RuleBinder, parse_flag_file};
 
@@ -92,7 +93,7 @@ pub enum FlagState {
 pub enum Targeting {
     /// No rule: the default variant, reason STATIC.
     None,
-    /// A rule that picks a variant per context (today: a wasm plugin).
+    /// A rule that picks a variant per context: JsonLogic, or a wasm plugin.
     Rule(Arc<dyn TargetingRule>),
     /// A rule flaghost loaded but cannot evaluate; flagd answers PARSE_ERROR for
     /// such a flag instead of refusing the whole file, and so does flaghost.

@@ -64,7 +64,9 @@ fn flag_set() -> FlagSet {
             "rule-fails": {"state": "ENABLED", "variants": {"a": "x"}, "defaultVariant": "a",
                            "targeting": {"plugin": ["fixed", {"error": "plugin x trapped"}]}},
             "unparsable": {"state": "ENABLED", "variants": {"a": "x"}, "defaultVariant": "a",
-                           "targeting": {"if": [true, "a", null]}},
+                           "targeting": {"if": [{"$ref": "missing"}, "a", null]}},
+            "json-logic": {"state": "ENABLED", "variants": {"a": "x", "b": "y"}, "defaultVariant": "a",
+                           "targeting": {"if": [{"==": [{"var": "tier"}, "gold"]}, "b", null]}},
             "object": {"state": "ENABLED", "variants": {"o": {"k": [1, 2]}}, "defaultVariant": "o"}
         }
     });
@@ -174,6 +176,21 @@ fn an_unparsable_rule_is_parse_error() {
     let e = eval("unparsable").expect_err("fails");
     assert_eq!(e.code, ErrorCode::ParseError);
     assert_eq!(flag_set().warnings.len(), 1, "and it is reported at load");
+}
+
+#[test]
+fn a_json_logic_rule_targets_by_context() {
+    let set = flag_set();
+    let gold = {
+        let serde_json::Value::Object(m) = json!({"tier": "gold"}) else {
+            unreachable!()
+        };
+        EvaluationContext::from_attributes(m).expect("valid")
+    };
+    let r = evaluate(&set, "json-logic", &gold, None).expect("resolves");
+    assert_eq!((r.variant, r.reason), (Some("b"), Reason::TargetingMatch));
+    let r = evaluate(&set, "json-logic", &EvaluationContext::default(), None).expect("resolves");
+    assert_eq!((r.variant, r.reason), (Some("a"), Reason::Default));
 }
 
 #[test]

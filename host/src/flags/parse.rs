@@ -10,9 +10,10 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
+use super::targeting::{JsonLogicRule, resolve_refs};
 use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
 use crate::evaluation::TargetingRule;
 
@@ -105,18 +106,21 @@ pub fn parse_flag_file(
             Default::default()
         }
     };
-    if let Some(evaluators) = doc.get("$evaluators")
-        && !evaluators.is_object()
-    {
-        problems.push(whole(
-            "\"$evaluators\" must be an object mapping names to rules".into(),
-        ));
-    }
+    let evaluators = match doc.remove("$evaluators") {
+        None => Map::new(),
+        Some(Json::Object(evaluators)) => evaluators,
+        Some(_) => {
+            problems.push(whole(
+                "\"$evaluators\" must be an object mapping names to rules".into(),
+            ));
+            Map::new()
+        }
+    };
 
     let mut flags = FastMap::with_capacity_and_hasher(raw_flags.len(), Default::default());
     let mut warnings = Vec::new();
     for (key, raw) in raw_flags {
-        match parse_flag(&key, raw, &set_metadata, binder) {
+        match parse_flag(&key, raw, &set_metadata, &evaluators, binder) {
             Ok(flag) => {
                 if let Targeting::Unparsable(reason) = &flag.targeting {
                     warnings.push(Problem {
@@ -150,6 +154,7 @@ fn parse_flag(
     key: &str,
     raw: Json,
     set_metadata: &Metadata,
+    evaluators: &Map<String, Json>,
     binder: &dyn RuleBinder,
 ) -> Result<Flag, Vec<String>> {
     let Json::Object(mut raw) = raw else {
@@ -220,7 +225,7 @@ fn parse_flag(
     }
     let targeting = match raw.remove("targeting") {
         None => Targeting::None,
-        Some(rule) => parse_targeting(key, &sorted_names(&variants), rule, binder)
+        Some(rule) => parse_targeting(key, &sorted_names(&variants), rule, evaluators, binder)
             .map_err(|reason| vec![reason])?,
     };
     Ok(Flag {
@@ -297,12 +302,15 @@ fn parse_metadata(raw: Json) -> Result<Metadata, String> {
 /// A flag's `targeting`.
 ///
 /// `{}` is no rule (flagd treats it so). `{"plugin": [name, config]}` binds a
-/// plugin, and any problem with it refuses the file. Other JsonLogic rules load
-/// and answer PARSE_ERROR until flaghost evaluates JsonLogic.
+/// plugin, and any problem with it refuses the file. Any other rule is
+/// JsonLogic: `$ref`s are resolved and the rule compiled; a rule flagd would
+/// also fail to evaluate (a `$ref` to a missing evaluator, invalid JsonLogic)
+/// loads and answers PARSE_ERROR, as flagd does.
 fn parse_targeting(
     flag_key: &str,
     variants: &[String],
     rule: Json,
+    evaluators: &Map<String, Json>,
     binder: &dyn RuleBinder,
 ) -> Result<Targeting, String> {
     let Json::Object(rule) = rule else {
@@ -311,34 +319,49 @@ fn parse_targeting(
     if rule.is_empty() {
         return Ok(Targeting::None);
     }
-    match rule.get("plugin") {
-        Some(args) if rule.len() == 1 => {
-            let (name, config) = match args {
-                Json::Array(a) if a.len() == 2 => match &a[0] {
-                    Json::String(name) => (name, &a[1]),
-                    other => {
-                        return Err(format!(
-                            "\"plugin\" names its plugin first, as a string, not {other}"
-                        ));
-                    }
-                },
-                _ => {
-                    return Err(
-                        "\"plugin\" takes two arguments: [\"<plugin name>\", <configuration>]"
-                            .into(),
-                    );
+    if let (Some(args), 1) = (rule.get("plugin"), rule.len()) {
+        let (name, config) = match args {
+            Json::Array(a) if a.len() == 2 => match &a[0] {
+                Json::String(name) => (name, &a[1]),
+                other => {
+                    return Err(format!(
+                        "\"plugin\" names its plugin first, as a string, not {other}"
+                    ));
                 }
-            };
-            binder
-                .bind(flag_key, variants, name, config)
-                .map(Targeting::Rule)
-        }
-        _ => {
-            let ops: Vec<&str> = rule.keys().map(String::as_str).collect();
-            Ok(Targeting::Unparsable(format!(
-                "targeting operator(s) {ops:?} are not supported; only {{\"plugin\": [name, config]}} is"
-            )))
-        }
+            },
+            _ => {
+                return Err(
+                    "\"plugin\" takes two arguments: [\"<plugin name>\", <configuration>]".into(),
+                );
+            }
+        };
+        return binder
+            .bind(flag_key, variants, name, config)
+            .map(Targeting::Rule);
+    }
+    let rule = match resolve_refs(&Json::Object(rule), evaluators) {
+        Ok(rule) => rule,
+        Err(reason) => return Ok(Targeting::Unparsable(reason)),
+    };
+    if mentions_plugin(&rule) {
+        return Ok(Targeting::Unparsable(
+            "a plugin inside a JsonLogic rule is not supported yet: use \
+             {\"plugin\": [name, config]} as the whole rule"
+                .into(),
+        ));
+    }
+    Ok(match JsonLogicRule::compile(flag_key, &rule) {
+        Ok(compiled) => Targeting::Rule(Arc::new(compiled)),
+        Err(reason) => Targeting::Unparsable(reason),
+    })
+}
+
+/// Whether a `plugin` operator appears anywhere in `rule`.
+fn mentions_plugin(rule: &Json) -> bool {
+    match rule {
+        Json::Object(map) => map.contains_key("plugin") || map.values().any(mentions_plugin),
+        Json::Array(items) => items.iter().any(mentions_plugin),
+        _ => false,
     }
 }
 

@@ -116,7 +116,7 @@ fn lists_every_problem_each_with_its_flag() {
 fn a_rule_it_cannot_evaluate_loads_with_a_warning() {
     let set = parse(json!({"flags": {
         "f": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a",
-              "targeting": {"if": [{"==": [1, 1]}, "a", null]}}
+              "targeting": {"if": [{"$ref": "not-defined"}, "a", null]}}
     }}))
     .expect("loads");
     assert!(matches!(set.flags["f"].targeting, Targeting::Unparsable(_)));

@@ -1,0 +1,348 @@
+//! JsonLogic targeting as flagd evaluates it, compiled once per flag with
+//! datalogic-rs (its `flagd` feature brings `sem_ver`).
+//!
+//! Three operators are ours, each because the conformance suite showed
+//! datalogic's differing from flagd's:
+//! - `starts_with` / `ends_with`: datalogic's `ext-string` versions answer
+//!   `false` for a non-string or a wrong argument count; flagd answers null.
+//! - `fractional`: datalogic's takes only string variant names; flagd's
+//!   buckets may name any value (`[[false, 0], [true, 100]]` as a condition).
+//!   Built-in names win over custom ones in datalogic, so a rule's
+//!   `fractional` is renamed to [`FRACTIONAL`] before it is compiled.
+//!
+//! A rule is resolved (`$ref`s to `$evaluators` substituted) and compiled
+//! when its flag file loads; evaluation runs the compiled form against the
+//! context enriched as flagd does (`$flagd.flagKey`, `$flagd.timestamp`,
+//! `targetingKey`).
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use datalogic_rs::bumpalo::Bump;
+use datalogic_rs::operator::EvalContext;
+use datalogic_rs::{CustomOperator, DataValue, Engine, Logic};
+use serde_json::{Map, Value as Json, json};
+
+use crate::evaluation::{EvaluationContext, RuleError, TargetingRule};
+
+/// The name flaghost's `fractional` is registered under (see the module docs).
+const FRACTIONAL: &str = "flaghost_fractional";
+
+/// How deep `$ref`s may nest: deeper is taken for a cycle.
+const MAX_REF_DEPTH: usize = 32;
+
+/// The JsonLogic engine, built once: it holds no per-rule state.
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        Engine::builder()
+            .add_operator("starts_with", Affix::Start)
+            .add_operator("ends_with", Affix::End)
+            .add_operator(FRACTIONAL, Fractional)
+            .build()
+    })
+}
+
+/// flagd's `starts_with` / `ends_with`: `[string, affix]` answers a boolean;
+/// anything else (a non-string, another argument count) answers null.
+enum Affix {
+    Start,
+    End,
+}
+
+impl CustomOperator for Affix {
+    fn evaluate<'a>(
+        &self,
+        args: &[&'a DataValue<'a>],
+        _ctx: &mut EvalContext<'_, 'a>,
+        arena: &'a Bump,
+    ) -> datalogic_rs::Result<&'a DataValue<'a>> {
+        let answer = match args {
+            [DataValue::String(text), DataValue::String(affix)] => DataValue::Bool(match self {
+                Affix::Start => text.starts_with(affix),
+                Affix::End => text.ends_with(affix),
+            }),
+            _ => DataValue::Null,
+        };
+        Ok(arena.alloc(answer))
+    }
+}
+
+thread_local! {
+    /// Scratch memory for evaluations on this thread, reset after each.
+    static ARENA: RefCell<Bump> = RefCell::new(Bump::new());
+}
+
+/// flagd's `fractional`, v2 hashing: the bucketing value is the first
+/// argument if it is a string, else `$flagd.flagKey` + `targetingKey`;
+/// `bucket = (murmur3_x86_32(value, 0) as u64 * total_weight) >> 32`; the
+/// first bucket whose cumulative weight exceeds it wins. Weights default to 1,
+/// negatives count 0; no buckets, a total of 0 or no targeting key answer null.
+struct Fractional;
+
+impl CustomOperator for Fractional {
+    fn evaluate<'a>(
+        &self,
+        args: &[&'a DataValue<'a>],
+        ctx: &mut EvalContext<'_, 'a>,
+        arena: &'a Bump,
+    ) -> datalogic_rs::Result<&'a DataValue<'a>> {
+        let null = || Ok(&*arena.alloc(DataValue::Null));
+        let Some(first) = args.first() else {
+            return null();
+        };
+        let (key, buckets): (&str, &[&DataValue<'a>]) = match first {
+            DataValue::String(explicit) => (explicit, &args[1..]),
+            _ => {
+                let root = ctx.root_input();
+                let field = |obj: &'a DataValue<'a>, name: &str| {
+                    obj.as_object()?
+                        .iter()
+                        .find(|(k, _)| *k == name)
+                        .map(|(_, v)| v)
+                };
+                let targeting_key = match field(root, "targetingKey") {
+                    Some(DataValue::String(k)) if !k.is_empty() => *k,
+                    _ => return null(),
+                };
+                let flag_key = field(root, "$flagd")
+                    .and_then(|f| field(f, "flagKey"))
+                    .and_then(|k| k.as_str())
+                    .unwrap_or("");
+                let key = arena.alloc_str(&format!("{flag_key}{targeting_key}"));
+                let rest = if first.is_null() { &args[1..] } else { args };
+                (&*key, rest)
+            }
+        };
+        let mut weighted = Vec::with_capacity(buckets.len());
+        for bucket in buckets {
+            let Some(entry) = bucket.as_array().filter(|a| !a.is_empty()) else {
+                return null();
+            };
+            let weight = entry.get(1).map_or(1, |w| w.as_i64().unwrap_or(1).max(0));
+            weighted.push((&entry[0], weight as u64));
+        }
+        let total: u64 = weighted.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return null();
+        }
+        // NB: hashing an in-memory cursor cannot fail.
+        let hash = murmur3::murmur3_32(&mut std::io::Cursor::new(key.as_bytes()), 0).unwrap_or(0);
+        let bucket = (u64::from(hash) * total) >> 32;
+        let mut cumulative = 0;
+        for (variant, weight) in weighted {
+            cumulative += weight;
+            if bucket < cumulative {
+                return Ok(variant);
+            }
+        }
+        null()
+    }
+}
+
+/// Renames `fractional` operators to [`FRACTIONAL`] throughout `rule`.
+fn use_our_fractional(rule: &mut Json) {
+    match rule {
+        Json::Object(map) => {
+            if map.len() == 1
+                && let Some(args) = map.remove("fractional")
+            {
+                map.insert(FRACTIONAL.into(), args);
+            }
+            map.values_mut().for_each(use_our_fractional);
+        }
+        Json::Array(items) => items.iter_mut().for_each(use_our_fractional),
+        _ => {}
+    }
+}
+
+/// Substitutes every `{"$ref": "name"}` in `rule` with the evaluator `name`.
+/// Parsed JSON makes this insensitive to the whitespace in the file, which
+/// flagd's text substitution has to handle separately.
+pub fn resolve_refs(rule: &Json, evaluators: &Map<String, Json>) -> Result<Json, String> {
+    resolve(rule, evaluators, 0)
+}
+
+fn resolve(rule: &Json, evaluators: &Map<String, Json>, depth: usize) -> Result<Json, String> {
+    if depth > MAX_REF_DEPTH {
+        return Err(format!(
+            "$ref nesting deeper than {MAX_REF_DEPTH} (a cycle?)"
+        ));
+    }
+    match rule {
+        Json::Object(map) if map.len() == 1 && map.contains_key("$ref") => {
+            let name = map["$ref"]
+                .as_str()
+                .ok_or_else(|| format!("$ref must name an evaluator, not {}", map["$ref"]))?;
+            let target = evaluators.get(name).ok_or_else(|| {
+                format!("$ref to evaluator {name:?}, which $evaluators does not define")
+            })?;
+            resolve(target, evaluators, depth + 1)
+        }
+        Json::Object(map) => map
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), resolve(v, evaluators, depth)?)))
+            .collect::<Result<Map<_, _>, String>>()
+            .map(Json::Object),
+        Json::Array(items) => items
+            .iter()
+            .map(|v| resolve(v, evaluators, depth))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Json::Array),
+        other => Ok(other.clone()),
+    }
+}
+
+/// One flag's JsonLogic rule, compiled.
+pub struct JsonLogicRule {
+    flag_key: String,
+    logic: Logic,
+}
+
+impl JsonLogicRule {
+    /// Compiles `rule` (with `$ref`s already resolved) for `flag_key`.
+    pub fn compile(flag_key: &str, rule: &Json) -> Result<Self, String> {
+        let mut rule = rule.clone();
+        use_our_fractional(&mut rule);
+        let logic = engine()
+            .compile(&rule)
+            .map_err(|e| format!("invalid JsonLogic: {e}"))?;
+        Ok(Self {
+            flag_key: flag_key.to_owned(),
+            logic,
+        })
+    }
+}
+
+/// The data a rule sees: the context's attributes plus flagd's `$flagd`.
+fn flagd_data(flag_key: &str, context: &EvaluationContext) -> Json {
+    // NB: a copy of the context per evaluation; rules read few attributes,
+    // so an arena view of the context would be cheaper (not yet measured).
+    let mut data = context.attributes().clone();
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    data.insert(
+        "$flagd".into(),
+        json!({"flagKey": flag_key, "timestamp": timestamp}),
+    );
+    Json::Object(data)
+}
+
+/// What a rule's answer means: a variant name, `true`/`false` naming the
+/// variants `"true"`/`"false"` (flagd's boolean shorthand), or null for the
+/// default.
+fn to_variant(answer: &DataValue<'_>) -> Result<Option<String>, RuleError> {
+    if let Some(name) = answer.as_str() {
+        return Ok(Some(name.to_owned()));
+    }
+    if let Some(b) = answer.as_bool() {
+        return Ok(Some(b.to_string()));
+    }
+    if answer.is_null() {
+        return Ok(None);
+    }
+    Err(RuleError(format!(
+        "the targeting rule answered {answer}, which is not a variant name"
+    )))
+}
+
+impl TargetingRule for JsonLogicRule {
+    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError> {
+        let data = flagd_data(&self.flag_key, context);
+        ARENA.with(|arena| {
+            let mut arena = arena.borrow_mut();
+            let answer = engine()
+                .evaluate(&self.logic, &data, &arena)
+                .map_err(|e| RuleError(format!("the targeting rule failed: {e}")))
+                .and_then(to_variant);
+            arena.reset();
+            answer
+        })
+    }
+
+    fn describe(&self) -> String {
+        "the targeting rule".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(v: Json) -> EvaluationContext {
+        let Json::Object(m) = v else {
+            panic!("an object")
+        };
+        EvaluationContext::from_attributes(m).expect("valid")
+    }
+
+    fn run(flag: &str, rule: Json, context: Json) -> Result<Option<String>, RuleError> {
+        JsonLogicRule::compile(flag, &rule)
+            .expect("compiles")
+            .evaluate(&ctx(context))
+    }
+
+    #[test]
+    fn fractional_uses_the_v2_hashing() {
+        // The test vector: "bool-fractional" + "user-1" hashes into
+        // bucket 91 of 100: past 50+40, into the last 10.
+        let rule = json!({"fractional": [["a", 50], ["b", 40], ["c", 10]]});
+        assert_eq!(
+            run("bool-fractional", rule, json!({"targetingKey": "user-1"})),
+            Ok(Some("c".into()))
+        );
+        let rule = json!({"fractional": [["a", 50], ["b", 50]]});
+        assert_eq!(
+            run("f", rule, json!({})),
+            Ok(None),
+            "no targeting key: null"
+        );
+    }
+
+    #[test]
+    fn sem_ver_starts_with_and_the_boolean_shorthand() {
+        let rule = json!({"sem_ver": [{"var": "version"}, "^", "1.2"]});
+        assert_eq!(
+            run("f", rule.clone(), json!({"version": "v1.4.0"})),
+            Ok(Some("true".into()))
+        );
+        assert_eq!(
+            run("f", rule, json!({"version": "2.0.0"})),
+            Ok(Some("false".into()))
+        );
+        let rule = json!({"if": [{"starts_with": [{"var": "email"}, "ops@"]}, "staff", null]});
+        assert_eq!(
+            run("f", rule.clone(), json!({"email": "ops@x.io"})),
+            Ok(Some("staff".into()))
+        );
+        assert_eq!(run("f", rule, json!({"email": "me@x.io"})), Ok(None));
+    }
+
+    #[test]
+    fn the_context_is_enriched_as_flagd_does() {
+        let rule = json!({"if": [{"==": [{"var": "$flagd.flagKey"}, "my-flag"]}, "yes", "no"]});
+        assert_eq!(run("my-flag", rule, json!({})), Ok(Some("yes".into())));
+        let rule =
+            json!({"if": [{">": [{"var": "$flagd.timestamp"}, 1_700_000_000]}, "now", "past"]});
+        assert_eq!(run("f", rule, json!({})), Ok(Some("now".into())));
+    }
+
+    #[test]
+    fn refs_resolve_and_a_missing_one_says_so() {
+        let evaluators = json!({"is_staff": {"ends_with": [{"var": "email"}, "@x.io"]}});
+        let Json::Object(evaluators) = evaluators else {
+            unreachable!()
+        };
+        let rule = json!({"if": [{"$ref": "is_staff"}, "on", "off"]});
+        let resolved = resolve_refs(&rule, &evaluators).expect("resolves");
+        assert_eq!(
+            resolved,
+            json!({"if": [{"ends_with": [{"var": "email"}, "@x.io"]}, "on", "off"]})
+        );
+        let err = resolve_refs(&json!({"$ref": "nope"}), &evaluators).expect_err("missing");
+        assert!(err.contains("\"nope\""), "{err}");
+    }
+}

@@ -107,6 +107,34 @@ async fn every_example_flag(fh: &Flaghost) {
         "{body}"
     );
 
+    // A plugin as one operator inside JsonLogic: the allow-list gates a
+    // fractional split; outside Benelux everyone is off.
+    check(
+        &fh.evaluate(
+            "eu-express-delivery",
+            json!({"targetingKey": "user-1", "country": "US"}),
+        )
+        .await,
+        Some(json!(false)),
+        "off",
+        "TARGETING_MATCH",
+    );
+    let mut on = 0;
+    for i in 0..100 {
+        let ctx = json!({"targetingKey": format!("user-{i}"), "country": "NL"});
+        let (status, body) = fh.evaluate("eu-express-delivery", ctx).await;
+        assert_eq!(
+            (status, &body["reason"]),
+            (200, &json!("TARGETING_MATCH")),
+            "{body}"
+        );
+        on += usize::from(body["value"] == json!(true));
+    }
+    assert!(
+        (30..=70).contains(&on),
+        "half of Dutch users should be on, got {on} of 100"
+    );
+
     // The rollout: stable per user, about a quarter of users in.
     let mut on = 0;
     for i in 0..400 {
@@ -222,6 +250,7 @@ async fn bulk_evaluation_answers_every_enabled_flag_with_an_etag() {
         [
             "beta-search",
             "discount-rate",
+            "eu-express-delivery",
             "eu-pricing-banner",
             "items-per-page",
             "new-app-ui",

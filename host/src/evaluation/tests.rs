@@ -65,6 +65,11 @@ fn flag_set() -> FlagSet {
                            "targeting": {"plugin": ["fixed", {"error": "plugin x trapped"}]}},
             "unparsable": {"state": "ENABLED", "variants": {"a": "x"}, "defaultVariant": "a",
                            "targeting": {"if": [{"$ref": "missing"}, "a", null]}},
+            "plugin-in-logic": {"state": "ENABLED", "variants": {"a": "x", "b": "y"}, "defaultVariant": "a",
+                                "targeting": {"if": [{"==": [{"plugin": ["fixed", "b"]}, "b"]},
+                                                     {"plugin": ["fixed", "b"]}, null]}},
+            "plugin-fails-in-logic": {"state": "ENABLED", "variants": {"a": "x"}, "defaultVariant": "a",
+                                      "targeting": {"or": [{"plugin": ["fixed", {"error": "plugin y trapped"}]}, "a"]}},
             "json-logic": {"state": "ENABLED", "variants": {"a": "x", "b": "y"}, "defaultVariant": "a",
                            "targeting": {"if": [{"==": [{"var": "tier"}, "gold"]}, "b", null]}},
             "object": {"state": "ENABLED", "variants": {"o": {"k": [1, 2]}}, "defaultVariant": "o"}
@@ -191,6 +196,27 @@ fn a_json_logic_rule_targets_by_context() {
     assert_eq!((r.variant, r.reason), (Some("b"), Reason::TargetingMatch));
     let r = evaluate(&set, "json-logic", &EvaluationContext::default(), None).expect("resolves");
     assert_eq!((r.variant, r.reason), (Some("a"), Reason::Default));
+}
+
+#[test]
+fn a_plugin_is_one_operator_among_the_others() {
+    let (value, variant, reason) = {
+        let a = eval("plugin-in-logic").expect("resolves");
+        (a.value, a.variant, a.reason)
+    };
+    assert_eq!(
+        (value, variant.as_deref(), reason),
+        (
+            Some(Value::String("y".into())),
+            Some("b"),
+            Reason::TargetingMatch
+        )
+    );
+    let e = eval("plugin-fails-in-logic").expect_err("fails");
+    assert_eq!(
+        (e.code, e.details.as_str()),
+        (ErrorCode::General, "plugin y trapped")
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
-use super::targeting::{JsonLogicRule, resolve_refs};
+use super::targeting::{JsonLogicRule, bind_plugins, plugin_args, resolve_refs};
 use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
 use crate::evaluation::TargetingRule;
 
@@ -320,49 +320,26 @@ fn parse_targeting(
         return Ok(Targeting::None);
     }
     if let (Some(args), 1) = (rule.get("plugin"), rule.len()) {
-        let (name, config) = match args {
-            Json::Array(a) if a.len() == 2 => match &a[0] {
-                Json::String(name) => (name, &a[1]),
-                other => {
-                    return Err(format!(
-                        "\"plugin\" names its plugin first, as a string, not {other}"
-                    ));
-                }
-            },
-            _ => {
-                return Err(
-                    "\"plugin\" takes two arguments: [\"<plugin name>\", <configuration>]".into(),
-                );
-            }
-        };
+        // The whole rule is one plugin: run it directly, no JsonLogic.
+        let (name, config) = plugin_args(args)?;
         return binder
             .bind(flag_key, variants, name, config)
             .map(Targeting::Rule);
     }
-    let rule = match resolve_refs(&Json::Object(rule), evaluators) {
+    let mut rule = match resolve_refs(&Json::Object(rule), evaluators) {
         Ok(rule) => rule,
         Err(reason) => return Ok(Targeting::Unparsable(reason)),
     };
-    if mentions_plugin(&rule) {
-        return Ok(Targeting::Unparsable(
-            "a plugin inside a JsonLogic rule is not supported yet: use \
-             {\"plugin\": [name, config]} as the whole rule"
-                .into(),
-        ));
-    }
-    Ok(match JsonLogicRule::compile(flag_key, &rule) {
+    let mut plugins = Vec::new();
+    bind_plugins(
+        &mut rule,
+        &mut |name, config| binder.bind(flag_key, variants, name, config),
+        &mut plugins,
+    )?;
+    Ok(match JsonLogicRule::compile(flag_key, &rule, plugins) {
         Ok(compiled) => Targeting::Rule(Arc::new(compiled)),
         Err(reason) => Targeting::Unparsable(reason),
     })
-}
-
-/// Whether a `plugin` operator appears anywhere in `rule`.
-fn mentions_plugin(rule: &Json) -> bool {
-    match rule {
-        Json::Object(map) => map.contains_key("plugin") || map.values().any(mentions_plugin),
-        Json::Array(items) => items.iter().any(mentions_plugin),
-        _ => false,
-    }
 }
 
 fn sorted_names(variants: &FastMap<String, Value>) -> Vec<String> {

@@ -10,13 +10,19 @@
 //!   Built-in names win over custom ones in datalogic, so a rule's
 //!   `fractional` is renamed to [`FRACTIONAL`] before it is compiled.
 //!
+//! And one is flaghost's alone: `{"plugin": [name, config]}` runs a wasm
+//! plugin as an operator whose answer (a variant name, or null) feeds `if`,
+//! `and`, `fractional` and the rest. Each occurrence is bound (its
+//! configuration checked by the plugin) at load and compiled as
+//! `{"flaghost_plugin": [index]}` into the rule's list of bound plugins.
+//!
 //! A rule is resolved (`$ref`s to `$evaluators` substituted) and compiled
 //! when its flag file loads; evaluation runs the compiled form against the
 //! context enriched as flagd does (`$flagd.flagKey`, `$flagd.timestamp`,
 //! `targetingKey`).
 
 use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use datalogic_rs::bumpalo::Bump;
@@ -29,6 +35,9 @@ use crate::evaluation::{EvaluationContext, RuleError, TargetingRule};
 /// The name flaghost's `fractional` is registered under (see the module docs).
 const FRACTIONAL: &str = "flaghost_fractional";
 
+/// The name the bound `plugin` operator is compiled under.
+const PLUGIN: &str = "flaghost_plugin";
+
 /// How deep `$ref`s may nest: deeper is taken for a cycle.
 const MAX_REF_DEPTH: usize = 32;
 
@@ -40,6 +49,7 @@ fn engine() -> &'static Engine {
             .add_operator("starts_with", Affix::Start)
             .add_operator("ends_with", Affix::End)
             .add_operator(FRACTIONAL, Fractional)
+            .add_operator(PLUGIN, PluginOperator)
             .build()
     })
 }
@@ -72,6 +82,103 @@ impl CustomOperator for Affix {
 thread_local! {
     /// Scratch memory for evaluations on this thread, reset after each.
     static ARENA: RefCell<Bump> = RefCell::new(Bump::new());
+
+    /// The plugins and context of the rule evaluating on this thread, for
+    /// [`PluginOperator`]: datalogic's operators see only the JSON data.
+    static PLUGIN_CALL: RefCell<Option<PluginCall>> = const { RefCell::new(None) };
+}
+
+/// What a rule with plugins hands its plugin operators for one evaluation.
+struct PluginCall {
+    plugins: Arc<[Arc<dyn TargetingRule>]>,
+    context: EvaluationContext,
+    /// The first plugin failure: the whole evaluation fails with it.
+    error: Option<RuleError>,
+}
+
+/// The bound `plugin` operator: `[index]` into the evaluating rule's plugins.
+/// A failing plugin answers null here and fails the evaluation afterwards
+/// with the plugin's own message.
+struct PluginOperator;
+
+impl CustomOperator for PluginOperator {
+    fn evaluate<'a>(
+        &self,
+        args: &[&'a DataValue<'a>],
+        _ctx: &mut EvalContext<'_, 'a>,
+        arena: &'a Bump,
+    ) -> datalogic_rs::Result<&'a DataValue<'a>> {
+        let index = args.first().and_then(|a| a.as_i64()).unwrap_or(-1);
+        let call = PLUGIN_CALL.with(|c| {
+            let c = c.borrow();
+            let call = c.as_ref()?;
+            let plugin = call.plugins.get(usize::try_from(index).ok()?)?.clone();
+            Some((plugin, call.context.clone()))
+        });
+        // NB: the plugin runs with no borrow of PLUGIN_CALL held.
+        let answer = match call {
+            Some((plugin, context)) => plugin.evaluate(&context),
+            None => Err(RuleError(format!("plugin operator {index} is not bound"))),
+        };
+        let value = match answer {
+            Ok(Some(variant)) => DataValue::String(arena.alloc_str(&variant)),
+            Ok(None) => DataValue::Null,
+            Err(e) => {
+                PLUGIN_CALL.with(|c| {
+                    if let Some(call) = c.borrow_mut().as_mut() {
+                        call.error.get_or_insert(e);
+                    }
+                });
+                DataValue::Null
+            }
+        };
+        Ok(arena.alloc(value))
+    }
+}
+
+/// Binds one plugin use, `(name, config)`, to a rule that runs it.
+pub type BindFn<'a> = dyn FnMut(&str, &Json) -> Result<Arc<dyn TargetingRule>, String> + 'a;
+
+/// Binds every `{"plugin": [name, config]}` in `rule` with `bind`, replacing
+/// it with `{"flaghost_plugin": [index]}`; the bound plugins are returned in
+/// index order. A malformed or unbindable `plugin` is an error: it is
+/// flaghost's operator, so the file is refused.
+pub fn bind_plugins(
+    rule: &mut Json,
+    bind: &mut BindFn<'_>,
+    bound: &mut Vec<Arc<dyn TargetingRule>>,
+) -> Result<(), String> {
+    match rule {
+        Json::Object(map) => {
+            if map.len() == 1
+                && let Some(args) = map.get("plugin")
+            {
+                let (name, config) = plugin_args(args)?;
+                bound.push(bind(name, config)?);
+                *rule = json!({ PLUGIN: [bound.len() - 1] });
+                return Ok(());
+            }
+            map.values_mut()
+                .try_for_each(|v| bind_plugins(v, bind, bound))
+        }
+        Json::Array(items) => items
+            .iter_mut()
+            .try_for_each(|v| bind_plugins(v, bind, bound)),
+        _ => Ok(()),
+    }
+}
+
+/// `[name, config]`, the arguments of `plugin`.
+pub fn plugin_args(args: &Json) -> Result<(&str, &Json), String> {
+    match args {
+        Json::Array(a) if a.len() == 2 => match &a[0] {
+            Json::String(name) => Ok((name, &a[1])),
+            other => Err(format!(
+                "\"plugin\" names its plugin first, as a string, not {other}"
+            )),
+        },
+        _ => Err("\"plugin\" takes two arguments: [\"<plugin name>\", <configuration>]".into()),
+    }
 }
 
 /// flagd's `fractional`, v2 hashing: the bucketing value is the first
@@ -198,11 +305,17 @@ fn resolve(rule: &Json, evaluators: &Map<String, Json>, depth: usize) -> Result<
 pub struct JsonLogicRule {
     flag_key: String,
     logic: Logic,
+    /// The plugins its `plugin` operators call, by index (see [`bind_plugins`]).
+    plugins: Arc<[Arc<dyn TargetingRule>]>,
 }
 
 impl JsonLogicRule {
-    /// Compiles `rule` (with `$ref`s already resolved) for `flag_key`.
-    pub fn compile(flag_key: &str, rule: &Json) -> Result<Self, String> {
+    /// Compiles `rule` (with `$ref`s resolved and plugins bound) for `flag_key`.
+    pub fn compile(
+        flag_key: &str,
+        rule: &Json,
+        plugins: Vec<Arc<dyn TargetingRule>>,
+    ) -> Result<Self, String> {
         let mut rule = rule.clone();
         use_our_fractional(&mut rule);
         let logic = engine()
@@ -211,6 +324,7 @@ impl JsonLogicRule {
         Ok(Self {
             flag_key: flag_key.to_owned(),
             logic,
+            plugins: plugins.into(),
         })
     }
 }
@@ -252,7 +366,16 @@ fn to_variant(answer: &DataValue<'_>) -> Result<Option<String>, RuleError> {
 impl TargetingRule for JsonLogicRule {
     fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError> {
         let data = flagd_data(&self.flag_key, context);
-        ARENA.with(|arena| {
+        if !self.plugins.is_empty() {
+            PLUGIN_CALL.with(|c| {
+                *c.borrow_mut() = Some(PluginCall {
+                    plugins: self.plugins.clone(),
+                    context: context.clone(),
+                    error: None,
+                });
+            });
+        }
+        let answer = ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
             let answer = engine()
                 .evaluate(&self.logic, &data, &arena)
@@ -260,11 +383,25 @@ impl TargetingRule for JsonLogicRule {
                 .and_then(to_variant);
             arena.reset();
             answer
-        })
+        });
+        if self.plugins.is_empty() {
+            return answer;
+        }
+        match PLUGIN_CALL
+            .with(|c| c.borrow_mut().take())
+            .and_then(|call| call.error)
+        {
+            Some(plugin_failure) => Err(plugin_failure),
+            None => answer,
+        }
     }
 
     fn describe(&self) -> String {
         "the targeting rule".into()
+    }
+
+    fn plugin_name(&self) -> Option<&str> {
+        self.plugins.iter().find_map(|p| p.plugin_name())
     }
 }
 
@@ -280,7 +417,7 @@ mod tests {
     }
 
     fn run(flag: &str, rule: Json, context: Json) -> Result<Option<String>, RuleError> {
-        JsonLogicRule::compile(flag, &rule)
+        JsonLogicRule::compile(flag, &rule, vec![])
             .expect("compiles")
             .evaluate(&ctx(context))
     }

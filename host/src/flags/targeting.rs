@@ -26,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use datalogic_rs::bumpalo::Bump;
+use datalogic_rs::datavalue::NumberValue;
 use datalogic_rs::operator::EvalContext;
 use datalogic_rs::{CustomOperator, DataValue, Engine, Logic};
 use serde_json::{Map, Value as Json, json};
@@ -217,12 +218,19 @@ impl CustomOperator for Fractional {
                     .and_then(|f| field(f, "flagKey"))
                     .and_then(|k| k.as_str())
                     .unwrap_or("");
-                let key = arena.alloc_str(&format!("{flag_key}{targeting_key}"));
+                let mut key = datalogic_rs::bumpalo::collections::String::with_capacity_in(
+                    flag_key.len() + targeting_key.len(),
+                    arena,
+                );
+                key.push_str(flag_key);
+                key.push_str(targeting_key);
+                let key = key.into_bump_str();
                 let rest = if first.is_null() { &args[1..] } else { args };
-                (&*key, rest)
+                (key, rest)
             }
         };
-        let mut weighted = Vec::with_capacity(buckets.len());
+        let mut weighted =
+            datalogic_rs::bumpalo::collections::Vec::with_capacity_in(buckets.len(), arena);
         for bucket in buckets {
             let Some(entry) = bucket.as_array().filter(|a| !a.is_empty()) else {
                 return null();
@@ -329,20 +337,34 @@ impl JsonLogicRule {
     }
 }
 
-/// The data a rule sees: the context's attributes plus flagd's `$flagd`.
-fn flagd_data(flag_key: &str, context: &EvaluationContext) -> Json {
-    // NB: a copy of the context per evaluation; rules read few attributes,
-    // so an arena view of the context would be cheaper (not yet measured).
-    let mut data = context.attributes().clone();
+/// The data a rule sees, built in `arena`: the context's attributes plus
+/// flagd's `$flagd` (`flagKey`, `timestamp`). Built straight into the arena,
+/// not through a `serde_json` copy of the context: that copy was the largest
+/// cost of a JsonLogic evaluation.
+fn flagd_data<'a>(
+    flag_key: &str,
+    context: &EvaluationContext,
+    arena: &'a Bump,
+) -> &'a DataValue<'a> {
     let timestamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0);
-    data.insert(
-        "$flagd".into(),
-        json!({"flagKey": flag_key, "timestamp": timestamp}),
-    );
-    Json::Object(data)
+    let flagd: &'a [(&'a str, DataValue<'a>)] = arena.alloc_slice_copy(&[
+        ("flagKey", DataValue::String(arena.alloc_str(flag_key))),
+        (
+            "timestamp",
+            DataValue::Number(NumberValue::from_i64(timestamp)),
+        ),
+    ]);
+    let attributes = context.attributes();
+    let mut entries = Vec::with_capacity(attributes.len() + 1);
+    for (key, value) in attributes {
+        let key: &'a str = arena.alloc_str(key);
+        entries.push((key, DataValue::from_serde_value_in(value, arena)));
+    }
+    entries.push(("$flagd", DataValue::Object(flagd)));
+    arena.alloc(DataValue::Object(arena.alloc_slice_copy(&entries)))
 }
 
 /// What a rule's answer means: a variant name, `true`/`false` naming the
@@ -365,7 +387,6 @@ fn to_variant(answer: &DataValue<'_>) -> Result<Option<String>, RuleError> {
 
 impl TargetingRule for JsonLogicRule {
     fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError> {
-        let data = flagd_data(&self.flag_key, context);
         if !self.plugins.is_empty() {
             PLUGIN_CALL.with(|c| {
                 *c.borrow_mut() = Some(PluginCall {
@@ -377,8 +398,9 @@ impl TargetingRule for JsonLogicRule {
         }
         let answer = ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
+            let data = flagd_data(&self.flag_key, context, &arena);
             let answer = engine()
-                .evaluate(&self.logic, &data, &arena)
+                .evaluate(&self.logic, data, &arena)
                 .map_err(|e| RuleError(format!("the targeting rule failed: {e}")))
                 .and_then(to_variant);
             arena.reset();

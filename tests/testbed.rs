@@ -8,32 +8,19 @@
 //! `fractional` examples only `@fractional-v2` (flagd's current hashing), not
 //! `@fractional-v1`/`@fractional-v3`.
 //!
+//! The testbed uses no plugins: flags bind against an empty plugin set.
+//!
 //! The runner plays an OpenFeature SDK: an evaluation without a value (an
 //! error, a disabled flag, no default variant) resolves to the caller's
 //! fallback; an error's reason is ERROR.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use flaghost::evaluation::{EvaluationContext, Reason, evaluate};
-use flaghost::flags::{FlagSet, RuleBinder, ValueType, parse_flag_file};
+use flaghost::flags::{FlagSet, ValueType, parse_flag_file};
+use flaghost::plugins::PluginSet;
 use flaghost_tests::root;
 use serde_json::{Map, Value as Json, json};
-
-/// The testbed binds no plugins.
-struct NoPlugins;
-
-impl RuleBinder for NoPlugins {
-    fn bind(
-        &self,
-        _: &str,
-        _: &[String],
-        plugin: &str,
-        _: &Json,
-    ) -> Result<Arc<dyn flaghost::evaluation::TargetingRule>, String> {
-        Err(format!("plugin {plugin:?}: the testbed has none"))
-    }
-}
 
 fn testbed_dir() -> PathBuf {
     match std::env::var_os("FLAGD_TESTBED") {
@@ -318,7 +305,7 @@ fn flagd_testbed_evaluator_suite_passes() {
         &flags_file.display().to_string(),
         "testbed",
         &bytes,
-        &NoPlugins,
+        &PluginSet::default(),
     )
     .unwrap_or_else(|e| panic!("the testbed's flags must load: {e}"));
 

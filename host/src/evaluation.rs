@@ -20,11 +20,6 @@ pub trait TargetingRule: Send + Sync {
 
     /// What the rule is, for logs (`plugin percentage-rollout`).
     fn describe(&self) -> String;
-
-    /// The plugin this rule runs, if it is one.
-    fn plugin_name(&self) -> Option<&str> {
-        None
-    }
 }
 
 /// A rule failed to answer; the evaluation is an ERROR with reason GENERAL.

@@ -152,20 +152,3 @@ pub struct FlagSet {
     /// PARSE_ERROR), each with the reason.
     pub warnings: Vec<Problem>,
 }
-
-impl FlagSet {
-    /// Names of the plugins this set's rules call.
-    pub fn plugins_used(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .flags
-            .values()
-            .filter_map(|f| match &f.targeting {
-                Targeting::Rule(rule) => rule.plugin_name().map(str::to_owned),
-                _ => None,
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
-}

@@ -450,8 +450,4 @@ impl TargetingRule for PluginRule {
     fn describe(&self) -> String {
         format!("plugin {}", self.plugin.name)
     }
-
-    fn plugin_name(&self) -> Option<&str> {
-        Some(&self.plugin.name)
-    }
 }

@@ -236,18 +236,20 @@ impl CustomOperator for Fractional {
                 return null();
             };
             let weight = entry.get(1).map_or(1, |w| w.as_i64().unwrap_or(1).max(0));
-            weighted.push((&entry[0], weight as u64));
+            weighted.push((&entry[0], weight.unsigned_abs()));
         }
-        let total: u64 = weighted.iter().map(|(_, w)| w).sum();
+        // NB: weights come from flag files: sum and scale in u128 so that
+        // absurd weights cannot overflow (a panic in debug builds).
+        let total: u128 = weighted.iter().map(|(_, w)| u128::from(*w)).sum();
         if total == 0 {
             return null();
         }
         // NB: hashing an in-memory cursor cannot fail.
         let hash = murmur3::murmur3_32(&mut std::io::Cursor::new(key.as_bytes()), 0).unwrap_or(0);
-        let bucket = (u64::from(hash) * total) >> 32;
-        let mut cumulative = 0;
+        let bucket = (u128::from(hash) * total) >> 32;
+        let mut cumulative: u128 = 0;
         for (variant, weight) in weighted {
-            cumulative += weight;
+            cumulative += u128::from(weight);
             if bucket < cumulative {
                 return Ok(variant);
             }
@@ -358,13 +360,14 @@ fn flagd_data<'a>(
         ),
     ]);
     let attributes = context.attributes();
-    let mut entries = Vec::with_capacity(attributes.len() + 1);
+    let mut entries =
+        datalogic_rs::bumpalo::collections::Vec::with_capacity_in(attributes.len() + 1, arena);
     for (key, value) in attributes {
         let key: &'a str = arena.alloc_str(key);
         entries.push((key, DataValue::from_serde_value_in(value, arena)));
     }
     entries.push(("$flagd", DataValue::Object(flagd)));
-    arena.alloc(DataValue::Object(arena.alloc_slice_copy(&entries)))
+    arena.alloc(DataValue::Object(entries.into_bump_slice()))
 }
 
 /// What a rule's answer means: a variant name, `true`/`false` naming the
@@ -421,10 +424,6 @@ impl TargetingRule for JsonLogicRule {
     fn describe(&self) -> String {
         "the targeting rule".into()
     }
-
-    fn plugin_name(&self) -> Option<&str> {
-        self.plugins.iter().find_map(|p| p.plugin_name())
-    }
 }
 
 #[cfg(test)]
@@ -459,6 +458,13 @@ mod tests {
             Ok(None),
             "no targeting key: null"
         );
+    }
+
+    #[test]
+    fn huge_fractional_weights_do_not_overflow() {
+        let rule = json!({"fractional": [["a", i64::MAX], ["b", i64::MAX], ["c", 1]]});
+        let answer = run("f", rule, json!({"targetingKey": "u"})).expect("evaluates");
+        assert!(matches!(answer.as_deref(), Some("a" | "b")), "{answer:?}");
     }
 
     #[test]

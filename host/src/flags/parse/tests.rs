@@ -1,30 +1,18 @@
 //! The flagd-format parser: what it accepts, and that every refusal names the
 //! flag and says what to fix.
 
-use std::sync::Arc;
-
 use serde_json::json;
 
 use super::*;
-use crate::evaluation::TargetingRule;
-
-/// Binds nothing: every plugin is missing.
-struct NoPlugins;
-
-impl RuleBinder for NoPlugins {
-    fn bind(
-        &self,
-        _: &str,
-        _: &[String],
-        plugin: &str,
-        _: &Json,
-    ) -> Result<Arc<dyn TargetingRule>, String> {
-        Err(format!("plugin {plugin:?} is not loaded"))
-    }
-}
+use crate::plugins::PluginSet;
 
 fn parse(doc: Json) -> Result<FlagSet, FlagFileError> {
-    parse_flag_file("env.json", "env", doc.to_string().as_bytes(), &NoPlugins)
+    parse_flag_file(
+        "env.json",
+        "env",
+        doc.to_string().as_bytes(),
+        &PluginSet::default(),
+    )
 }
 
 fn problems(doc: Json) -> Vec<String> {
@@ -61,7 +49,8 @@ fn parses_every_value_type_and_keeps_integers_and_floats_apart() {
 
 #[test]
 fn refuses_what_is_not_json_with_the_position() {
-    let err = parse_flag_file("bad.json", "e", b"{\"flags\": ", &NoPlugins).expect_err("refused");
+    let err = parse_flag_file("bad.json", "e", b"{\"flags\": ", &PluginSet::default())
+        .expect_err("refused");
     assert_eq!(err.file, "bad.json");
     assert!(err.to_string().contains("not valid JSON"), "{err}");
     assert!(err.to_string().contains("line 1"), "{err}");

@@ -3,13 +3,13 @@
 //! client evaluates every example flag.
 
 use flaghost::plugins::{Isolation, Limits};
-use flaghost_tests::{Flaghost, examples_config};
+use flaghost_tests::{Flaghost, answer_limits, examples_config};
 use serde_json::{Value, json};
 
 async fn start(isolation: Isolation) -> Flaghost {
     let limits = Limits {
         isolation,
-        ..Limits::default()
+        ..answer_limits()
     };
     Flaghost::start(&examples_config(limits))
         .await

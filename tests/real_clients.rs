@@ -8,8 +8,7 @@
 
 use std::process::{Command, Output};
 
-use flaghost::plugins::Limits;
-use flaghost_tests::{Flaghost, examples_config, root};
+use flaghost_tests::{Flaghost, answer_limits, examples_config, root};
 
 /// Installs the clients once (the script is idempotent).
 fn install_clients() {
@@ -49,7 +48,7 @@ async fn run_checks(client: &str, mut command: Command) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_javascript_openfeature_clients_get_correct_answers() {
     install_clients();
-    let fh = Flaghost::start(&examples_config(Limits::default()))
+    let fh = Flaghost::start(&examples_config(answer_limits()))
         .await
         .expect("flaghost starts");
     let clients = root().join("target/clients");

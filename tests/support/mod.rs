@@ -44,6 +44,15 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(format!("{name}.wasm"))
 }
 
+/// Limits for tests that check answers, not timings: a deadline generous
+/// enough for a debug build on a loaded machine (the default 10 ms is not).
+pub fn answer_limits() -> Limits {
+    Limits {
+        deadline: std::time::Duration::from_secs(2),
+        ..Limits::default()
+    }
+}
+
 /// A configuration serving the bundled examples (examples/flags with the
 /// example plugins), `production` by default, on a free port.
 pub fn examples_config(limits: Limits) -> ServeConfig {

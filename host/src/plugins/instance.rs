@@ -48,7 +48,11 @@ pub(super) fn evaluate(
         Isolation::Fresh => {
             let (mut store, bindings) = instantiate(plugin)?;
             store.data_mut().context = Some(context.clone());
+            // NB: each guest call gets the whole deadline; instantiating and
+            // parsing the configuration must not eat into the evaluation's.
+            store.set_epoch_deadline(deadline_ticks(plugin));
             let handle = create(plugin, &mut store, &bindings, rule)?;
+            store.set_epoch_deadline(deadline_ticks(plugin));
             call(plugin, &mut store, &bindings, handle)
         }
         Isolation::Reuse => WARM.with(|warm| {
@@ -99,6 +103,7 @@ fn evaluate_warm(
         None => {
             let handle = create(plugin, &mut slot.store, &slot.bindings, rule)?;
             slot.rules.insert(rule.id, handle);
+            slot.store.set_epoch_deadline(deadline_ticks(plugin));
             handle
         }
     };

@@ -12,8 +12,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
-use flaghost::cache::{FlagCache, MemoryCache};
-use flaghost::environments::Environments;
+use flaghost::environments::{Environments, Timing};
 use flaghost::http::{AppState, app};
 use flaghost::plugins::Limits;
 use flaghost::store::{DirStore, FlagStore};
@@ -27,14 +26,14 @@ fn ofrep(c: &mut Criterion) {
         .load_dir(&root().join("target/plugins"))
         .expect("plugins");
     let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(root().join("examples/flags"), plugins));
-    let cache: Arc<dyn FlagCache> = Arc::new(MemoryCache::new(flaghost::cache::DEFAULT_TTL));
-    let environments = Arc::new(Environments::new(cache, store));
+    let environments = Arc::new(Environments::new(store, None, Timing::default()));
     rt.block_on(environments.refresh("production"))
         .expect("loads");
     let router = app(
         AppState {
             environments,
             default_environment: "production".into(),
+            admin: None,
         },
         &flaghost::http::HttpOptions::default(),
     );

@@ -14,8 +14,7 @@ use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
 use datalogic_rs::bumpalo::Bump;
-use flaghost::cache::{FlagCache, MemoryCache};
-use flaghost::environments::Environments;
+use flaghost::environments::{Environments, Timing};
 use flaghost::evaluation::{EvaluationContext, evaluate};
 use flaghost::flags::parse_flag_file;
 use flaghost::http::{AppState, HttpOptions, app};
@@ -159,13 +158,13 @@ fn bulk(c: &mut Criterion) {
         .load_dir(&root().join("target/plugins"))
         .expect("plugins");
     let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(&dir, plugins));
-    let cache: Arc<dyn FlagCache> = Arc::new(MemoryCache::new(flaghost::cache::DEFAULT_TTL));
-    let environments = Arc::new(Environments::new(cache, store));
+    let environments = Arc::new(Environments::new(store, None, Timing::default()));
     rt.block_on(environments.refresh("bulk")).expect("loads");
     let router = app(
         AppState {
             environments,
             default_environment: "bulk".into(),
+            admin: None,
         },
         &HttpOptions::default(),
     );

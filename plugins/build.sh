@@ -9,7 +9,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 target=wasm32-wasip2
 
-if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+# NB: checks the sysroot rather than asking rustup, which can answer wrongly
+# while another rustup runs (tests run this script in parallel).
+if [ ! -d "$(rustc --print sysroot)/lib/rustlib/$target" ]; then
   echo "build.sh: installing the $target target" >&2
   rustup target add "$target"
 fi

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cache::RedisOptions;
 use crate::http::{Cors, HttpOptions};
 use crate::plugins::{Isolation, Limits, limits};
 
@@ -99,6 +100,34 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAG_CACHE_TTL", default_value_t = crate::cache::DEFAULT_TTL.as_secs())]
     pub cache_ttl: u64,
 
+    /// Redis to share resolved flag sets through
+    /// (`redis://[user:password@]host[:port][/db]`). Unset: an in-memory
+    /// cache only. An unreachable Redis is no start-up error: flaghost serves
+    /// from memory and moves onto Redis when it answers.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// How long a request may wait for Redis before it is served from
+    /// memory, in milliseconds.
+    #[arg(long, env = "FLAGHOST_REDIS_RESPONSE_TIMEOUT_MS", default_value_t = crate::cache::DEFAULT_RESPONSE_TIMEOUT.as_millis() as u64)]
+    pub redis_response_timeout_ms: u64,
+
+    /// How often each instance checks that Redis still holds its flag sets
+    /// (and rewrites the missing), and retries a failed refresh, in
+    /// milliseconds.
+    #[arg(long, env = "FLAGHOST_CHECK_INTERVAL_MS", default_value_t = 1000)]
+    pub check_interval_ms: u64,
+
+    /// How often the flag directory is checked for changed, new and removed
+    /// files, in milliseconds; 0 turns reloading off.
+    #[arg(long, env = "FLAGHOST_WATCH_INTERVAL_MS", default_value_t = 1000)]
+    pub watch_interval_ms: u64,
+
+    /// Token that unlocks the admin API (`Authorization: Bearer <token>`).
+    /// Unset: the admin API is off.
+    #[arg(long, env = "FLAGHOST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Largest request body accepted, in bytes; larger ones get a 413.
     #[arg(long, env = "FLAGHOST_BODY_LIMIT", default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
@@ -137,6 +166,14 @@ pub struct ServeConfig {
     pub default_environment: String,
     /// Cache TTL.
     pub cache_ttl: Duration,
+    /// Redis, if configured.
+    pub redis: Option<RedisOptions>,
+    /// How often the shared cache is checked and failed refreshes retried.
+    pub check_interval: Duration,
+    /// How often flag files are checked for changes; `None`: never.
+    pub watch_interval: Option<Duration>,
+    /// The admin API's token; `None`: the admin API is off.
+    pub admin_token: Option<String>,
     /// The HTTP edge: body limit, CORS.
     pub http: HttpOptions,
     /// Plugin limits.
@@ -185,13 +222,52 @@ impl ServeArgs {
                 reason: "must be at least 1 second".into(),
             });
         }
+        let cache_ttl = Duration::from_secs(self.cache_ttl);
+        let redis = match self.redis_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => {
+                RedisOptions::check_url(url).map_err(|reason| ConfigError {
+                    option: "--redis-url (REDIS_URL)",
+                    reason,
+                })?;
+                if self.redis_response_timeout_ms == 0 {
+                    return Err(ConfigError {
+                        option: "--redis-response-timeout-ms (FLAGHOST_REDIS_RESPONSE_TIMEOUT_MS)",
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                Some(RedisOptions {
+                    url: url.to_owned(),
+                    ttl: cache_ttl,
+                    response_timeout: Duration::from_millis(self.redis_response_timeout_ms),
+                })
+            }
+        };
+        if self.check_interval_ms == 0 {
+            return Err(ConfigError {
+                option: "--check-interval-ms (FLAGHOST_CHECK_INTERVAL_MS)",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let admin_token = self.admin_token.filter(|t| !t.is_empty());
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError {
+                option: "--admin-token (FLAGHOST_ADMIN_TOKEN)",
+                reason: "must be at least 16 characters".into(),
+            });
+        }
         Ok(ServeConfig {
+            cache_ttl,
+            redis,
+            check_interval: Duration::from_millis(self.check_interval_ms),
+            watch_interval: (self.watch_interval_ms > 0)
+                .then(|| Duration::from_millis(self.watch_interval_ms)),
+            admin_token,
             listen: self.listen,
             limits: self.source.limits.to_limits()?,
             flags: self.source.flags,
             plugins: self.source.plugins,
             default_environment: self.default_environment,
-            cache_ttl: Duration::from_secs(self.cache_ttl),
             http: HttpOptions {
                 body_limit: self.body_limit,
                 cors: parse_cors(&self.cors_allowed_origins)?,
@@ -297,5 +373,41 @@ mod tests {
         };
         let err = args.validate().expect_err("refused");
         assert!(err.option.contains("FLAGHOST_DEFAULT_ENVIRONMENT"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_redis_url_names_the_variable_and_hides_the_password() {
+        let Command::Serve(args) =
+            parse(&["serve", "--redis-url", "http://user:hunter2@cache:6379"]).command
+        else {
+            panic!("expected serve");
+        };
+        let err = args.validate().expect_err("refused");
+        assert!(err.option.contains("REDIS_URL"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn redis_is_off_unless_configured() {
+        let Command::Serve(args) = parse(&["serve"]).command else {
+            panic!("expected serve");
+        };
+        let config = args.validate().expect("valid");
+        assert!(config.redis.is_none());
+        assert_eq!(config.cache_ttl, Duration::from_secs(300));
+        assert!(config.admin_token.is_none());
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--redis-url",
+            "redis://:pw@127.0.0.1:6390/2",
+            "--cache-ttl",
+            "60",
+        ])
+        .command
+        else {
+            panic!("expected serve");
+        };
+        let redis = args.validate().expect("valid").redis.expect("on");
+        assert_eq!(redis.ttl, Duration::from_secs(60));
     }
 }

@@ -1,13 +1,33 @@
-//! The read path: an environment's current flag set, from the cache, else the
-//! flag store (cache-aside), with the last good set kept to serve through a
-//! store that fails.
+//! The read path: an environment's current flag set.
+//!
+//! Evaluations read the in-process [`Snapshots`] only: no lock, no round
+//! trip. When a snapshot falls due (its TTL, an invalidation), one request
+//! per environment refreshes it while the others wait for that refresh
+//! (single flight):
+//!
+//! 1. the shared cache (Redis) is read, unless it is unreachable;
+//! 2. the flag store is read (one small file; parsed again only when its
+//!    bytes changed). A valid local file always wins: if the shared cache
+//!    holds another version, the conflict is logged and the local one is
+//!    served. On a miss the local set is written to the shared cache;
+//! 3. if the store fails, the last good set is served, or else the shared
+//!    cache's; either is marked stale (reason STALE) once nothing has
+//!    confirmed it for a TTL. Only with neither is the environment
+//!    unavailable.
+//!
+//! Off the request path, [`Environments::maintain`] reloads changed flag
+//! files, writes back sets the shared cache lost, and acts on other
+//! instances' invalidations.
 
-use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{debug, info, warn};
 
-use crate::cache::FlagCache;
+use crate::cache::{CacheEvent, Clock, FlagCache, LinkStatus, Snapshot, Snapshots, SystemClock};
 use crate::flags::FlagSet;
 use crate::store::{FlagStore, StoreError, valid_environment_name};
 
@@ -30,28 +50,100 @@ pub enum LookupError {
     },
 }
 
+/// How often the read path refreshes and checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a flag set is served before it is refreshed.
+    pub ttl: Duration,
+    /// How soon a refresh that failed is tried again, and how often the
+    /// shared cache is checked for lost flag sets.
+    pub check_interval: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            ttl: crate::cache::DEFAULT_TTL,
+            check_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Which cache serves, for `/readyz` and `/healthz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheStatus {
+    /// `redis` (Redis configured and answering), `memory-fallback` (Redis
+    /// configured, unreachable: serving from memory) or `memory-only` (no
+    /// Redis configured).
+    pub backend: &'static str,
+    /// The Redis connection, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<LinkStatus>,
+}
+
+/// What an invalidation did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Invalidation {
+    /// The environment, or none for all.
+    pub environment: Option<String>,
+    /// Shared-cache keys deleted; none if there is no shared cache or it
+    /// failed.
+    pub keys_deleted: Option<u64>,
+    /// Why the shared cache was not invalidated, if it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_cache_error: Option<String>,
+}
+
+/// A set the flag store gave, and when it last confirmed it.
+#[derive(Clone)]
+struct Good {
+    set: Arc<FlagSet>,
+    confirmed_at: Instant,
+}
+
 /// Resolves environments to flag sets.
 pub struct Environments {
-    cache: Arc<dyn FlagCache>,
+    snapshots: Snapshots,
+    shared: Option<Arc<dyn FlagCache>>,
     store: Arc<dyn FlagStore>,
-    /// The last set successfully loaded per environment: served, with a
-    /// warning, when the store fails (a file broken on disk, a read error).
-    last_good: RwLock<HashMap<String, Arc<FlagSet>>>,
+    timing: Timing,
+    /// The last set the store gave per environment: served when the store
+    /// fails (a file broken on disk, a read error).
+    last_good: RwLock<HashMap<String, Good>>,
+    /// One refresh at a time per environment.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Problems already logged (store failures, refused files, conflicts),
+    /// so that each is logged when it starts, not on every retry.
+    logged: Mutex<HashSet<String>>,
 }
 
 impl Environments {
-    /// A read path over `cache` and `store`.
-    pub fn new(cache: Arc<dyn FlagCache>, store: Arc<dyn FlagStore>) -> Self {
-        Self {
-            cache,
-            store,
-            last_good: RwLock::new(HashMap::new()),
-        }
+    /// A read path over `store`, with `shared` as the shared cache if any.
+    pub fn new(
+        store: Arc<dyn FlagStore>,
+        shared: Option<Arc<dyn FlagCache>>,
+        timing: Timing,
+    ) -> Self {
+        Self::with_clock(store, shared, timing, Arc::new(SystemClock))
     }
 
-    /// The cache backend.
-    pub fn cache(&self) -> &Arc<dyn FlagCache> {
-        &self.cache
+    /// The same, on `clock`.
+    pub fn with_clock(
+        store: Arc<dyn FlagStore>,
+        shared: Option<Arc<dyn FlagCache>>,
+        timing: Timing,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            snapshots: Snapshots::new(clock),
+            shared,
+            store,
+            timing,
+            last_good: RwLock::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+            logged: Mutex::new(HashSet::new()),
+        }
     }
 
     /// The flag store.
@@ -59,61 +151,388 @@ impl Environments {
         &self.store
     }
 
+    /// The shared cache, if one is configured.
+    pub fn shared(&self) -> Option<&Arc<dyn FlagCache>> {
+        self.shared.as_ref()
+    }
+
     /// `environment`'s current flag set.
-    pub async fn get(&self, environment: &str) -> Result<Arc<FlagSet>, LookupError> {
+    pub async fn get(&self, environment: &str) -> Result<Snapshot, LookupError> {
+        if let Some(snapshot) = self.snapshots.fresh(environment) {
+            return Ok(snapshot);
+        }
         if !valid_environment_name(environment) {
             return Err(LookupError::InvalidName(environment.to_owned()));
         }
-        match self.cache.get(environment).await {
-            Ok(Some(set)) => return Ok(set),
-            Ok(None) => {}
-            Err(e) => warn!(environment, error = %e, "cache read failed; loading from the store"),
+        let gate = self.gate(environment);
+        let _turn = gate.lock().await;
+        // Another request may have refreshed it while this one waited.
+        if let Some(snapshot) = self.snapshots.fresh(environment) {
+            return Ok(snapshot);
         }
-        self.refresh(environment).await
+        self.resolve(environment).await
     }
 
-    /// Loads `environment` from the store and caches it; on a store failure
-    /// serves the last good set, if there is one.
-    pub async fn refresh(&self, environment: &str) -> Result<Arc<FlagSet>, LookupError> {
+    /// Loads `environment` now, whether or not its snapshot is due.
+    pub async fn refresh(&self, environment: &str) -> Result<Snapshot, LookupError> {
+        if !valid_environment_name(environment) {
+            return Err(LookupError::InvalidName(environment.to_owned()));
+        }
+        let gate = self.gate(environment);
+        let _turn = gate.lock().await;
+        self.resolve(environment).await
+    }
+
+    fn gate(&self, environment: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(environment.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Steps 1–3 of the module documentation.
+    async fn resolve(&self, environment: &str) -> Result<Snapshot, LookupError> {
+        let cached = match &self.shared {
+            Some(shared) => shared.get(environment).await.unwrap_or_else(|e| {
+                debug!(environment, error = %e, "shared cache skipped");
+                None
+            }),
+            None => None,
+        };
         match self.store.load(environment).await {
-            Ok(set) => {
-                if let Err(e) = self.cache.put(set.clone()).await {
-                    warn!(environment, error = %e, "cache write failed; serving from the store");
+            Ok(local) => {
+                match &cached {
+                    Some(remote) if remote.digest != local.digest => {
+                        self.log_once(
+                            format!("conflict {environment} {} {}", local.digest, remote.digest),
+                            || {
+                                warn!(environment, local_digest = %local.digest, redis_digest = %remote.digest,
+                                      "the shared cache holds another version of this environment's flag file; \
+                                       serving the local file");
+                            },
+                        );
+                    }
+                    Some(_) => {}
+                    None => self.write_shared(&local).await,
                 }
-                self.last_good
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(environment.to_owned(), set.clone());
-                Ok(set)
+                self.recovered(environment);
+                Ok(self.confirm(local))
             }
             Err(StoreError::NotFound(_)) => {
                 debug!(environment, "unknown environment");
+                self.forget(environment);
                 Err(LookupError::NotFound(environment.to_owned()))
             }
             Err(StoreError::InvalidEnvironment(name)) => Err(LookupError::InvalidName(name)),
-            Err(e) => {
-                let last = self
-                    .last_good
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get(environment)
-                    .cloned();
-                match last {
-                    Some(set) => {
-                        warn!(environment, error = %e, digest = %set.digest,
-                              "flag store failed; serving the last good flag set");
-                        // Cache it again so the store is not retried per request.
-                        if let Err(e) = self.cache.put(set.clone()).await {
-                            warn!(environment, error = %e, "cache write failed");
-                        }
-                        Ok(set)
-                    }
-                    None => Err(LookupError::Unavailable {
-                        environment: environment.to_owned(),
-                        reason: e.to_string(),
-                    }),
+            Err(e) => self.serve_without_store(environment, cached, &e),
+        }
+    }
+
+    /// The store failed: the last good set, else the shared cache's.
+    fn serve_without_store(
+        &self,
+        environment: &str,
+        cached: Option<Arc<FlagSet>>,
+        error: &StoreError,
+    ) -> Result<Snapshot, LookupError> {
+        let good = self
+            .last_good
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(environment)
+            .cloned();
+        let snapshot = match (good, cached) {
+            (Some(good), _) => {
+                let age = self
+                    .snapshots
+                    .now()
+                    .saturating_duration_since(good.confirmed_at);
+                Snapshot {
+                    set: good.set,
+                    stale: age >= self.timing.ttl,
+                }
+            }
+            (None, Some(remote)) => Snapshot {
+                set: remote,
+                stale: true,
+            },
+            (None, None) => {
+                return Err(LookupError::Unavailable {
+                    environment: environment.to_owned(),
+                    reason: error.to_string(),
+                });
+            }
+        };
+        self.log_once(format!("store {environment}"), || {
+            warn!(environment, error = %error, digest = %snapshot.set.digest,
+                  "flag store failed; serving the last good flag set (marked STALE once older than the TTL)");
+        });
+        // NB: retried at the check interval, not per request.
+        self.snapshots
+            .insert(snapshot.clone(), self.timing.check_interval);
+        Ok(snapshot)
+    }
+
+    /// Installs a set the store just gave.
+    fn confirm(&self, set: Arc<FlagSet>) -> Snapshot {
+        let snapshot = Snapshot { set, stale: false };
+        self.last_good
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                snapshot.set.environment.clone(),
+                Good {
+                    set: snapshot.set.clone(),
+                    confirmed_at: self.snapshots.now(),
+                },
+            );
+        self.snapshots.insert(snapshot.clone(), self.timing.ttl);
+        snapshot
+    }
+
+    fn forget(&self, environment: &str) {
+        // NB: names come from requests, so nothing is kept per unknown name.
+        self.gates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(environment);
+        self.snapshots.remove(environment);
+        self.last_good
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(environment);
+    }
+
+    fn last_good_digest(&self, environment: &str) -> Option<String> {
+        self.last_good
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(environment)
+            .map(|g| g.set.digest.clone())
+    }
+
+    async fn write_shared(&self, set: &FlagSet) {
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared.put(set).await
+        {
+            // NB: the cache logs state changes; a write skipped while it is
+            // unreachable is no news.
+            debug!(environment = %set.environment, error = %e, "flag set not written to the shared cache");
+        }
+    }
+
+    fn log_once(&self, what: String, log: impl FnOnce()) {
+        if self
+            .logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(what)
+        {
+            log();
+        }
+    }
+
+    /// The store serves `environment` again: its failures may be logged anew.
+    fn recovered(&self, environment: &str) {
+        let key = format!("store {environment}");
+        let was_failing = self
+            .logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+        if was_failing {
+            info!(environment, "flag store serves this environment again");
+        }
+    }
+
+    /// Drops one environment's cached flag set (or every one): in this
+    /// instance, in the shared cache, and in every other instance.
+    pub async fn invalidate(&self, environment: Option<&str>) -> Invalidation {
+        self.snapshots.expire(environment);
+        let mut report = Invalidation {
+            environment: environment.map(str::to_owned),
+            keys_deleted: None,
+            shared_cache_error: None,
+        };
+        if let Some(shared) = &self.shared {
+            match shared.invalidate(environment).await {
+                Ok(keys) => report.keys_deleted = Some(keys),
+                Err(e) => {
+                    warn!(environment = environment.unwrap_or("*"), error = %e,
+                          "shared cache not invalidated; this instance's snapshot was dropped");
+                    report.shared_cache_error = Some(e.to_string());
                 }
             }
         }
+        report
+    }
+
+    /// Which cache serves.
+    pub fn cache_status(&self) -> CacheStatus {
+        match &self.shared {
+            None => CacheStatus {
+                backend: "memory-only",
+                redis: None,
+            },
+            Some(shared) => {
+                let link = shared.status();
+                CacheStatus {
+                    backend: if link.connected() {
+                        "redis"
+                    } else {
+                        "memory-fallback"
+                    },
+                    redis: Some(link),
+                }
+            }
+        }
+    }
+
+    /// Runs the background work until aborted: every `watch_interval` (if
+    /// any) reloads changed flag files; every check interval writes back
+    /// flag sets the shared cache lost; and acts on the shared cache's
+    /// events as they come.
+    pub async fn maintain(self: Arc<Self>, watch_interval: Option<Duration>) {
+        use tokio::time::{MissedTickBehavior, interval};
+        let mut events = self.shared.as_ref().map(|s| s.events());
+        let mut watch = interval(watch_interval.unwrap_or(Duration::from_secs(3600)));
+        watch.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut check = interval(self.timing.check_interval);
+        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = watch.tick(), if watch_interval.is_some() => self.poll_store().await,
+                _ = check.tick(), if self.shared.is_some() => self.keep_shared_warm().await,
+                event = next_event(&mut events) => match event {
+                    Ok(CacheEvent::Invalidated(environment)) => {
+                        debug!(environment = ?environment, "dropping the snapshot: invalidated by another instance");
+                        self.snapshots.expire(environment.as_deref());
+                    }
+                    Ok(CacheEvent::Reconnected) | Err(RecvError::Lagged(_)) => {
+                        self.snapshots.expire(None);
+                        self.write_back_all().await;
+                    }
+                    Err(RecvError::Closed) => events = None,
+                },
+            }
+        }
+    }
+
+    /// Reloads every flag file whose bytes changed, picks up new ones and
+    /// drops removed ones; each change invalidates the environment
+    /// everywhere. A file that fails validation is refused (logged once)
+    /// and the last good version keeps serving.
+    pub async fn poll_store(&self) {
+        let listed = match self.store.environments().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                self.log_once(format!("list {e}"), || {
+                    warn!(store = %self.store.describe(), error = %e,
+                          "cannot list the flag store; serving what is loaded");
+                });
+                return;
+            }
+        };
+        let mut names: Vec<String> = listed;
+        names.extend(
+            self.last_good
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .keys()
+                .cloned(),
+        );
+        names.sort();
+        names.dedup();
+        for environment in names {
+            let gate = self.gate(&environment);
+            let _turn = gate.lock().await;
+            let before = self.last_good_digest(&environment);
+            match self.store.load(&environment).await {
+                Ok(set) if before.as_deref() == Some(set.digest.as_str()) => {
+                    self.recovered(&environment);
+                }
+                Ok(set) => {
+                    info!(environment = %environment, digest = %set.digest, previous = ?before,
+                          flags = set.flags.len(), "flag file loaded");
+                    for w in &set.warnings {
+                        warn!(environment = %environment, problem = %w, "flag loaded with a rule it cannot evaluate");
+                    }
+                    self.recovered(&environment);
+                    self.confirm(set.clone());
+                    if self.shared.is_some() {
+                        self.invalidate(Some(&environment)).await;
+                        self.snapshots.insert(
+                            Snapshot {
+                                set: set.clone(),
+                                stale: false,
+                            },
+                            self.timing.ttl,
+                        );
+                        self.write_shared(&set).await;
+                    }
+                }
+                Err(StoreError::NotFound(_)) => {
+                    if before.is_some() {
+                        info!(environment = %environment, "flag file removed; the environment is no longer served");
+                        self.forget(&environment);
+                        if self.shared.is_some() {
+                            self.invalidate(Some(&environment)).await;
+                        }
+                    }
+                }
+                Err(e) => self.log_once(format!("store {environment}"), || {
+                    warn!(environment = %environment, error = %e,
+                          "flag file refused; the last good version keeps serving");
+                }),
+            }
+        }
+    }
+
+    /// Writes back the flag sets the shared cache no longer holds (it
+    /// restarted empty, was flushed, evicted them).
+    pub async fn keep_shared_warm(&self) {
+        let Some(shared) = &self.shared else { return };
+        if !shared.status().connected() {
+            return;
+        }
+        let served: Vec<Snapshot> = self
+            .snapshots
+            .all()
+            .into_iter()
+            .filter(|s| !s.stale)
+            .collect();
+        let names: Vec<String> = served.iter().map(|s| s.set.environment.clone()).collect();
+        let missing = match shared.missing(&names).await {
+            Ok(missing) => missing,
+            Err(e) => {
+                debug!(error = %e, "shared cache check skipped");
+                return;
+            }
+        };
+        for snapshot in served
+            .iter()
+            .filter(|s| missing.contains(&s.set.environment))
+        {
+            info!(environment = %snapshot.set.environment, digest = %snapshot.set.digest,
+                  "the shared cache lost this flag set; writing it back");
+            self.write_shared(&snapshot.set).await;
+        }
+    }
+
+    async fn write_back_all(&self) {
+        for snapshot in self.snapshots.all().into_iter().filter(|s| !s.stale) {
+            self.write_shared(&snapshot.set).await;
+        }
+    }
+}
+
+async fn next_event(
+    events: &mut Option<tokio::sync::broadcast::Receiver<CacheEvent>>,
+) -> Result<CacheEvent, RecvError> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -41,6 +41,9 @@ pub enum Reason {
     Disabled,
     /// The evaluation failed; see the error code.
     Error,
+    /// The value comes from a flag set served past its TTL because nothing
+    /// could refresh it (set by the HTTP edge, never by [`evaluate`]).
+    Stale,
 }
 
 impl Reason {
@@ -52,6 +55,7 @@ impl Reason {
             Reason::Default => "DEFAULT",
             Reason::Disabled => "DISABLED",
             Reason::Error => "ERROR",
+            Reason::Stale => "STALE",
         }
     }
 }

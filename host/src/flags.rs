@@ -65,6 +65,35 @@ impl Value {
     }
 }
 
+impl Value {
+    /// The value as JSON; a float keeps its decimal point, so it reads back
+    /// as a float.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Bool(b) => (*b).into(),
+            Value::String(s) => s.as_str().into(),
+            Value::Integer(i) => (*i).into(),
+            Value::Float(f) => {
+                serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+            }
+            Value::Object(o) => serde_json::Value::Object(o.clone()),
+        }
+    }
+}
+
+impl FlagSet {
+    /// The set as a flagd flag file that parses back into it: metadata and
+    /// every flag's [`Flag::definition`].
+    pub fn document(&self) -> serde_json::Value {
+        let flags: serde_json::Map<String, serde_json::Value> = self
+            .flags
+            .iter()
+            .map(|(key, flag)| (key.clone(), serde_json::Value::clone(&flag.definition)))
+            .collect();
+        serde_json::json!({ "metadata": &*self.metadata, "flags": flags })
+    }
+}
+
 impl std::fmt::Display for ValueType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -127,6 +156,9 @@ pub struct Flag {
     /// The flag's metadata laid over the flag set's (flag keys win), merged
     /// once at parse so evaluation only clones it.
     pub metadata: Arc<Metadata>,
+    /// The flag in the flagd format as evaluated (`$ref`s resolved, metadata
+    /// merged): parsed alone, it gives this flag back. Cached in Redis.
+    pub definition: Arc<serde_json::Value>,
 }
 
 impl Flag {

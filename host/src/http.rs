@@ -4,10 +4,12 @@
 //! `/environments/{env}/ofrep/v1/...` in `{env}`, so an OpenFeature client
 //! picks its environment with its base URL alone.
 
+mod admin;
 mod error;
 mod health;
 mod ofrep;
 
+pub use admin::AdminToken;
 pub use error::ApiError;
 
 use std::sync::Arc;
@@ -30,6 +32,8 @@ pub struct AppState {
     pub environments: Arc<Environments>,
     /// The environment `/ofrep/v1/...` evaluates in.
     pub default_environment: Arc<str>,
+    /// The admin API's token; `None`: the admin API is off.
+    pub admin: Option<AdminToken>,
 }
 
 /// Which browser origins may call flaghost (CORS).
@@ -95,6 +99,8 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         .nest("/ofrep/v1", ofrep.clone())
         .nest("/environments/{environment}/ofrep/v1", ofrep)
         .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/admin/v1/cache/invalidate", post(admin::invalidate))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(options.body_limit))

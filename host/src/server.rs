@@ -11,10 +11,10 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::cache::{FlagCache, MemoryCache};
+use crate::cache::{FlagCache, RedisCache, redact_url};
 use crate::config::{ServeConfig, SourceArgs};
-use crate::environments::Environments;
-use crate::http::{AppState, HttpOptions, app};
+use crate::environments::{Environments, Timing};
+use crate::http::{AdminToken, AppState, HttpOptions, app};
 use crate::plugins::{PluginError, PluginRuntime, PluginSet};
 use crate::store::{DirStore, FlagStore, StoreError};
 
@@ -26,6 +26,17 @@ pub struct Service {
     pub http: HttpOptions,
     /// Keeps the engine (and its epoch ticker) alive.
     pub runtime: Arc<PluginRuntime>,
+    /// Reloads flag files and keeps the shared cache warm while served.
+    _maintenance: AbortOnDrop,
+}
+
+/// Stops a background task when the service goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Loads plugins from `dir` (if any), refusing to go on if one fails.
@@ -58,27 +69,60 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
     }
     let plugin_names: Vec<String> = plugins.iter().map(|p| p.name().to_owned()).collect();
 
+    // NB: the one place the shared cache is picked: Redis when REDIS_URL is
+    // set, else none (the in-process snapshot is then the only cache).
+    let shared: Option<Arc<dyn FlagCache>> = match &config.redis {
+        None => {
+            info!("redis disabled (REDIS_URL unset): in-memory cache only");
+            None
+        }
+        Some(options) => {
+            let redis = RedisCache::connect(options, Arc::new(plugins.clone()))?;
+            if !redis.wait_connected(crate::cache::CONNECT_TIMEOUT).await {
+                warn!(redis = %redact_url(&options.url),
+                      "redis unreachable at start-up: serving from memory, connecting in the background");
+            }
+            Some(Arc::new(redis))
+        }
+    };
     let store = Arc::new(DirStore::new(&config.flags, plugins));
-    let environments = store
-        .environments_sync()
-        .with_context(|| format!("cannot read the flag directory {}", config.flags.display()))?;
-    // NB: the one place the cache backend is picked. The Redis backend will
-    // be chosen here too, from REDIS_URL.
-    let cache: Arc<dyn FlagCache> = Arc::new(MemoryCache::new(config.cache_ttl));
+    let timing = Timing {
+        ttl: config.cache_ttl,
+        check_interval: config.check_interval,
+    };
     let read_path = Arc::new(Environments::new(
-        cache.clone(),
         store.clone() as Arc<dyn FlagStore>,
+        shared.clone(),
+        timing,
     ));
+    let environments = match store.environments_sync() {
+        Ok(environments) => environments,
+        Err(e) => {
+            let from_redis = match &shared {
+                Some(shared) => shared.environments().await.unwrap_or_default(),
+                None => Vec::new(),
+            };
+            if from_redis.is_empty() {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot read the flag directory {}",
+                    config.flags.display()
+                )));
+            }
+            warn!(error = %e, environments = ?from_redis,
+                  "cannot read the flag directory: serving the flag sets redis holds, marked STALE");
+            from_redis
+        }
+    };
 
     let mut problems = Vec::new();
     let mut loaded = Vec::new();
     for env in &environments {
         match read_path.refresh(env).await {
-            Ok(set) => {
-                for w in &set.warnings {
+            Ok(snapshot) => {
+                for w in &snapshot.set.warnings {
                     warn!(environment = %env, problem = %w, "flag loaded with a rule it cannot evaluate");
                 }
-                loaded.push(format!("{env} ({} flags)", set.flags.len()));
+                loaded.push(format!("{env} ({} flags)", snapshot.set.flags.len()));
             }
             Err(e) => problems.push(e.to_string()),
         }
@@ -93,7 +137,8 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
     info!(
         environments = ?loaded,
         plugins = ?plugin_names,
-        cache = %cache.describe(),
+        cache = %shared.as_ref().map_or_else(|| "memory".to_owned(), |s| s.describe()),
+        watch_interval = ?config.watch_interval,
         store = %store.describe(),
         default_environment = %config.default_environment,
         plugin_deadline = ?config.limits.deadline,
@@ -101,13 +146,16 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         plugin_isolation = ?config.limits.isolation,
         "flaghost loaded"
     );
+    let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval));
     Ok(Service {
         state: AppState {
             environments: read_path,
             default_environment: config.default_environment.as_str().into(),
+            admin: config.admin_token.as_deref().map(AdminToken::new),
         },
         http: config.http.clone(),
         runtime,
+        _maintenance: AbortOnDrop(maintenance),
     })
 }
 
@@ -118,12 +166,12 @@ pub async fn serve(
     service: Service,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let router = app(service.state, &service.http);
+    let router = app(service.state.clone(), &service.http);
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
         .context("server failed")?;
-    drop(service.runtime);
+    drop(service);
     Ok(())
 }
 

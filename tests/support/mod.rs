@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use flaghost::config::ServeConfig;
 use flaghost::plugins::Limits;
@@ -57,12 +58,32 @@ pub fn answer_limits() -> Limits {
 /// example plugins), `production` by default, on a free port.
 pub fn examples_config(limits: Limits) -> ServeConfig {
     build_plugins();
+    config_for(
+        root().join("examples/flags"),
+        Some(root().join("target/plugins")),
+        "production",
+        limits,
+    )
+}
+
+/// A configuration over `flags` and `plugins` as `flaghost serve` would
+/// build it with no options: on a free port, no Redis, no admin token.
+pub fn config_for(
+    flags: PathBuf,
+    plugins: Option<PathBuf>,
+    default_environment: &str,
+    limits: Limits,
+) -> ServeConfig {
     ServeConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
-        flags: root().join("examples/flags"),
-        plugins: Some(root().join("target/plugins")),
-        default_environment: "production".into(),
+        flags,
+        plugins,
+        default_environment: default_environment.to_owned(),
         cache_ttl: flaghost::cache::DEFAULT_TTL,
+        redis: None,
+        check_interval: Duration::from_secs(1),
+        watch_interval: Some(Duration::from_secs(1)),
+        admin_token: None,
         http: Default::default(),
         limits,
     }
@@ -114,15 +135,12 @@ impl Dirs {
 
     /// A serve configuration over these directories, listening on a free port.
     pub fn config(&self, default_environment: &str, limits: Limits) -> ServeConfig {
-        ServeConfig {
-            listen: "127.0.0.1:0".parse().expect("address"),
-            flags: self.flags(),
-            plugins: Some(self.plugins()),
-            default_environment: default_environment.to_owned(),
-            cache_ttl: flaghost::cache::DEFAULT_TTL,
-            http: Default::default(),
+        config_for(
+            self.flags(),
+            Some(self.plugins()),
+            default_environment,
             limits,
-        }
+        )
     }
 }
 
@@ -185,6 +203,29 @@ impl Flaghost {
         (status, json)
     }
 
+    /// `GET {path}`: the status and the JSON answer.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request reaches flaghost");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The cache backend `/readyz` reports (`redis`, `memory-fallback`,
+    /// `memory-only`).
+    pub async fn cache_backend(&self) -> String {
+        let (status, body) = self.get("/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        body["cache"]["backend"]
+            .as_str()
+            .expect("a backend")
+            .to_owned()
+    }
+
     /// Evaluates `key` in the default environment with `context`.
     pub async fn evaluate(&self, key: &str, context: Value) -> (u16, Value) {
         self.evaluate_in(None, key, context).await
@@ -222,5 +263,26 @@ impl Drop for Flaghost {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+pub mod redis_server;
+pub use redis_server::RedisServer;
+
+/// Waits up to `within` for `check` to hold, polling; whether it did.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -223,11 +223,18 @@ fn parse_flag(
     if !problems.is_empty() {
         return Err(problems);
     }
-    let targeting = match raw.remove("targeting") {
-        None => Targeting::None,
+    let (targeting, resolved_rule) = match raw.remove("targeting") {
+        None => (Targeting::None, None),
         Some(rule) => parse_targeting(key, &sorted_names(&variants), rule, evaluators, binder)
             .map_err(|reason| vec![reason])?,
     };
+    let definition = definition(
+        state,
+        &variants,
+        default_variant.as_deref(),
+        resolved_rule,
+        &metadata,
+    );
     Ok(Flag {
         key: key.to_owned(),
         state,
@@ -235,7 +242,42 @@ fn parse_flag(
         default_variant,
         targeting,
         metadata: Arc::new(metadata),
+        definition: Arc::new(definition),
     })
+}
+
+/// The flag as flaghost evaluates it, in the flagd format: `$ref`s resolved
+/// and metadata merged, so it parses alone (no `$evaluators`) into the same
+/// flag. This is what the shared cache stores.
+fn definition(
+    state: FlagState,
+    variants: &FastMap<String, Value>,
+    default_variant: Option<&str>,
+    rule: Option<Json>,
+    metadata: &Metadata,
+) -> Json {
+    let mut out = Map::new();
+    let state = match state {
+        FlagState::Enabled => "ENABLED",
+        FlagState::Disabled => "DISABLED",
+    };
+    out.insert("state".into(), state.into());
+    let variants: Map<String, Json> = variants
+        .iter()
+        .map(|(name, value)| (name.clone(), value.to_json()))
+        .collect();
+    out.insert("variants".into(), variants.into());
+    out.insert(
+        "defaultVariant".into(),
+        default_variant.map_or(Json::Null, Json::from),
+    );
+    if let Some(rule) = rule {
+        out.insert("targeting".into(), rule);
+    }
+    if !metadata.is_empty() {
+        out.insert("metadata".into(), Json::Object(metadata.clone()));
+    }
+    Json::Object(out)
 }
 
 /// Variants: a non-empty object whose values share one type.
@@ -306,40 +348,45 @@ fn parse_metadata(raw: Json) -> Result<Metadata, String> {
 /// JsonLogic: `$ref`s are resolved and the rule compiled; a rule flagd would
 /// also fail to evaluate (a `$ref` to a missing evaluator, invalid JsonLogic)
 /// loads and answers PARSE_ERROR, as flagd does.
+///
+/// Returns the rule with its `$ref`s resolved beside it (the original rule
+/// when they cannot be), for [`Flag::definition`].
 fn parse_targeting(
     flag_key: &str,
     variants: &[String],
     rule: Json,
     evaluators: &Map<String, Json>,
     binder: &dyn RuleBinder,
-) -> Result<Targeting, String> {
+) -> Result<(Targeting, Option<Json>), String> {
     let Json::Object(rule) = rule else {
         return Err(format!("\"targeting\" must be an object, not {rule}"));
     };
     if rule.is_empty() {
-        return Ok(Targeting::None);
+        return Ok((Targeting::None, None));
     }
     if let (Some(args), 1) = (rule.get("plugin"), rule.len()) {
         // The whole rule is one plugin: run it directly, no JsonLogic.
         let (name, config) = plugin_args(args)?;
-        return binder
-            .bind(flag_key, variants, name, config)
-            .map(Targeting::Rule);
+        let bound = binder.bind(flag_key, variants, name, config)?;
+        return Ok((Targeting::Rule(bound), Some(Json::Object(rule))));
     }
-    let mut rule = match resolve_refs(&Json::Object(rule), evaluators) {
-        Ok(rule) => rule,
-        Err(reason) => return Ok(Targeting::Unparsable(reason)),
+    let rule = Json::Object(rule);
+    let resolved = match resolve_refs(&rule, evaluators) {
+        Ok(resolved) => resolved,
+        Err(reason) => return Ok((Targeting::Unparsable(reason), Some(rule))),
     };
+    let mut bound = resolved.clone();
     let mut plugins = Vec::new();
     bind_plugins(
-        &mut rule,
+        &mut bound,
         &mut |name, config| binder.bind(flag_key, variants, name, config),
         &mut plugins,
     )?;
-    Ok(match JsonLogicRule::compile(flag_key, &rule, plugins) {
+    let targeting = match JsonLogicRule::compile(flag_key, &bound, plugins) {
         Ok(compiled) => Targeting::Rule(Arc::new(compiled)),
         Err(reason) => Targeting::Unparsable(reason),
-    })
+    };
+    Ok((targeting, Some(resolved)))
 }
 
 fn sorted_names(variants: &FastMap<String, Value>) -> Vec<String> {

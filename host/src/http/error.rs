@@ -48,6 +48,10 @@ pub enum ApiError {
     NoRoute(String),
     /// A route that takes another method.
     WrongMethod(String),
+    /// The admin API was called but no admin token is configured.
+    AdminOff,
+    /// The admin API was called without the right token.
+    Unauthorized(String),
 }
 
 #[derive(Serialize)]
@@ -82,7 +86,7 @@ impl IntoResponse for ApiError {
                 let status = match error {
                     LookupError::NotFound(_) => StatusCode::NOT_FOUND,
                     LookupError::InvalidName(_) => StatusCode::BAD_REQUEST,
-                    LookupError::Unavailable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                    LookupError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 let code = match error {
                     LookupError::NotFound(_) => ErrorCode::FlagNotFound,
@@ -122,7 +126,25 @@ impl IntoResponse for ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 None,
                 "GENERAL",
-                format!("{path} takes POST with a JSON body {{\"context\": {{...}}}}"),
+                if path.starts_with("/admin/") {
+                    format!("{path} does not take this method; see the README's admin API")
+                } else {
+                    format!("{path} takes POST with a JSON body {{\"context\": {{...}}}}")
+                },
+                None,
+            ),
+            ApiError::AdminOff => (
+                StatusCode::NOT_FOUND,
+                None,
+                "GENERAL",
+                "the admin API is off: start flaghost with FLAGHOST_ADMIN_TOKEN (--admin-token) set".into(),
+                None,
+            ),
+            ApiError::Unauthorized(why) => (
+                StatusCode::UNAUTHORIZED,
+                None,
+                "GENERAL",
+                why.clone(),
                 None,
             ),
         };
@@ -137,7 +159,14 @@ impl IntoResponse for ApiError {
             error_details: &details,
             metadata,
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 

@@ -11,7 +11,8 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
-use crate::evaluation::{self, EvaluationContext, EvaluationError, Resolution};
+use crate::cache::Snapshot;
+use crate::evaluation::{self, EvaluationContext, EvaluationError, Reason, Resolution};
 use crate::flags::{FlagSet, FlagState, Metadata, Value};
 
 /// Path parameters of both route families.
@@ -29,9 +30,12 @@ pub async fn evaluate_one(
 ) -> Result<Response, ApiError> {
     let key = path.key.unwrap_or_default();
     let context = parse_request(body, Some(&key))?;
-    let set = flag_set(&state, path.environment.as_deref(), Some(&key)).await?;
-    match evaluation::evaluate(&set, &key, &context, None) {
-        Ok(resolution) => Ok(json_response(StatusCode::OK, &success(&key, &resolution))),
+    let served = flag_set(&state, path.environment.as_deref(), Some(&key)).await?;
+    match evaluation::evaluate(&served.set, &key, &context, None) {
+        Ok(resolution) => Ok(json_response(
+            StatusCode::OK,
+            &success(&key, &resolution, served.stale),
+        )),
         Err(error) => Err(ApiError::Evaluation { key, error }),
     }
 }
@@ -45,8 +49,8 @@ pub async fn evaluate_all(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let context = parse_request(body, None)?;
-    let set = flag_set(&state, path.environment.as_deref(), None).await?;
-    let body = bulk(&set, &context);
+    let served = flag_set(&state, path.environment.as_deref(), None).await?;
+    let body = bulk(&served, &context);
     // NB: the ETag hashes the answer itself, so it changes whenever the answer
     // for this context would (a flag file change, a different context), and a
     // 304 can never stand for another context's answer.
@@ -121,7 +125,7 @@ async fn flag_set(
     state: &AppState,
     environment: Option<&str>,
     key: Option<&str>,
-) -> Result<std::sync::Arc<FlagSet>, ApiError> {
+) -> Result<Snapshot, ApiError> {
     let environment = environment.unwrap_or(&state.default_environment);
     state
         .environments
@@ -171,11 +175,19 @@ struct Bulk<'a> {
     metadata: &'a Metadata,
 }
 
-fn success<'a>(key: &'a str, r: &Resolution<'a>) -> Success<'a> {
+/// `stale`: the flag set is served past its TTL because nothing could
+/// refresh it; a value it gives says so with OpenFeature's reason STALE
+/// (DISABLED and errors keep theirs: they carry no value to doubt).
+fn success<'a>(key: &'a str, r: &Resolution<'a>, stale: bool) -> Success<'a> {
+    let reason = if stale && r.value.is_some() {
+        Reason::Stale
+    } else {
+        r.reason
+    };
     Success {
         key,
         value: r.value,
-        reason: r.reason.as_str(),
+        reason: reason.as_str(),
         variant: r.variant.unwrap_or(""),
         metadata: r.metadata,
     }
@@ -192,7 +204,8 @@ fn failure<'a>(key: &'a str, e: &'a EvaluationError) -> Failure<'a> {
 
 /// Evaluates every enabled flag (disabled flags are left out, as flagd does),
 /// sorted by key so equal answers serialise to equal bytes.
-fn bulk(set: &FlagSet, context: &EvaluationContext) -> Vec<u8> {
+fn bulk(served: &Snapshot, context: &EvaluationContext) -> Vec<u8> {
+    let set: &FlagSet = &served.set;
     let mut keys: Vec<&String> = set
         .flags
         .iter()
@@ -207,7 +220,7 @@ fn bulk(set: &FlagSet, context: &EvaluationContext) -> Vec<u8> {
     let flags = results
         .iter()
         .map(|(k, r)| match r {
-            Ok(r) => Entry::Success(success(k, r)),
+            Ok(r) => Entry::Success(success(k, r, served.stale)),
             Err(e) => Entry::Failure(failure(k, e)),
         })
         .collect();

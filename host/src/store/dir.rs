@@ -43,7 +43,9 @@ impl DirStore {
         let path = self.dir.join(format!("{environment}.json"));
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // NB: a missing file in a missing directory is not an unknown
+            // environment but a store that cannot be read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.dir.is_dir() => {
                 return Err(StoreError::NotFound(environment.to_owned()));
             }
             Err(e) => {

@@ -1,0 +1,612 @@
+//! The shared tier in Redis.
+//!
+//! # Keys
+//!
+//! - `feature_flags:{environment}`: the environment's resolved flag set, a
+//!   JSON [`SetEntry`]: the flags as flaghost evaluates them (a flagd
+//!   document with `$ref`s resolved), the digest of the flag file they came
+//!   from, and when the entry was written and expires;
+//! - `feature_flags:{environment}:{flagKey}`: one flag's resolved
+//!   definition, a JSON [`FlagEntry`], for tools that read a single flag.
+//!
+//! Both are written with the TTL (`SET … EX`) in one round trip (a
+//! `MULTI`/`EXEC` pipeline). An entry that does not read back (another
+//! format, garbage, a plugin not loaded here) is a miss: logged, and
+//! overwritten by the flag store's set.
+//!
+//! Invalidations are published on [`CHANNEL`] so that every instance drops
+//! its snapshot; each instance ignores its own messages.
+
+mod link;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use self::link::Link;
+use super::{CacheError, CacheEvent, FlagCache, LinkStatus};
+use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
+
+/// Key prefix of everything flaghost writes.
+pub const PREFIX: &str = "feature_flags";
+/// Pub/sub channel of invalidations.
+pub const CHANNEL: &str = "feature_flags:invalidations";
+/// The format of a [`SetEntry`]; bumped when the layout changes, so an older
+/// instance reads a newer entry as a miss instead of misreading it.
+pub const SET_FORMAT: &str = "flaghost.flag-set/1";
+/// The format of a [`FlagEntry`].
+pub const FLAG_FORMAT: &str = "flaghost.flag/1";
+/// How long a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time Redis has to answer a request before it is skipped.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
+/// Keys per `SCAN` step and per `UNLINK`.
+const SCAN_BATCH: usize = 500;
+
+/// The key of an environment's flag set.
+pub fn set_key(environment: &str) -> String {
+    format!("{PREFIX}:{environment}")
+}
+
+/// The key of one flag.
+pub fn flag_key(environment: &str, flag: &str) -> String {
+    format!("{PREFIX}:{environment}:{flag}")
+}
+
+/// What is stored under `feature_flags:{environment}`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetEntry<'a> {
+    /// [`SET_FORMAT`].
+    pub format: &'a str,
+    /// The environment.
+    pub environment: &'a str,
+    /// SHA-256 of the flag file the set was built from.
+    pub digest: &'a str,
+    /// Unix milliseconds when written.
+    pub written_at: u64,
+    /// Unix milliseconds when the entry expires (the key's TTL).
+    pub expires_at: u64,
+    /// The flags, as a flagd document that parses alone.
+    #[serde(borrow)]
+    pub flag_set: &'a RawValue,
+}
+
+/// What is stored under `feature_flags:{environment}:{flagKey}`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlagEntry<'a> {
+    /// [`FLAG_FORMAT`].
+    pub format: &'a str,
+    /// The environment.
+    pub environment: &'a str,
+    /// The flag's key.
+    pub flag_key: &'a str,
+    /// SHA-256 of the flag file the flag came from.
+    pub digest: &'a str,
+    /// Unix milliseconds when the entry expires.
+    pub expires_at: u64,
+    /// The flag's definition, flagd format, `$ref`s resolved.
+    pub flag: &'a serde_json::Value,
+}
+
+/// An invalidation, as published.
+#[derive(Debug, Serialize, Deserialize)]
+struct Invalidation {
+    /// One environment, or all when absent.
+    environment: Option<String>,
+    /// The instance that sent it.
+    origin: String,
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://[user:password@]host[:port][/db]`.
+    pub url: String,
+    /// How long entries live.
+    pub ttl: Duration,
+    /// How long a request may wait for Redis before it is served from memory.
+    pub response_timeout: Duration,
+}
+
+impl RedisOptions {
+    /// Checks that `url` is a Redis URL; the error never repeats a password.
+    pub fn check_url(url: &str) -> Result<(), String> {
+        redis::Client::open(url)
+            .map(drop)
+            .map_err(|e| bad_url(url, &e))
+    }
+}
+
+/// Why `url` was refused, without repeating its password.
+fn bad_url(url: &str, e: &redis::RedisError) -> String {
+    format!(
+        "{} is not a Redis URL ({:?}): write redis://[user:password@]host[:port][/db], \
+         rediss://... for TLS or redis+unix:///path",
+        redact_url(url),
+        e.kind()
+    )
+}
+
+/// `url` with its password (in the user part or a `password` query
+/// parameter) replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "<unparsable url>".into();
+    };
+    if parsed.password().is_some() {
+        // NB: fails only for URLs that cannot have a password at all.
+        let _ = parsed.set_password(Some("***"));
+    }
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(k, v)| {
+            let secret = matches!(k.as_ref(), "pass" | "password");
+            (
+                k.into_owned(),
+                if secret { "***".into() } else { v.into_owned() },
+            )
+        })
+        .collect();
+    if !pairs.is_empty() {
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// Flag sets in Redis.
+pub struct RedisCache {
+    link: Arc<Link>,
+    ttl: Duration,
+    /// Rebinds plugin rules of sets read back.
+    binder: Arc<dyn RuleBinder + Send + Sync>,
+    /// The last set read back per environment, by digest: an entry whose
+    /// digest did not change is not parsed again.
+    read_back: Mutex<HashMap<String, Arc<FlagSet>>>,
+    /// This instance, in published invalidations.
+    instance: String,
+    events: broadcast::Sender<CacheEvent>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RedisCache {
+    /// A cache on `options`, binding plugin rules read back to `binder`.
+    /// Connects in the background: an unreachable Redis is not an error
+    /// (flaghost serves from memory and moves to Redis when it answers).
+    pub fn connect(
+        options: &RedisOptions,
+        binder: Arc<dyn RuleBinder + Send + Sync>,
+    ) -> Result<Self, CacheError> {
+        let url = redact_url(&options.url);
+        let client = redis::Client::open(options.url.as_str()).map_err(|e| CacheError {
+            backend: "redis",
+            reason: bad_url(&options.url, &e),
+        })?;
+        let (events, _) = broadcast::channel(64);
+        let link = Arc::new(
+            Link::new(
+                client.clone(),
+                url,
+                options.response_timeout,
+                CONNECT_TIMEOUT,
+                events.clone(),
+            )
+            .map_err(|e| CacheError {
+                backend: "redis",
+                reason: e.to_string(),
+            })?,
+        );
+        let instance = format!("{:016x}", rand::random::<u64>());
+        let tasks = vec![
+            tokio::spawn(link.clone().supervise()),
+            tokio::spawn(listen(
+                link.clone(),
+                client.clone(),
+                instance.clone(),
+                events.clone(),
+            )),
+        ];
+        Ok(Self {
+            link,
+            ttl: options.ttl,
+            binder,
+            read_back: Mutex::new(HashMap::new()),
+            instance,
+            events,
+            tasks,
+        })
+    }
+
+    /// Reads an entry back into a flag set; `Err` says why it is unusable.
+    fn read_entry(&self, environment: &str, bytes: &[u8]) -> Result<Arc<FlagSet>, String> {
+        let entry: SetEntry<'_> =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a flag-set entry: {e}"))?;
+        if entry.format != SET_FORMAT {
+            return Err(format!(
+                "format {:?}, this flaghost reads {SET_FORMAT:?}",
+                entry.format
+            ));
+        }
+        if entry.environment != environment || entry.digest.is_empty() {
+            return Err(format!(
+                "entry names environment {:?}, digest {:?}",
+                entry.environment, entry.digest
+            ));
+        }
+        if let Some(set) = self.read_back().get(environment)
+            && set.digest == entry.digest
+        {
+            return Ok(set.clone());
+        }
+        let file = format!("redis key {}", set_key(environment));
+        let mut set = parse_flag_file(
+            &file,
+            environment,
+            entry.flag_set.get().as_bytes(),
+            &*self.binder,
+        )
+        .map_err(|e| e.to_string())?;
+        set.digest = entry.digest.to_owned();
+        let set = Arc::new(set);
+        self.read_back().insert(environment.to_owned(), set.clone());
+        Ok(set)
+    }
+
+    fn read_back(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<FlagSet>>> {
+        // Entries are replaced whole: a panic elsewhere cannot leave one torn.
+        self.read_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `SCAN`s keys matching `pattern` and `UNLINK`s them in batches.
+    async fn unlink_matching(&self, pattern: &str) -> Result<u64, CacheError> {
+        let mut cursor = 0u64;
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .link
+                .run("scan", |mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_BATCH)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            if !keys.is_empty() {
+                deleted += self
+                    .link
+                    .run("unlink", |mut c| async move {
+                        redis::cmd("UNLINK")
+                            .arg(&keys)
+                            .query_async::<u64>(&mut c)
+                            .await
+                    })
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn publish(&self, environment: Option<&str>) -> Result<(), CacheError> {
+        let message = serde_json::to_string(&Invalidation {
+            environment: environment.map(str::to_owned),
+            origin: self.instance.clone(),
+        })
+        .unwrap_or_default();
+        self.link
+            .run("publish", |mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(CHANNEL)
+                    .arg(message)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await
+            .map(drop)
+    }
+}
+
+impl Drop for RedisCache {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The set's entry and its flags' entries, serialised.
+pub fn encode(set: &FlagSet, ttl: Duration) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let now = SystemTime::now();
+    let expires_at = unix_millis(now + ttl);
+    // NB: serialising a serde_json::Value cannot fail.
+    let document = serde_json::to_string(&set.document()).unwrap_or_default();
+    let flag_set = RawValue::from_string(document)
+        .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("an empty object is JSON"));
+    let entry = SetEntry {
+        format: SET_FORMAT,
+        environment: &set.environment,
+        digest: &set.digest,
+        written_at: unix_millis(now),
+        expires_at,
+        flag_set: &flag_set,
+    };
+    let flags = set
+        .flags
+        .iter()
+        .map(|(key, flag)| {
+            let entry = FlagEntry {
+                format: FLAG_FORMAT,
+                environment: &set.environment,
+                flag_key: key,
+                digest: &set.digest,
+                expires_at,
+                flag: &flag.definition,
+            };
+            (
+                flag_key(&set.environment, key),
+                serde_json::to_vec(&entry).unwrap_or_default(),
+            )
+        })
+        .collect();
+    (serde_json::to_vec(&entry).unwrap_or_default(), flags)
+}
+
+#[async_trait]
+impl FlagCache for RedisCache {
+    async fn get(&self, environment: &str) -> Result<Option<Arc<FlagSet>>, CacheError> {
+        let key = set_key(environment);
+        let bytes: Option<Vec<u8>> = self
+            .link
+            .run("get", |mut c| async move {
+                redis::cmd("GET").arg(&key).query_async(&mut c).await
+            })
+            .await?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        match self.read_entry(environment, &bytes) {
+            Ok(set) => Ok(Some(set)),
+            Err(why) => {
+                warn!(key = %set_key(environment), reason = %why,
+                      "unreadable entry in redis: treated as a miss and overwritten");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn put(&self, set: &FlagSet) -> Result<(), CacheError> {
+        let ttl = self.ttl.as_secs().max(1);
+        let (entry, flags) = encode(set, self.ttl);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("SET")
+            .arg(set_key(&set.environment))
+            .arg(entry)
+            .arg("EX")
+            .arg(ttl)
+            .ignore();
+        for (key, value) in flags {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
+        }
+        let result = self
+            .link
+            .run("write", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await;
+        if self.link.is_up() {
+            self.link.note_write(&result);
+        }
+        if result.is_ok() {
+            debug!(environment = %set.environment, digest = %set.digest, flags = set.flags.len(),
+                   "flag set written to redis");
+        }
+        result
+    }
+
+    async fn invalidate(&self, environment: Option<&str>) -> Result<u64, CacheError> {
+        let deleted = match environment {
+            Some(env) => {
+                let key = set_key(env);
+                let own: u64 = self
+                    .link
+                    .run("unlink", |mut c| async move {
+                        redis::cmd("UNLINK").arg(&key).query_async(&mut c).await
+                    })
+                    .await?;
+                own + self.unlink_matching(&format!("{PREFIX}:{env}:*")).await?
+            }
+            None => self.unlink_matching(&format!("{PREFIX}:*")).await?,
+        };
+        self.read_back().clear();
+        self.publish(environment).await?;
+        info!(
+            environment = environment.unwrap_or("*"),
+            keys = deleted,
+            "redis entries invalidated"
+        );
+        Ok(deleted)
+    }
+
+    async fn missing(&self, environments: &[String]) -> Result<Vec<String>, CacheError> {
+        if environments.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = environments.iter().map(|e| set_key(e)).collect();
+        // NB: one EXISTS over all keys is the usual, cheap case; only when
+        // some are gone is each asked for.
+        let held: usize = self
+            .link
+            .run("exists", |mut c| {
+                let keys = keys.clone();
+                async move { redis::cmd("EXISTS").arg(keys).query_async(&mut c).await }
+            })
+            .await?;
+        if held == keys.len() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("EXISTS").arg(key);
+        }
+        let each: Vec<bool> = self
+            .link
+            .run(
+                "exists",
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await?;
+        Ok(environments
+            .iter()
+            .zip(each)
+            .filter(|(_, held)| !held)
+            .map(|(env, _)| env.clone())
+            .collect())
+    }
+
+    async fn environments(&self) -> Result<Vec<String>, CacheError> {
+        let mut cursor = 0u64;
+        let mut found = Vec::new();
+        loop {
+            let pattern = format!("{PREFIX}:*");
+            let (next, keys): (u64, Vec<String>) = self
+                .link
+                .run("scan", |mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_BATCH)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            found.extend(keys.into_iter().filter_map(|k| {
+                let env = k.strip_prefix(PREFIX)?.strip_prefix(':')?;
+                (!env.contains(':') && crate::store::valid_environment_name(env))
+                    .then(|| env.to_owned())
+            }));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
+    async fn wait_connected(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.link.until_up())
+            .await
+            .is_ok()
+    }
+
+    fn events(&self) -> broadcast::Receiver<CacheEvent> {
+        self.events.subscribe()
+    }
+
+    fn status(&self) -> LinkStatus {
+        self.link.status()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "redis {}, ttl {}s",
+            self.link.status().url,
+            self.ttl.as_secs()
+        )
+    }
+}
+
+/// Listens for other instances' invalidations while the link is up, and
+/// subscribes again after any disconnection.
+async fn listen(
+    link: Arc<Link>,
+    client: redis::Client,
+    instance: String,
+    events: broadcast::Sender<CacheEvent>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        link.until_up().await;
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(link::backoff(attempt)).await;
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = match tokio::time::timeout(CONNECT_TIMEOUT, subscribed).await {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(e)) => {
+                warn!(attempt, error = %e, "cannot subscribe to invalidations; retrying");
+                continue;
+            }
+            Err(_) => {
+                warn!(
+                    attempt,
+                    "cannot subscribe to invalidations: no answer; retrying"
+                );
+                continue;
+            }
+        };
+        info!(
+            channel = CHANNEL,
+            "listening for invalidations from other instances"
+        );
+        attempt = 0;
+        let mut messages = pubsub.into_on_message();
+        while let Some(message) = messages.next().await {
+            let Ok(invalidation) =
+                serde_json::from_slice::<Invalidation>(message.get_payload_bytes())
+            else {
+                warn!(
+                    channel = CHANNEL,
+                    "ignoring a message that is not an invalidation"
+                );
+                continue;
+            };
+            if invalidation.origin == instance {
+                continue;
+            }
+            debug!(environment = ?invalidation.environment, from = %invalidation.origin,
+                   "invalidation from another instance");
+            let _ = events.send(CacheEvent::Invalidated(invalidation.environment));
+        }
+        warn!(
+            channel = CHANNEL,
+            "invalidation subscription lost; subscribing again when redis answers"
+        );
+        // NB: invalidations sent while unsubscribed are lost: drop snapshots.
+        let _ = events.send(CacheEvent::Reconnected);
+    }
+}

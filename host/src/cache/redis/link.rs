@@ -1,0 +1,272 @@
+//! The connection to Redis, behind a breaker.
+//!
+//! Requests share one [`ConnectionManager`] (cloned per call: it multiplexes,
+//! so there is no connection and no lock per request) and only while the
+//! breaker is closed. The first failure that says Redis is gone (refused,
+//! dropped, no answer within the response timeout, `LOADING`) opens it:
+//! from then on requests skip Redis at once and are served from memory,
+//! while one supervisor task probes with `PING` at an exponential backoff
+//! (100 ms doubling to 2 s, with jitter), logging each attempt. The probe
+//! that succeeds closes the breaker and announces [`CacheEvent::Reconnected`].
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, RedisResult};
+use tokio::sync::{Notify, broadcast, watch};
+use tracing::{info, warn};
+
+use crate::cache::{CacheError, CacheEvent, LinkStatus};
+
+/// First delay between connection attempts.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest delay between connection attempts.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// The delay before attempt `attempt` (1-based; the first is immediate):
+/// 100 ms doubling per attempt up to 2 s, then jittered into its upper half
+/// so that instances cut off together do not reconnect in step.
+pub fn backoff(attempt: u32) -> Duration {
+    if attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let doubling = 1u32 << (attempt - 2).min(8);
+    let full = (BACKOFF_START * doubling).min(BACKOFF_CAP);
+    let half = full / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Connecting,
+    Connected,
+    Disconnected(String),
+}
+
+/// The shared connection and its breaker.
+pub struct Link {
+    manager: ConnectionManager,
+    /// Open: requests do not touch Redis. Read on every cache call.
+    open: AtomicBool,
+    /// The same, for tasks that wait for a change.
+    up: watch::Sender<bool>,
+    state: Mutex<(State, Instant)>,
+    /// Whether the last write failed on a connected Redis (OOM, read-only
+    /// replica): logged when it changes, not per write.
+    writes_failing: AtomicBool,
+    wake: Notify,
+    events: broadcast::Sender<CacheEvent>,
+    url: String,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Link {
+    /// A link to `client`, not yet connected: the supervisor connects it.
+    pub fn new(
+        client: redis::Client,
+        url: String,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+        events: broadcast::Sender<CacheEvent>,
+    ) -> RedisResult<Self> {
+        // NB: the manager's own retries are off (our supervisor retries, and
+        // logs each attempt); its timeouts match ours.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(0);
+        let manager = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            manager,
+            open: AtomicBool::new(true),
+            up: watch::Sender::new(false),
+            state: Mutex::new((State::Connecting, Instant::now())),
+            writes_failing: AtomicBool::new(false),
+            wake: Notify::new(),
+            events,
+            url,
+            response_timeout,
+            connect_timeout,
+        })
+    }
+
+    /// Runs one request on the shared connection, unless the breaker is
+    /// open; a failure that means Redis is unreachable opens it.
+    pub async fn run<T, F, Fut>(&self, what: &'static str, request: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if self.open.load(Ordering::Acquire) {
+            return Err(error(format!(
+                "{what}: redis is unreachable; serving from memory"
+            )));
+        }
+        match tokio::time::timeout(self.response_timeout, request(self.manager.clone())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if unreachable(&e) => {
+                self.trip(format!("{what}: {e}"));
+                Err(error(format!("{what}: {e}")))
+            }
+            Ok(Err(e)) => Err(error(format!("{what}: {e}"))),
+            Err(_) => {
+                let why = format!(
+                    "{what}: no answer within {} ms",
+                    self.response_timeout.as_millis()
+                );
+                self.trip(why.clone());
+                Err(error(why))
+            }
+        }
+    }
+
+    /// Notes how a write went, logging only when that changes.
+    pub fn note_write(&self, result: &Result<(), CacheError>) {
+        let failing = result.is_err();
+        if self.writes_failing.swap(failing, Ordering::AcqRel) != failing {
+            match result {
+                Err(e) => {
+                    warn!(error = %e, "redis refuses writes; flag sets are served from memory and written again when it accepts them")
+                }
+                Ok(()) => info!("redis accepts writes again"),
+            }
+        }
+    }
+
+    /// Opens the breaker: logs once, and wakes the supervisor.
+    fn trip(&self, why: String) {
+        if !self.open.swap(true, Ordering::AcqRel) {
+            warn!(redis = %self.url, error = %why,
+                  "redis unreachable: serving from memory until it answers again");
+            self.set_state(State::Disconnected(why));
+            self.up.send_replace(false);
+            self.wake.notify_one();
+        }
+    }
+
+    fn set_state(&self, state: State) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = (state, Instant::now());
+    }
+
+    /// Whether requests go to Redis.
+    pub fn is_up(&self) -> bool {
+        !self.open.load(Ordering::Acquire)
+    }
+
+    /// Waits until the link is up.
+    pub async fn until_up(&self) {
+        let mut up = self.up.subscribe();
+        // NB: an error means the sender is gone, and the link with it.
+        let _ = up.wait_for(|up| *up).await;
+    }
+
+    /// The link's state, for `/readyz`.
+    pub fn status(&self) -> LinkStatus {
+        let (state, since) = self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (name, last_error) = match state {
+            State::Connecting => ("connecting", None),
+            State::Connected => ("connected", None),
+            State::Disconnected(why) => ("disconnected", Some(why)),
+        };
+        LinkStatus {
+            state: name,
+            url: self.url.clone(),
+            since_seconds: since.elapsed().as_secs(),
+            last_error,
+        }
+    }
+
+    /// Keeps the link up: whenever the breaker is open, probes at the
+    /// backoff until Redis answers. Runs until the task is aborted.
+    pub async fn supervise(self: Arc<Self>) {
+        loop {
+            if self.is_up() {
+                self.wake.notified().await;
+                continue;
+            }
+            let mut attempt = 1u32;
+            loop {
+                let delay = backoff(attempt);
+                info!(redis = %self.url, attempt, delay_ms = delay.as_millis() as u64,
+                      "connecting to redis");
+                tokio::time::sleep(delay).await;
+                match self.probe().await {
+                    Ok(()) => break,
+                    Err(why) => {
+                        warn!(redis = %self.url, attempt, error = %why, "redis connection attempt failed");
+                        self.set_state(State::Disconnected(why));
+                        attempt = attempt.saturating_add(1);
+                    }
+                }
+            }
+            info!(redis = %self.url, attempts = attempt, "redis connected");
+            self.set_state(State::Connected);
+            self.open.store(false, Ordering::Release);
+            self.up.send_replace(true);
+            let _ = self.events.send(CacheEvent::Reconnected);
+        }
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        let mut conn = self.manager.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut conn);
+        match tokio::time::timeout(self.connect_timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                self.connect_timeout.as_millis()
+            )),
+        }
+    }
+}
+
+/// Whether `e` means Redis cannot serve at all now (as opposed to refusing
+/// one command, as `OOM` or `READONLY` refuse writes while reads still work).
+fn unreachable(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+        )
+}
+
+fn error(reason: String) -> CacheError {
+    CacheError {
+        backend: "redis",
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_100ms_to_a_2s_cap_with_jitter() {
+        assert_eq!(backoff(1), Duration::ZERO, "the first attempt is immediate");
+        for _ in 0..50 {
+            let second = backoff(2);
+            assert!(second >= Duration::from_millis(50) && second <= BACKOFF_START);
+            let third = backoff(3);
+            assert!(third >= Duration::from_millis(100) && third <= Duration::from_millis(200));
+            for late in [7, 12, 40] {
+                let d = backoff(late);
+                assert!(d >= BACKOFF_CAP / 2 && d <= BACKOFF_CAP, "{late}: {d:?}");
+            }
+        }
+    }
+}

@@ -4,11 +4,14 @@
 //! runs its checks (tests/clients/check.py, check.mjs) against the examples:
 //! every value type, details, a missing flag, a disabled flag, a type
 //! mismatch, targeting by attribute and by targeting key, and an environment
-//! picked by base URL.
+//! picked by base URL; and, from a second flaghost serving a copy of the
+//! examples past its TTL with the flag file broken, reason STALE.
 
 use std::process::{Command, Output};
 
-use flaghost_tests::{Flaghost, answer_limits, examples_config, root};
+use std::time::Duration;
+
+use flaghost_tests::{Dirs, Flaghost, answer_limits, eventually, examples_config, root};
 
 /// Installs the clients once (the script is idempotent).
 fn install_clients() {
@@ -53,10 +56,40 @@ async fn python_and_javascript_openfeature_clients_get_correct_answers() {
         .expect("flaghost starts");
     let clients = root().join("target/clients");
 
+    // A copy of the examples, served until its TTL runs out with the file
+    // broken: its answers are STALE.
+    let copy = Dirs::new();
+    for env in ["production", "staging"] {
+        let file = format!("{env}.json");
+        std::fs::copy(
+            root().join("examples/flags").join(&file),
+            copy.flags().join(&file),
+        )
+        .expect("copy the examples");
+    }
+    let mut stale_config = examples_config(answer_limits());
+    stale_config.flags = copy.flags();
+    stale_config.cache_ttl = Duration::from_secs(1);
+    stale_config.check_interval = Duration::from_millis(200);
+    let stale = Flaghost::start(&stale_config)
+        .await
+        .expect("flaghost starts");
+    std::fs::write(copy.flags().join("production.json"), "{\"flags\": ").expect("break the file");
+    let is_stale = eventually(Duration::from_secs(5), || async {
+        stale
+            .evaluate("items-per-page", serde_json::json!({}))
+            .await
+            .1["reason"]
+            == "STALE"
+    })
+    .await;
+    assert!(is_stale, "the copy is served STALE");
+
     let mut python = Command::new("python3");
     python
         .arg(root().join("tests/clients/check.py"))
         .arg(&fh.base)
+        .arg(&stale.base)
         .env("PYTHONPATH", clients.join("python"));
     run_checks("python", python).await;
 
@@ -65,8 +98,9 @@ async fn python_and_javascript_openfeature_clients_get_correct_answers() {
     let script = clients.join("js/check.mjs");
     std::fs::copy(root().join("tests/clients/check.mjs"), &script).expect("copy check.mjs");
     let mut node = Command::new("node");
-    node.arg(&script).arg(&fh.base);
+    node.arg(&script).arg(&fh.base).arg(&stale.base);
     run_checks("javascript", node).await;
 
     fh.stop().await.expect("clean stop");
+    stale.stop().await.expect("clean stop");
 }

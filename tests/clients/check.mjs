@@ -1,5 +1,7 @@
 // Drives flaghost with the OpenFeature JavaScript server SDK and its OFREP
-// provider. Usage: node check.mjs <flaghost base URL>
+// provider. Usage: node check.mjs <flaghost base URL> [<base URL of a stale copy>]
+// The second flaghost, if given, serves the examples past their TTL with the
+// flag file broken, so its answers carry reason STALE.
 // Prints one line per check and exits 1 if any failed.
 import { OpenFeature, ErrorCode } from '@openfeature/server-sdk';
 import { OFREPProvider } from '@openfeature/ofrep-provider';
@@ -56,6 +58,15 @@ d = await staging.getBooleanDetails('new-checkout', false, nobody);
 check('environment by base URL', [d.value, d.variant, d.reason], [true, 'on', 'STATIC']);
 d = await staging.getStringDetails('eu-pricing-banner', 'fallback', { targetingKey: 'u', country: 'PL' });
 check('environment by base URL, targeted', d.value, 'Prices include VAT');
+
+if (process.argv[3]) {
+  await OpenFeature.setProviderAndWait('stale', new OFREPProvider({ baseUrl: process.argv[3] }));
+  const stale = OpenFeature.getClient('stale');
+  d = await stale.getNumberDetails('items-per-page', 1, nobody);
+  check('stale static', [d.value, d.variant, d.reason, d.errorCode], [10, 'small', 'STALE', undefined]);
+  d = await stale.getBooleanDetails('beta-search', false, dutchBeta);
+  check('stale targeted', [d.value, d.variant, d.reason, d.errorCode], [true, 'on', 'STALE', undefined]);
+}
 
 console.log(`js: ${failures.length} failed`);
 await OpenFeature.close();

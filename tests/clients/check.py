@@ -1,6 +1,8 @@
 """Drives flaghost with the OpenFeature Python SDK and its OFREP provider.
 
-Usage: python3 check.py <flaghost base URL>
+Usage: python3 check.py <flaghost base URL> [<base URL of a stale copy>]
+The second flaghost, if given, serves the examples past their TTL with the
+flag file broken, so its answers carry reason STALE.
 Prints one line per check and exits 1 if any failed. The flags are the
 bundled examples (examples/flags); tests/real_clients.rs starts flaghost.
 """
@@ -60,6 +62,14 @@ d = staging.get_boolean_details("new-checkout", False, nobody)
 check("environment by base URL", (d.value, d.variant, d.reason), (True, "on", "STATIC"))
 d = staging.get_string_details("eu-pricing-banner", "fallback", EvaluationContext("u", {"country": "PL"}))
 check("environment by base URL, targeted", d.value, "Prices include VAT")
+
+if len(sys.argv) > 2:
+    api.set_provider(OFREPProvider(base_url=sys.argv[2]), domain="stale")
+    stale = api.get_client("stale")
+    d = stale.get_integer_details("items-per-page", 1, nobody)
+    check("stale static", (d.value, d.variant, d.reason, d.error_code), (10, "small", "STALE", None))
+    d = stale.get_boolean_details("beta-search", False, dutch_beta)
+    check("stale targeted", (d.value, d.variant, d.reason, d.error_code), (True, "on", "STALE", None))
 
 print(f"python: {len(failures)} failed")
 sys.exit(1 if failures else 0)

@@ -6,13 +6,16 @@
 //!
 //! Read top-down, the modules follow a request's path:
 //!
-//! - [`http`]: the axum router, OFREP handlers, and [`http::ApiError`], the
-//!   one place an error becomes a status and a body.
+//! - [`http`]: the axum router, OFREP handlers, health and the admin API, and
+//!   [`http::ApiError`], the one place an error becomes a status and a body.
 //! - [`evaluation`]: pure, synchronous evaluation of a flag over an immutable
 //!   flag set; reasons and error codes as OpenFeature defines them.
-//! - [`environments`]: the read path, cache else store, with the last good
-//!   flag set kept to serve through a failing store.
-//! - [`cache`]: the [`cache::FlagCache`] port and its in-memory TTL backend.
+//! - [`environments`]: the read path: in-process snapshots refreshed from
+//!   Redis and the flag store (single flight), the last good set served
+//!   through failures (STALE past its TTL), and the background work: file
+//!   reloads, Redis write-backs, invalidations from other instances.
+//! - [`cache`]: the snapshot table, the [`cache::FlagCache`] port of the
+//!   shared tier, and its Redis backend (key layout, breaker, pub/sub).
 //! - [`store`]: the [`store::FlagStore`] port and the flag-file directory.
 //! - [`flags`]: the flag model and the flagd-format parser and validation.
 //! - [`plugins`]: the wasmtime runtime that runs targeting rules sandboxed.

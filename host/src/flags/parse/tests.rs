@@ -112,3 +112,45 @@ fn a_rule_it_cannot_evaluate_loads_with_a_warning() {
     assert_eq!(set.warnings.len(), 1);
     assert_eq!(set.warnings[0].flag.as_deref(), Some("f"));
 }
+
+#[test]
+fn a_set_written_as_its_document_parses_back_into_the_same_flags() {
+    let set = parse(json!({
+        "metadata": {"team": "growth", "version": 3},
+        "$evaluators": {"is_nl": {"==": [{"var": "country"}, "NL"]}},
+        "flags": {
+            "ratio": {"state": "ENABLED", "variants": {"one": 1.0, "half": 0.5}, "defaultVariant": "one"},
+            "count": {"state": "DISABLED", "variants": {"ten": 10}, "defaultVariant": null,
+                      "metadata": {"team": "search"}},
+            "banner": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                       "targeting": {"if": [{"$ref": "is_nl"}, "on", "off"]}},
+            "broken": {"state": "ENABLED", "variants": {"a": "a"}, "defaultVariant": "a",
+                       "targeting": {"if": [{"$ref": "missing"}, "a", null]}}
+        }
+    }))
+    .expect("parses");
+    let document = set.document();
+    assert_eq!(
+        document["flags"]["banner"]["targeting"],
+        json!({"if": [{"==": [{"var": "country"}, "NL"]}, "on", "off"]}),
+        "$refs resolved"
+    );
+    assert_eq!(
+        document["flags"]["count"]["metadata"],
+        json!({"team": "search", "version": 3})
+    );
+    let back = parse(document).expect("parses back");
+    assert_eq!(back.flags.len(), set.flags.len());
+    for (key, flag) in &set.flags {
+        let twin = &back.flags[key];
+        assert_eq!(twin.definition, flag.definition, "{key}");
+        assert_eq!(twin.variants, flag.variants, "{key}: 1.0 stays a float");
+        assert_eq!(twin.default_variant, flag.default_variant, "{key}");
+        assert_eq!(twin.state, flag.state, "{key}");
+        assert_eq!(twin.metadata, flag.metadata, "{key}");
+    }
+    assert_eq!(
+        back.warnings, set.warnings,
+        "a rule that cannot evaluate stays so"
+    );
+}

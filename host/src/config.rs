@@ -44,6 +44,12 @@ pub struct SourceArgs {
     #[arg(long, env = "FLAGHOST_PLUGINS")]
     pub plugins: Option<PathBuf>,
 
+    /// Directory where compiled plugins are cached, so that later starts
+    /// load them without compiling. Must be writable by flaghost only (its
+    /// files are loaded as machine code). Unset: compile at every start.
+    #[arg(long, env = "FLAGHOST_PLUGIN_CACHE_DIR")]
+    pub plugin_cache_dir: Option<PathBuf>,
+
     /// Sandbox limits for plugin calls.
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -162,6 +168,8 @@ pub struct ServeConfig {
     pub flags: PathBuf,
     /// Plugin directory, if any.
     pub plugins: Option<PathBuf>,
+    /// Where compiled plugins are cached, if anywhere.
+    pub plugin_cache_dir: Option<PathBuf>,
     /// Default environment.
     pub default_environment: String,
     /// Cache TTL.
@@ -267,6 +275,7 @@ impl ServeArgs {
             limits: self.source.limits.to_limits()?,
             flags: self.source.flags,
             plugins: self.source.plugins,
+            plugin_cache_dir: self.source.plugin_cache_dir,
             default_environment: self.default_environment,
             http: HttpOptions {
                 body_limit: self.body_limit,

@@ -15,11 +15,13 @@
 //! the evaluator turns it into an ERROR resolution. A call never panics the
 //! process and never outlives its deadline.
 
+mod artifacts;
 mod bindings;
 mod host;
 mod instance;
 pub mod limits;
 
+pub use artifacts::Origin;
 pub use limits::{Isolation, Limits};
 
 use std::collections::HashMap;
@@ -114,6 +116,8 @@ pub struct PluginRuntime {
     /// The contract's imports (`context`), shared by every plugin's linker.
     linker: Linker<HostState>,
     limits: Arc<Limits>,
+    /// Where compiled components are cached, if anywhere.
+    artifacts: Option<artifacts::Artifacts>,
 }
 
 impl PluginRuntime {
@@ -139,7 +143,16 @@ impl PluginRuntime {
             engine,
             linker,
             limits: Arc::new(limits),
+            artifacts: None,
         })
+    }
+
+    /// Caches compiled components in `dir`, so later starts load them without
+    /// compiling. The directory must be writable by flaghost only: its files
+    /// are loaded as machine code.
+    pub fn cache_compiled_in(mut self, dir: &Path) -> std::io::Result<Self> {
+        self.artifacts = Some(artifacts::Artifacts::new(dir, &self.engine)?);
+        Ok(self)
     }
 
     /// The limits plugin calls run under.
@@ -154,8 +167,12 @@ impl PluginRuntime {
             reason,
         };
         check_header(bytes, self.limits.max_component_bytes).map_err(invalid)?;
-        let component = Component::from_binary(&self.engine, bytes)
-            .map_err(|e| invalid(format!("not a valid component: {e:#}")))?;
+        let digest = format!("{:x}", Sha256::digest(bytes));
+        let (component, origin) = match &self.artifacts {
+            Some(artifacts) => artifacts.component(&self.engine, &digest, bytes),
+            None => Component::from_binary(&self.engine, bytes).map(|c| (c, Origin::Compiled)),
+        }
+        .map_err(|e| invalid(format!("not a valid component: {e:#}")))?;
 
         // NB: anything the component imports beyond the contract (a
         // wasm32-wasip2 build imports WASI) is linked to a function that traps:
@@ -175,8 +192,9 @@ impl PluginRuntime {
         Ok(Arc::new(Plugin {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_owned(),
-            digest: format!("{:x}", Sha256::digest(bytes)),
+            digest,
             size: bytes.len(),
+            origin,
             contract_version: CONTRACT_VERSIONS[0],
             trapped_imports,
             pre,
@@ -297,6 +315,7 @@ pub struct Plugin {
     name: String,
     digest: String,
     size: usize,
+    origin: Origin,
     contract_version: &'static str,
     trapped_imports: Vec<String>,
     pre: v0_1::TargetingRulePre<HostState>,
@@ -327,6 +346,11 @@ impl Plugin {
     /// Size of the component file in bytes.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Whether the component was compiled now or loaded precompiled.
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     /// The contract version the component implements.

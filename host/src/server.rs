@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cache::{FlagCache, RedisCache, redact_url};
 use crate::config::{ServeConfig, SourceArgs};
@@ -39,6 +39,23 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The plugin runtime, caching compiled plugins in `cache_dir` if given.
+fn runtime(
+    limits: crate::plugins::Limits,
+    cache_dir: Option<&Path>,
+) -> anyhow::Result<PluginRuntime> {
+    let runtime = PluginRuntime::new(limits)?;
+    match cache_dir {
+        None => Ok(runtime),
+        Some(dir) => runtime.cache_compiled_in(dir).with_context(|| {
+            format!(
+                "--plugin-cache-dir (FLAGHOST_PLUGIN_CACHE_DIR): cannot use {}",
+                dir.display()
+            )
+        }),
+    }
+}
+
 /// Loads plugins from `dir` (if any), refusing to go on if one fails.
 fn load_plugins(
     runtime: &PluginRuntime,
@@ -55,13 +72,18 @@ fn load_plugins(
 /// Builds the service for `config`: every plugin and every flag file must
 /// load, or start-up fails listing what is wrong.
 pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
-    let runtime = Arc::new(PluginRuntime::new(config.limits.clone())?);
+    let started = std::time::Instant::now();
+    let runtime = Arc::new(runtime(
+        config.limits.clone(),
+        config.plugin_cache_dir.as_deref(),
+    )?);
     let (plugins, plugin_errors) = load_plugins(&runtime, config.plugins.as_deref())?;
     if !plugin_errors.is_empty() {
         let list: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
         anyhow::bail!("plugins refused:\n  {}", list.join("\n  "));
     }
     for plugin in plugins.iter() {
+        debug!(plugin = plugin.name(), digest = plugin.digest(), origin = ?plugin.origin(), "plugin loaded");
         if !plugin.trapped_imports().is_empty() {
             info!(plugin = plugin.name(), imports = ?plugin.trapped_imports(),
                   "plugin imports interfaces outside the contract; calling them traps");
@@ -144,6 +166,8 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         plugin_deadline = ?config.limits.deadline,
         plugin_memory_bytes = config.limits.memory_bytes,
         plugin_isolation = ?config.limits.isolation,
+        plugin_cache_dir = ?config.plugin_cache_dir,
+        startup_ms = started.elapsed().as_millis() as u64,
         "flaghost loaded"
     );
     let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval));
@@ -177,7 +201,10 @@ pub async fn serve(
 
 /// `flaghost validate`: every problem with the plugins and flag files.
 pub fn validate(source: &SourceArgs) -> anyhow::Result<Vec<String>> {
-    let runtime = PluginRuntime::new(source.limits.to_limits()?)?;
+    let runtime = runtime(
+        source.limits.to_limits()?,
+        source.plugin_cache_dir.as_deref(),
+    )?;
     let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;
     let mut problems: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
     let store = DirStore::new(&source.flags, plugins);

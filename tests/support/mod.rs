@@ -78,6 +78,7 @@ pub fn config_for(
         listen: "127.0.0.1:0".parse().expect("address"),
         flags,
         plugins,
+        plugin_cache_dir: None,
         default_environment: default_environment.to_owned(),
         cache_ttl: flaghost::cache::DEFAULT_TTL,
         redis: None,

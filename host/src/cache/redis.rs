@@ -621,5 +621,7 @@ async fn listen(
         );
         // NB: invalidations sent while unsubscribed are lost: drop snapshots.
         let _ = events.send(CacheEvent::Reconnected);
+        // A subscription that drops as soon as it is made must not spin.
+        tokio::time::sleep(link::BACKOFF_START).await;
     }
 }

@@ -149,6 +149,11 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
+/// Longest cache TTL: 30 days.
+const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+/// Longest interval or timeout: a day.
+const MAX_INTERVAL_MS: u64 = 24 * 3600 * 1000;
+
 /// A configuration value that cannot work.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{option}: {reason}")]
@@ -224,11 +229,32 @@ impl ServeArgs {
                 ),
             });
         }
-        if self.cache_ttl == 0 {
+        if self.cache_ttl == 0 || self.cache_ttl > MAX_TTL_SECONDS {
             return Err(ConfigError {
                 option: "--cache-ttl (FLAG_CACHE_TTL)",
-                reason: "must be at least 1 second".into(),
+                reason: format!("must be between 1 and {MAX_TTL_SECONDS} seconds (30 days)"),
             });
+        }
+        for (option, ms) in [
+            (
+                "--check-interval-ms (FLAGHOST_CHECK_INTERVAL_MS)",
+                self.check_interval_ms,
+            ),
+            (
+                "--watch-interval-ms (FLAGHOST_WATCH_INTERVAL_MS)",
+                self.watch_interval_ms,
+            ),
+            (
+                "--redis-response-timeout-ms (FLAGHOST_REDIS_RESPONSE_TIMEOUT_MS)",
+                self.redis_response_timeout_ms,
+            ),
+        ] {
+            if ms > MAX_INTERVAL_MS {
+                return Err(ConfigError {
+                    option,
+                    reason: format!("must be at most {MAX_INTERVAL_MS} ms (a day)"),
+                });
+            }
         }
         let cache_ttl = Duration::from_secs(self.cache_ttl);
         let redis = match self.redis_url.as_deref().map(str::trim) {

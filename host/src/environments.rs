@@ -170,7 +170,20 @@ impl Environments {
         if let Some(snapshot) = self.snapshots.fresh(environment) {
             return Ok(snapshot);
         }
-        self.resolve(environment).await
+        self.resolve_or_forget_gate(environment).await
+    }
+
+    /// Resolves; on failure drops the environment's gate, so that names
+    /// from requests that resolve to nothing leave nothing behind.
+    async fn resolve_or_forget_gate(&self, environment: &str) -> Result<Snapshot, LookupError> {
+        let resolved = self.resolve(environment).await;
+        if resolved.is_err() {
+            self.gates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(environment);
+        }
+        resolved
     }
 
     /// Loads `environment` now, whether or not its snapshot is due.
@@ -180,7 +193,7 @@ impl Environments {
         }
         let gate = self.gate(environment);
         let _turn = gate.lock().await;
-        self.resolve(environment).await
+        self.resolve_or_forget_gate(environment).await
     }
 
     fn gate(&self, environment: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -194,6 +207,7 @@ impl Environments {
 
     /// Steps 1–3 of the module documentation.
     async fn resolve(&self, environment: &str) -> Result<Snapshot, LookupError> {
+        let generation = self.snapshots.generation();
         let cached = match &self.shared {
             Some(shared) => shared.get(environment).await.unwrap_or_else(|e| {
                 debug!(environment, error = %e, "shared cache skipped");
@@ -218,7 +232,7 @@ impl Environments {
                     None => self.write_shared(&local).await,
                 }
                 self.recovered(environment);
-                Ok(self.confirm(local))
+                Ok(self.confirm(local, generation))
             }
             Err(StoreError::NotFound(_)) => {
                 debug!(environment, "unknown environment");
@@ -226,16 +240,19 @@ impl Environments {
                 Err(LookupError::NotFound(environment.to_owned()))
             }
             Err(StoreError::InvalidEnvironment(name)) => Err(LookupError::InvalidName(name)),
-            Err(e) => self.serve_without_store(environment, cached, &e),
+            Err(e) => self.serve_without_store(environment, cached, &e, generation),
         }
     }
 
-    /// The store failed: the last good set, else the shared cache's.
+    /// The store failed: the last good set, else the shared cache's, else
+    /// the snapshot already served (a set read from the shared cache alone
+    /// keeps serving when the shared cache loses it too).
     fn serve_without_store(
         &self,
         environment: &str,
         cached: Option<Arc<FlagSet>>,
         error: &StoreError,
+        generation: u64,
     ) -> Result<Snapshot, LookupError> {
         let good = self
             .last_good
@@ -258,12 +275,18 @@ impl Environments {
                 set: remote,
                 stale: true,
             },
-            (None, None) => {
-                return Err(LookupError::Unavailable {
-                    environment: environment.to_owned(),
-                    reason: error.to_string(),
-                });
-            }
+            (None, None) => match self.snapshots.any(environment) {
+                Some(served) => Snapshot {
+                    set: served.set,
+                    stale: true,
+                },
+                None => {
+                    return Err(LookupError::Unavailable {
+                        environment: environment.to_owned(),
+                        reason: error.to_string(),
+                    });
+                }
+            },
         };
         self.log_once(format!("store {environment}"), || {
             warn!(environment, error = %error, digest = %snapshot.set.digest,
@@ -271,12 +294,12 @@ impl Environments {
         });
         // NB: retried at the check interval, not per request.
         self.snapshots
-            .insert(snapshot.clone(), self.timing.check_interval);
+            .insert_since(snapshot.clone(), self.timing.check_interval, generation);
         Ok(snapshot)
     }
 
-    /// Installs a set the store just gave.
-    fn confirm(&self, set: Arc<FlagSet>) -> Snapshot {
+    /// Installs a set the store just gave (read after `generation`).
+    fn confirm(&self, set: Arc<FlagSet>, generation: u64) -> Snapshot {
         let snapshot = Snapshot { set, stale: false };
         self.last_good
             .write()
@@ -288,7 +311,8 @@ impl Environments {
                     confirmed_at: self.snapshots.now(),
                 },
             );
-        self.snapshots.insert(snapshot.clone(), self.timing.ttl);
+        self.snapshots
+            .insert_since(snapshot.clone(), self.timing.ttl, generation);
         snapshot
     }
 
@@ -445,9 +469,15 @@ impl Environments {
         );
         names.sort();
         names.dedup();
+        // NB: the shared cache is told after the gates are released: an
+        // invalidation SCANs the shared keyspace, and requests must not wait
+        // for that.
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
         for environment in names {
             let gate = self.gate(&environment);
             let _turn = gate.lock().await;
+            let generation = self.snapshots.generation();
             let before = self.last_good_digest(&environment);
             match self.store.load(&environment).await {
                 Ok(set) if before.as_deref() == Some(set.digest.as_str()) => {
@@ -460,26 +490,14 @@ impl Environments {
                         warn!(environment = %environment, problem = %w, "flag loaded with a rule it cannot evaluate");
                     }
                     self.recovered(&environment);
-                    self.confirm(set.clone());
-                    if self.shared.is_some() {
-                        self.invalidate(Some(&environment)).await;
-                        self.snapshots.insert(
-                            Snapshot {
-                                set: set.clone(),
-                                stale: false,
-                            },
-                            self.timing.ttl,
-                        );
-                        self.write_shared(&set).await;
-                    }
+                    self.confirm(set.clone(), generation);
+                    changed.push(set);
                 }
                 Err(StoreError::NotFound(_)) => {
                     if before.is_some() {
                         info!(environment = %environment, "flag file removed; the environment is no longer served");
                         self.forget(&environment);
-                        if self.shared.is_some() {
-                            self.invalidate(Some(&environment)).await;
-                        }
+                        removed.push(environment);
                     }
                 }
                 Err(e) => self.log_once(format!("store {environment}"), || {
@@ -487,6 +505,19 @@ impl Environments {
                           "flag file refused; the last good version keeps serving");
                 }),
             }
+        }
+        let Some(shared) = &self.shared else { return };
+        for environment in removed {
+            if let Err(e) = shared.invalidate(Some(&environment)).await {
+                debug!(environment = %environment, error = %e, "shared cache not invalidated");
+            }
+        }
+        for set in changed {
+            // Delete first: keys of flags the new file no longer has go too.
+            if let Err(e) = shared.invalidate(Some(&set.environment)).await {
+                debug!(environment = %set.environment, error = %e, "shared cache not invalidated");
+            }
+            self.write_shared(&set).await;
         }
     }
 

@@ -195,7 +195,16 @@ impl RedisCache {
             .map_err(refuse)?;
         // NB: without TCP_NODELAY a flag-set write (one large pipeline) waits
         // on Nagle and delayed ACKs: 36 ms instead of a few for 1,000 flags.
-        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+        // Keepalive and a user timeout: a peer that vanished without closing
+        // (a partition, a killed VM) is an error within ~30 s.
+        let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5));
+        let tcp = redis::io::tcp::TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(keepalive);
+        #[cfg(target_os = "linux")]
+        let tcp = tcp.set_user_timeout(Duration::from_secs(30));
         let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(refuse)?;
         let (events, _) = broadcast::channel(64);
         let link = Arc::new(
@@ -598,7 +607,14 @@ async fn listen(
         );
         attempt = 0;
         let mut messages = pubsub.into_on_message();
-        while let Some(message) = messages.next().await {
+        loop {
+            // NB: when the link goes down the subscription is dropped too: it
+            // may sit on a half-open socket that would never say so.
+            let message = tokio::select! {
+                message = messages.next() => message,
+                () = link.until_down() => None,
+            };
+            let Some(message) = message else { break };
             let Ok(invalidation) =
                 serde_json::from_slice::<Invalidation>(message.get_payload_bytes())
             else {

@@ -12,6 +12,7 @@
 //! environment per TTL).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,9 @@ pub struct Snapshots {
     entries: ArcSwap<Entries>,
     /// Serialises writers so that two concurrent updates cannot lose one.
     write: Mutex<()>,
+    /// Counts [`Snapshots::expire`] calls: a refresh that began before one
+    /// may hold data the expiry meant to drop.
+    generation: AtomicU64,
 }
 
 impl Snapshots {
@@ -69,6 +73,7 @@ impl Snapshots {
             clock,
             entries: ArcSwap::from_pointee(HashMap::new()),
             write: Mutex::new(()),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -83,6 +88,31 @@ impl Snapshots {
         let entries = self.entries.load();
         let entry = entries.get(environment)?;
         (self.clock.now() < entry.refresh_at).then(|| entry.snapshot.clone())
+    }
+
+    /// The environment's snapshot, due or not.
+    pub fn any(&self, environment: &str) -> Option<Snapshot> {
+        self.entries
+            .load()
+            .get(environment)
+            .map(|e| e.snapshot.clone())
+    }
+
+    /// The expiry count now: pass it to [`Snapshots::insert_since`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Serves `snapshot` until `lifetime` from now, unless an expiry came
+    /// after `generation` was read: then it is served but due at once, so
+    /// an invalidation racing a refresh is never lost.
+    pub fn insert_since(&self, snapshot: Snapshot, lifetime: Duration, generation: u64) {
+        let lifetime = if self.generation() == generation {
+            lifetime
+        } else {
+            Duration::ZERO
+        };
+        self.insert(snapshot, lifetime);
     }
 
     /// Every environment's snapshot, due or not.
@@ -111,6 +141,7 @@ impl Snapshots {
     /// Makes one environment's snapshot (or every one) due for a refresh
     /// now, keeping it to serve from if the refresh fails.
     pub fn expire(&self, environment: Option<&str>) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let now = self.clock.now();
         self.update(|entries| {
             for (env, entry) in entries.iter_mut() {
@@ -196,5 +227,24 @@ mod tests {
         assert!(table.fresh("b").is_none() && table.fresh("c").is_none());
         table.remove("c");
         assert_eq!(table.all().len(), 2);
+    }
+
+    #[test]
+    fn a_refresh_that_raced_an_expiry_is_installed_due() {
+        let table = Snapshots::new(Arc::new(SystemClock));
+        let before = table.generation();
+        table.expire(Some("prod"));
+        table.insert_since(snapshot("prod"), Duration::from_secs(60), before);
+        assert!(
+            table.fresh("prod").is_none(),
+            "due: it may predate the expiry"
+        );
+        assert!(table.any("prod").is_some(), "but kept to serve from");
+        table.insert_since(
+            snapshot("prod"),
+            Duration::from_secs(60),
+            table.generation(),
+        );
+        assert!(table.fresh("prod").is_some());
     }
 }

@@ -8,12 +8,20 @@
 //! while one supervisor task probes with `PING` at an exponential backoff
 //! (100 ms doubling to 2 s, with jitter), logging each attempt. The probe
 //! that succeeds closes the breaker and announces [`CacheEvent::Reconnected`].
+//! A probe must connect within the connect timeout and then answer within the
+//! response timeout, so a Redis too slow for requests stays behind the
+//! breaker instead of flapping; a link that falls again soon after coming
+//! up keeps its backoff. A probe that gets no answer replaces the connection
+//! (a half-open socket never answers), and TCP keepalive and a user timeout
+//! make a silently dead peer an error within seconds, not the kernel's
+//! fifteen minutes.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult};
@@ -26,6 +34,8 @@ use crate::cache::{CacheError, CacheEvent, LinkStatus};
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest delay between connection attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How long a link must stay up before a new outage starts its backoff over.
+const STABLE: Duration = Duration::from_secs(5);
 
 /// The delay before attempt `attempt` (1-based; the first is immediate):
 /// 100 ms doubling per attempt up to 2 s, then jittered into its upper half
@@ -49,11 +59,16 @@ enum State {
 
 /// The shared connection and its breaker.
 pub struct Link {
-    manager: ConnectionManager,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Replaced after a probe gets no answer.
+    manager: ArcSwap<ConnectionManager>,
     /// Open: requests do not touch Redis. Read on every cache call.
     open: AtomicBool,
     /// The same, for tasks that wait for a change.
     up: watch::Sender<bool>,
+    /// The state for `/readyz`; its lock also serialises opening and
+    /// closing, so `open` and `up` never disagree.
     state: Mutex<(State, Instant)>,
     /// Whether the last write failed on a connected Redis (OOM, read-only
     /// replica): logged when it changes, not per write.
@@ -80,9 +95,11 @@ impl Link {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout))
             .set_number_of_retries(0);
-        let manager = ConnectionManager::new_lazy_with_config(client, config)?;
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
         Ok(Self {
-            manager,
+            client,
+            config,
+            manager: ArcSwap::from_pointee(manager),
             open: AtomicBool::new(true),
             up: watch::Sender::new(false),
             state: Mutex::new((State::Connecting, Instant::now())),
@@ -107,7 +124,8 @@ impl Link {
                 "{what}: redis is unreachable; serving from memory"
             )));
         }
-        match tokio::time::timeout(self.response_timeout, request(self.manager.clone())).await {
+        let connection = ConnectionManager::clone(&self.manager.load());
+        match tokio::time::timeout(self.response_timeout, request(connection)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if unreachable(&e) => {
                 self.trip(format!("{what}: {e}"));
@@ -140,13 +158,24 @@ impl Link {
 
     /// Opens the breaker: logs once, and wakes the supervisor.
     fn trip(&self, why: String) {
-        if !self.open.swap(true, Ordering::AcqRel) {
-            warn!(redis = %self.url, error = %why,
-                  "redis unreachable: serving from memory until it answers again");
-            self.set_state(State::Disconnected(why));
-            self.up.send_replace(false);
-            self.wake.notify_one();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.open.swap(true, Ordering::AcqRel) {
+            return;
         }
+        warn!(redis = %self.url, error = %why,
+              "redis unreachable: serving from memory until it answers again");
+        *state = (State::Disconnected(why), Instant::now());
+        self.up.send_replace(false);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Closes the breaker: requests go to Redis again.
+    fn close(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        *state = (State::Connected, Instant::now());
+        self.open.store(false, Ordering::Release);
+        self.up.send_replace(true);
     }
 
     fn set_state(&self, state: State) {
@@ -156,6 +185,13 @@ impl Link {
     /// Whether requests go to Redis.
     pub fn is_up(&self) -> bool {
         !self.open.load(Ordering::Acquire)
+    }
+
+    /// Waits until the link is down.
+    pub async fn until_down(&self) {
+        let mut up = self.up.subscribe();
+        // NB: an error means the sender is gone, and the link with it.
+        let _ = up.wait_for(|up| !*up).await;
     }
 
     /// Waits until the link is up.
@@ -188,13 +224,18 @@ impl Link {
     /// Keeps the link up: whenever the breaker is open, probes at the
     /// backoff until Redis answers. Runs until the task is aborted.
     pub async fn supervise(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        let mut up_since: Option<Instant> = None;
         loop {
             if self.is_up() {
                 self.wake.notified().await;
                 continue;
             }
-            let mut attempt = 1u32;
+            if up_since.is_none_or(|since| since.elapsed() >= STABLE) {
+                attempt = 0;
+            }
             loop {
+                attempt = attempt.saturating_add(1);
                 let delay = backoff(attempt);
                 info!(redis = %self.url, attempt, delay_ms = delay.as_millis() as u64,
                       "connecting to redis");
@@ -204,29 +245,44 @@ impl Link {
                     Err(why) => {
                         warn!(redis = %self.url, attempt, error = %why, "redis connection attempt failed");
                         self.set_state(State::Disconnected(why));
-                        attempt = attempt.saturating_add(1);
                     }
                 }
             }
             info!(redis = %self.url, attempts = attempt, "redis connected");
-            self.set_state(State::Connected);
-            self.open.store(false, Ordering::Release);
-            self.up.send_replace(true);
+            up_since = Some(Instant::now());
+            self.close();
             let _ = self.events.send(CacheEvent::Reconnected);
         }
     }
 
+    /// Connects (within the connect timeout), then needs an answer within
+    /// the response timeout: what a request will need.
     async fn probe(&self) -> Result<(), String> {
-        let mut conn = self.manager.clone();
-        let command = redis::cmd("PING");
-        let ping = command.query_async::<String>(&mut conn);
-        match tokio::time::timeout(self.connect_timeout, ping).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "no answer within {} ms",
-                self.connect_timeout.as_millis()
-            )),
+        for (limit, what) in [
+            (self.connect_timeout, "connect"),
+            (self.response_timeout, "answer"),
+        ] {
+            let mut conn = ConnectionManager::clone(&self.manager.load());
+            let command = redis::cmd("PING");
+            let ping = command.query_async::<String>(&mut conn);
+            match tokio::time::timeout(limit, ping).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => {
+                    // NB: a connection that swallowed a request may be
+                    // half-open; the next probe starts on a new one.
+                    self.renew();
+                    return Err(format!("no {what} within {} ms", limit.as_millis()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn renew(&self) {
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(manager) => self.manager.store(Arc::new(manager)),
+            Err(e) => warn!(redis = %self.url, error = %e, "cannot renew the redis connection"),
         }
     }
 }

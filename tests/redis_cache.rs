@@ -660,3 +660,51 @@ async fn a_conflicting_version_in_redis_loses_to_the_local_file() {
     a.stop().await.expect("stops");
     b.stop().await.expect("stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_writes_costs_no_answer() {
+    let redis = RedisServer::start();
+    let dirs = Dirs::new()
+        .flag_file("production", &flags("hello"))
+        .flag_file("staging", &flags("hi"));
+    let fh = Flaghost::start(&config(&dirs, Some(&redis), Duration::from_secs(1)))
+        .await
+        .expect("starts");
+    // OOM: every write is refused; then a read-only replica (READONLY).
+    redis.query::<()>(&["FLUSHALL"]);
+    redis.query::<()>(&["CONFIG", "SET", "maxmemory", "1"]);
+    redis.query::<()>(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    for _ in 0..10 {
+        assert_eq!(greeting(&fh).await.1["value"], "hello");
+        assert_eq!(
+            fh.evaluate_in(Some("staging"), "greeting", json!({}))
+                .await
+                .1["value"],
+            "hi"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !redis.query::<bool>(&["EXISTS", "feature_flags:production"]),
+        "writes refused"
+    );
+    assert_eq!(
+        fh.cache_backend().await,
+        "redis",
+        "reads still work: no fallback"
+    );
+    redis.query::<()>(&["CONFIG", "SET", "maxmemory", "0"]);
+    let reserved = RedisServer::reserve_port().to_string();
+    redis.query::<()>(&["REPLICAOF", "127.0.0.1", &reserved]);
+    for _ in 0..10 {
+        assert_eq!(greeting(&fh).await.1["value"], "hello");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    redis.query::<()>(&["REPLICAOF", "NO", "ONE"]);
+    let healed = eventually(Duration::from_secs(5), || async {
+        redis.query::<bool>(&["EXISTS", "feature_flags:production"])
+    })
+    .await;
+    assert!(healed, "written once redis accepts writes again");
+    fh.stop().await.expect("stops");
+}

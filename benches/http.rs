@@ -34,6 +34,7 @@ fn ofrep(c: &mut Criterion) {
             environments,
             default_environment: "production".into(),
             admin: None,
+            plugins: Default::default(),
         },
         &flaghost::http::HttpOptions::default(),
     );

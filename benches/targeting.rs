@@ -165,6 +165,7 @@ fn bulk(c: &mut Criterion) {
             environments,
             default_environment: "bulk".into(),
             admin: None,
+            plugins: Default::default(),
         },
         &HttpOptions::default(),
     );

@@ -218,3 +218,64 @@ fn a_component_of_another_world_is_refused_naming_what_is_missing() {
         "names the missing export: {message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listing_counts_each_plugins_evaluations_errors_and_timeouts() {
+    let dirs = dirs_with("endless-loop", json!({}));
+    let mut config = dirs.config("prod", limits());
+    config.admin_token = Some("listing-token-0123456789".into());
+    let fh = Flaghost::start(&config).await.expect("starts");
+    for _ in 0..5 {
+        neighbour_is_fine(&fh).await;
+    }
+    for _ in 0..3 {
+        let (status, _) = fh.evaluate("bad", json!({})).await;
+        assert_eq!(status, 400);
+    }
+    let url = format!("{}/admin/v1/plugins", fh.base);
+    let refused = fh.client.get(&url).send().await.expect("answers");
+    assert_eq!(refused.status().as_u16(), 401, "behind the admin token");
+    let listing: Value = fh
+        .client
+        .get(&url)
+        .bearer_auth("listing-token-0123456789")
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(listing["contractVersions"], json!(["0.1.0"]));
+    let plugins = listing["plugins"].as_array().expect("plugins");
+    let by_name = |name: &str| {
+        plugins
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} listed: {listing}"))
+            .clone()
+    };
+    let good = by_name("allow-list");
+    assert_eq!(good["evaluations"], 10, "{good}");
+    assert_eq!(good["timeouts"], 0, "{good}");
+    assert_eq!(good["contractVersion"], "0.1.0");
+    assert_eq!(good["origin"], "compiled");
+    assert!(good["size"].as_u64() > Some(1000));
+    assert_eq!(good["digest"].as_str().map(str::len), Some(64));
+    assert!(good["latencyUs"]["p99"].as_f64() > Some(0.0), "{good}");
+    let bad = by_name("endless-loop");
+    assert_eq!(
+        (
+            &bad["evaluations"],
+            &bad["timeouts"],
+            &bad["errors"]["deadline"],
+            &bad["errors"]["trap"]
+        ),
+        (&json!(3), &json!(3), &json!(3), &json!(0)),
+        "{bad}"
+    );
+    assert!(
+        bad["latencyUs"]["p50"].as_f64() >= Some(50_000.0 / 2.0),
+        "{bad}"
+    );
+    fh.stop().await.expect("stops");
+}

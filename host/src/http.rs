@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::environments::Environments;
+use crate::plugins::PluginSet;
 
 /// Default limit on a request body.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub default_environment: Arc<str>,
     /// The admin API's token; `None`: the admin API is off.
     pub admin: Option<AdminToken>,
+    /// The loaded plugins, for the admin listing.
+    pub plugins: PluginSet,
 }
 
 /// Which browser origins may call flaghost (CORS).
@@ -101,6 +104,7 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/admin/v1/cache/invalidate", post(admin::invalidate))
+        .route("/admin/v1/plugins", get(admin::plugins))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(options.body_limit))

@@ -20,9 +20,11 @@ mod bindings;
 mod host;
 mod instance;
 pub mod limits;
+mod stats;
 
 pub use artifacts::Origin;
 pub use limits::{Isolation, Limits};
+pub use stats::{ErrorCounts, Percentiles, StatsSnapshot};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -162,6 +164,7 @@ impl PluginRuntime {
 
     /// Compiles `bytes` as plugin `name` and checks it against the contract.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
+        let started = std::time::Instant::now();
         let invalid = |reason: String| PluginError::Invalid {
             plugin: name.to_owned(),
             reason,
@@ -195,6 +198,9 @@ impl PluginRuntime {
             digest,
             size: bytes.len(),
             origin,
+            load_time: started.elapsed(),
+            loaded_at: std::time::SystemTime::now(),
+            stats: stats::Stats::default(),
             contract_version: CONTRACT_VERSIONS[0],
             trapped_imports,
             pre,
@@ -316,6 +322,9 @@ pub struct Plugin {
     digest: String,
     size: usize,
     origin: Origin,
+    load_time: Duration,
+    loaded_at: std::time::SystemTime,
+    stats: stats::Stats,
     contract_version: &'static str,
     trapped_imports: Vec<String>,
     pre: v0_1::TargetingRulePre<HostState>,
@@ -351,6 +360,21 @@ impl Plugin {
     /// Whether the component was compiled now or loaded precompiled.
     pub fn origin(&self) -> Origin {
         self.origin
+    }
+
+    /// How long compiling (or deserializing) and checking it took.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// When it was loaded.
+    pub fn loaded_at(&self) -> std::time::SystemTime {
+        self.loaded_at
+    }
+
+    /// Its evaluation counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// The contract version the component implements.
@@ -462,7 +486,10 @@ pub struct PluginRule {
 impl PluginRule {
     /// Runs the rule for `context`.
     pub fn run(&self, context: &EvaluationContext) -> Result<Option<String>, PluginError> {
-        instance::evaluate(self, context)
+        let started = std::time::Instant::now();
+        let result = instance::evaluate(self, context);
+        self.plugin.stats.record(started.elapsed(), &result);
+        result
     }
 }
 

@@ -107,7 +107,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             Some(Arc::new(redis))
         }
     };
-    let store = Arc::new(DirStore::new(&config.flags, plugins));
+    let store = Arc::new(DirStore::new(&config.flags, plugins.clone()));
     let timing = Timing {
         ttl: config.cache_ttl,
         check_interval: config.check_interval,
@@ -176,6 +176,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             environments: read_path,
             default_environment: config.default_environment.as_str().into(),
             admin: config.admin_token.as_deref().map(AdminToken::new),
+            plugins,
         },
         http: config.http.clone(),
         runtime,

@@ -6,11 +6,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
 use crate::environments::Invalidation;
+use crate::plugins::{CONTRACT_VERSIONS, Origin, StatsSnapshot};
 use crate::store::valid_environment_name;
 
 /// The admin token, kept as its digest: comparing digests takes the same
@@ -94,4 +95,66 @@ pub async fn invalidate(
         .invalidate(request.environment.as_deref())
         .await;
     Ok(Json(report))
+}
+
+/// One plugin in the admin listing.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginInfo {
+    name: String,
+    digest: String,
+    size: usize,
+    contract_version: String,
+    /// `compiled` or `precompiled` (loaded from `--plugin-cache-dir`).
+    origin: &'static str,
+    load_time_ms: f64,
+    /// Unix milliseconds.
+    loaded_at: u64,
+    /// Imports outside the contract; calling them traps.
+    trapped_imports: Vec<String>,
+    #[serde(flatten)]
+    stats: StatsSnapshot,
+}
+
+/// The admin listing of plugins.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginListing {
+    contract_versions: &'static [&'static str],
+    plugins: Vec<PluginInfo>,
+}
+
+/// `GET /admin/v1/plugins`: every loaded plugin with its digest, size,
+/// contract version, load time, and its evaluation, error and timeout counts
+/// and latency percentiles.
+pub async fn plugins(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<PluginListing>, ApiError> {
+    authorize(&state, &headers)?;
+    let plugins = state
+        .plugins
+        .iter()
+        .map(|p| PluginInfo {
+            name: p.name().to_owned(),
+            digest: p.digest().to_owned(),
+            size: p.size(),
+            contract_version: p.contract_version().to_owned(),
+            origin: match p.origin() {
+                Origin::Compiled => "compiled",
+                Origin::Precompiled => "precompiled",
+            },
+            load_time_ms: p.load_time().as_secs_f64() * 1000.0,
+            loaded_at: p
+                .loaded_at()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            trapped_imports: p.trapped_imports().to_vec(),
+            stats: p.stats(),
+        })
+        .collect();
+    Ok(Json(PluginListing {
+        contract_versions: CONTRACT_VERSIONS,
+        plugins,
+    }))
 }

@@ -1,0 +1,173 @@
+//! Per-plugin counters: evaluations, errors by kind, and a latency histogram,
+//! for the admin listing.
+//!
+//! Hand-written rather than a histogram crate: the hot path records with two
+//! relaxed atomic adds and no lock (hdrhistogram needs `&mut` to record, so a
+//! lock per evaluation), and percentiles to a factor of two are what an
+//! operator needs to see a plugin slowing down.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::PluginError;
+
+/// Upper bound of the first latency bucket; each next bucket doubles it.
+const FIRST_BUCKET_NS: u64 = 256;
+/// Buckets: 256 ns up to 2^27 * 256 ns (about 34 s), then overflow.
+const BUCKETS: usize = 28;
+
+/// One plugin's counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    evaluations: AtomicU64,
+    deadline: AtomicU64,
+    memory: AtomicU64,
+    trap: AtomicU64,
+    guest: AtomicU64,
+    latency: [AtomicU64; BUCKETS + 1],
+}
+
+/// Counters as read at one moment.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsSnapshot {
+    /// Evaluations run.
+    pub evaluations: u64,
+    /// Evaluations stopped at the deadline (timeouts).
+    pub timeouts: u64,
+    /// Failed evaluations, by kind.
+    pub errors: ErrorCounts,
+    /// Latency percentiles in microseconds (upper bounds of power-of-two
+    /// buckets); absent before the first evaluation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<Percentiles>,
+}
+
+/// Failed evaluations by kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorCounts {
+    /// Ran past the deadline.
+    pub deadline: u64,
+    /// Hit the memory cap.
+    pub memory: u64,
+    /// Trapped (panic, `unreachable`, stack overflow, a capability it lacks).
+    pub trap: u64,
+    /// Answered an error of its own.
+    pub guest: u64,
+}
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+fn bucket(elapsed: Duration) -> usize {
+    let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+    let mut bound = FIRST_BUCKET_NS;
+    for i in 0..BUCKETS {
+        if ns <= bound {
+            return i;
+        }
+        bound = bound.saturating_mul(2);
+    }
+    BUCKETS
+}
+
+impl Stats {
+    /// Records one evaluation.
+    pub fn record<T>(&self, elapsed: Duration, result: &Result<T, PluginError>) {
+        self.evaluations.fetch_add(1, Ordering::Relaxed);
+        self.latency[bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+        let kind = match result {
+            Ok(_) => return,
+            Err(PluginError::Deadline { .. }) => &self.deadline,
+            Err(PluginError::Memory { .. }) => &self.memory,
+            Err(PluginError::Guest { .. }) => &self.guest,
+            Err(_) => &self.trap,
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let counts: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let percentile = |q: f64| {
+            let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            let mut bound = FIRST_BUCKET_NS;
+            for count in &counts {
+                seen += count;
+                if seen >= rank {
+                    break;
+                }
+                bound = bound.saturating_mul(2);
+            }
+            bound as f64 / 1000.0
+        };
+        let deadline = self.deadline.load(Ordering::Relaxed);
+        StatsSnapshot {
+            evaluations: self.evaluations.load(Ordering::Relaxed),
+            timeouts: deadline,
+            errors: ErrorCounts {
+                deadline,
+                memory: self.memory.load(Ordering::Relaxed),
+                trap: self.trap.load(Ordering::Relaxed),
+                guest: self.guest.load(Ordering::Relaxed),
+            },
+            latency_us: (total > 0).then(|| Percentiles {
+                p50: percentile(0.50),
+                p90: percentile(0.90),
+                p99: percentile(0.99),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_errors_by_kind_and_estimates_percentiles() {
+        let stats = Stats::default();
+        for _ in 0..98 {
+            stats.record::<()>(Duration::from_micros(1), &Ok(()));
+        }
+        stats.record::<()>(
+            Duration::from_millis(10),
+            &Err(PluginError::Deadline {
+                plugin: "p".into(),
+                deadline: Duration::from_millis(10),
+            }),
+        );
+        stats.record::<()>(
+            Duration::from_micros(3),
+            &Err(PluginError::Guest {
+                plugin: "p".into(),
+                message: "no".into(),
+            }),
+        );
+        let s = stats.snapshot();
+        assert_eq!(
+            (s.evaluations, s.timeouts, s.errors.guest, s.errors.trap),
+            (100, 1, 1, 0)
+        );
+        let p = s.latency_us.expect("percentiles");
+        assert_eq!(p.p50, 1.024, "1 µs falls in the (512 ns, 1024 ns] bucket");
+        assert!(p.p99 >= 3.0 && p.p99 <= 4.096, "{p:?}");
+        assert!(bucket(Duration::from_secs(3600)) == BUCKETS);
+    }
+}

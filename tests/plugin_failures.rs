@@ -115,6 +115,27 @@ async fn reading_the_clock_traps_for_want_of_the_capability() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_environment_traps_for_want_of_the_capability() {
+    fails_alone("reads-env", "wasi:cli/environment", limits()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_recursion_traps_at_the_wasm_stack_limit_and_the_process_survives() {
+    fails_alone("deep-recursion", "stack", limits()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_of_megabytes_is_refused_at_the_answer_cap() {
+    // NB: the deadline and memory cap leave only the answer cap to stop it.
+    let limits = Limits {
+        deadline: Duration::from_secs(5),
+        memory_bytes: 64 << 20,
+        ..limits()
+    };
+    fails_alone("huge-answer", "over the answer cap of 16384", limits).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_configuration_is_refused_at_load_naming_file_flag_and_reason() {
     let dirs = dirs_with("picky-config", json!({"ok": false}));
     let err = Flaghost::start(&dirs.config("prod", limits()))

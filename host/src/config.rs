@@ -66,6 +66,11 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_MEMORY_MIB", default_value_t = limits::DEFAULT_MEMORY_BYTES >> 20)]
     pub plugin_memory_mib: usize,
 
+    /// Largest answer a plugin call may return (a variant name, or an error
+    /// message), in bytes; larger answers are refused as errors.
+    #[arg(long, env = "FLAGHOST_PLUGIN_MAX_ANSWER_BYTES", default_value_t = limits::DEFAULT_MAX_ANSWER_BYTES)]
+    pub plugin_max_answer_bytes: usize,
+
     /// How plugin evaluations are isolated: `reuse` keeps one instance per
     /// plugin per worker thread (fast; a trapped instance is discarded),
     /// `fresh` instantiates for every evaluation (nothing survives a call).
@@ -211,6 +216,7 @@ impl LimitArgs {
         Ok(Limits {
             deadline: Duration::from_millis(self.plugin_deadline_ms),
             memory_bytes: self.plugin_memory_mib << 20,
+            max_answer_bytes: self.plugin_max_answer_bytes.max(1),
             isolation: self.plugin_isolation,
             ..Limits::default()
         })

@@ -102,6 +102,16 @@ pub enum PluginError {
         /// The trap, as wasmtime describes it.
         reason: String,
     },
+    /// The guest's answer was over the answer cap.
+    #[error("plugin {plugin} answered {bytes} bytes, over the answer cap of {cap}")]
+    Output {
+        /// The plugin.
+        plugin: String,
+        /// The answer's size.
+        bytes: usize,
+        /// The cap.
+        cap: usize,
+    },
     /// The guest answered an error of its own.
     #[error("plugin {plugin} failed: {message}")]
     Guest {

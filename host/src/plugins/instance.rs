@@ -181,6 +181,17 @@ fn call(
         .targeting()
         .call_evaluate(&mut *store, handle)
         .map_err(|e| classify(plugin, store, e))?;
+    let bytes = match &answer {
+        Ok(variant) => variant.as_ref().map_or(0, String::len),
+        Err(message) => message.len(),
+    };
+    if bytes > plugin.limits.max_answer_bytes {
+        return Err(PluginError::Output {
+            plugin: plugin.name.clone(),
+            bytes,
+            cap: plugin.limits.max_answer_bytes,
+        });
+    }
     answer.map_err(|message| PluginError::Guest {
         plugin: plugin.name.clone(),
         message,

@@ -16,6 +16,9 @@ pub const DEFAULT_WASM_STACK_BYTES: usize = 512 << 10;
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 << 20;
 /// Default number of plugin instances that can exist at once.
 pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Default cap on an answer's size: a variant name or an error message
+/// (Shopify Functions allows 20 KB of output per run).
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 16 << 10;
 
 /// How evaluations are isolated from one another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -42,6 +45,9 @@ pub struct Limits {
     pub wasm_stack_bytes: usize,
     /// Largest component file accepted.
     pub max_component_bytes: usize,
+    /// Largest answer (variant name or error message) a call may return, in
+    /// bytes; a larger one is refused as an error.
+    pub max_answer_bytes: usize,
     /// How evaluations are isolated.
     pub isolation: Isolation,
     /// Plugin instances that can exist at once, across all plugins and
@@ -58,6 +64,7 @@ impl Default for Limits {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             wasm_stack_bytes: DEFAULT_WASM_STACK_BYTES,
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
+            max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
             isolation: Isolation::default(),
             max_instances: DEFAULT_MAX_INSTANCES,
         }

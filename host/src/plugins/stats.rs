@@ -25,6 +25,7 @@ pub struct Stats {
     deadline: AtomicU64,
     memory: AtomicU64,
     trap: AtomicU64,
+    output: AtomicU64,
     guest: AtomicU64,
     latency: [AtomicU64; BUCKETS + 1],
 }
@@ -54,6 +55,8 @@ pub struct ErrorCounts {
     pub memory: u64,
     /// Trapped (panic, `unreachable`, stack overflow, a capability it lacks).
     pub trap: u64,
+    /// Answered more than the answer cap.
+    pub output: u64,
     /// Answered an error of its own.
     pub guest: u64,
 }
@@ -91,6 +94,7 @@ impl Stats {
             Err(PluginError::Deadline { .. }) => &self.deadline,
             Err(PluginError::Memory { .. }) => &self.memory,
             Err(PluginError::Guest { .. }) => &self.guest,
+            Err(PluginError::Output { .. }) => &self.output,
             Err(_) => &self.trap,
         };
         kind.fetch_add(1, Ordering::Relaxed);
@@ -125,6 +129,7 @@ impl Stats {
                 deadline,
                 memory: self.memory.load(Ordering::Relaxed),
                 trap: self.trap.load(Ordering::Relaxed),
+                output: self.output.load(Ordering::Relaxed),
                 guest: self.guest.load(Ordering::Relaxed),
             },
             latency_us: (total > 0).then(|| Percentiles {

@@ -28,10 +28,12 @@ fn dirs_with(fixture_name: &str, config: Value) -> Dirs {
         )
 }
 
+/// Short deadlines; no quarantine (each test sees every failure run).
 fn limits() -> Limits {
     Limits {
         deadline: Duration::from_millis(50),
         memory_bytes: 16 << 20,
+        quarantine_after: u32::MAX,
         ..Limits::default()
     }
 }
@@ -298,5 +300,53 @@ async fn the_admin_listing_counts_each_plugins_evaluations_errors_and_timeouts()
         bad["latencyUs"]["p50"].as_f64() >= Some(50_000.0 / 2.0),
         "{bad}"
     );
+    fh.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_keeps_hitting_its_deadline_is_quarantined_then_retried() {
+    let dirs = dirs_with("endless-loop", json!({}));
+    let limits = Limits {
+        quarantine_after: 3,
+        quarantine_for: Duration::from_millis(1500),
+        ..limits()
+    };
+    let fh = Flaghost::start(&dirs.config("prod", limits))
+        .await
+        .expect("starts");
+    let bad = || async {
+        let started = std::time::Instant::now();
+        let (status, body) = fh.evaluate("bad", json!({})).await;
+        assert_eq!(status, 400, "{body}");
+        (
+            body["errorDetails"].as_str().unwrap_or_default().to_owned(),
+            started.elapsed(),
+        )
+    };
+    for _ in 0..3 {
+        let (details, _) = bad().await;
+        assert!(details.contains("deadline"), "{details}");
+    }
+    for _ in 0..5 {
+        let (details, took) = bad().await;
+        assert!(details.contains("quarantined"), "{details}");
+        assert!(
+            took < Duration::from_millis(50),
+            "answered without running: {took:?}"
+        );
+        neighbour_is_fine(&fh).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (details, _) = bad().await;
+    assert!(
+        details.contains("deadline"),
+        "retried after the cool-down: {details}"
+    );
+    let (details, _) = bad().await;
+    assert!(
+        details.contains("quarantined"),
+        "and quarantined again at once: {details}"
+    );
+    neighbour_is_fine(&fh).await;
     fh.stop().await.expect("stops");
 }

@@ -71,6 +71,22 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_MAX_ANSWER_BYTES", default_value_t = limits::DEFAULT_MAX_ANSWER_BYTES)]
     pub plugin_max_answer_bytes: usize,
 
+    /// Calls of one plugin that may run at once (each holds a worker thread
+    /// while it runs); more are answered with an error at once. Default: the
+    /// number of cores.
+    #[arg(long, env = "FLAGHOST_PLUGIN_MAX_CONCURRENCY")]
+    pub plugin_max_concurrency: Option<usize>,
+
+    /// Deadlines in a row after which a plugin is quarantined: its
+    /// evaluations answer an error at once, without running.
+    #[arg(long, env = "FLAGHOST_PLUGIN_QUARANTINE_AFTER", default_value_t = limits::DEFAULT_QUARANTINE_AFTER)]
+    pub plugin_quarantine_after: u32,
+
+    /// How long a quarantine lasts before the plugin is tried again, in
+    /// milliseconds.
+    #[arg(long, env = "FLAGHOST_PLUGIN_QUARANTINE_MS", default_value_t = limits::DEFAULT_QUARANTINE_FOR.as_millis() as u64)]
+    pub plugin_quarantine_ms: u64,
+
     /// How plugin evaluations are isolated: `reuse` keeps one instance per
     /// plugin per worker thread (fast; a trapped instance is discarded),
     /// `fresh` instantiates for every evaluation (nothing survives a call).
@@ -217,6 +233,12 @@ impl LimitArgs {
             deadline: Duration::from_millis(self.plugin_deadline_ms),
             memory_bytes: self.plugin_memory_mib << 20,
             max_answer_bytes: self.plugin_max_answer_bytes.max(1),
+            max_concurrency: self
+                .plugin_max_concurrency
+                .unwrap_or_else(limits::default_max_concurrency)
+                .max(1),
+            quarantine_after: self.plugin_quarantine_after.max(1),
+            quarantine_for: Duration::from_millis(self.plugin_quarantine_ms.min(MAX_INTERVAL_MS)),
             isolation: self.plugin_isolation,
             ..Limits::default()
         })

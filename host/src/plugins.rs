@@ -17,6 +17,7 @@
 
 mod artifacts;
 mod bindings;
+mod guard;
 mod host;
 mod instance;
 pub mod limits;
@@ -111,6 +112,24 @@ pub enum PluginError {
         bytes: usize,
         /// The cap.
         cap: usize,
+    },
+    /// The plugin is quarantined after repeated deadlines; not run.
+    #[error(
+        "plugin {plugin} is quarantined after repeated deadlines; tried again in {remaining:?}"
+    )]
+    Quarantined {
+        /// The plugin.
+        plugin: String,
+        /// Until it is tried again.
+        remaining: Duration,
+    },
+    /// As many calls of the plugin as allowed are running; not run.
+    #[error("plugin {plugin} already runs {max} calls, its limit; try again")]
+    Busy {
+        /// The plugin.
+        plugin: String,
+        /// The limit.
+        max: usize,
     },
     /// The guest answered an error of its own.
     #[error("plugin {plugin} failed: {message}")]
@@ -211,6 +230,11 @@ impl PluginRuntime {
             load_time: started.elapsed(),
             loaded_at: std::time::SystemTime::now(),
             stats: stats::Stats::default(),
+            guard: guard::Guard::new(
+                self.limits.max_concurrency,
+                self.limits.quarantine_after,
+                self.limits.quarantine_for,
+            ),
             contract_version: CONTRACT_VERSIONS[0],
             trapped_imports,
             pre,
@@ -335,6 +359,7 @@ pub struct Plugin {
     load_time: Duration,
     loaded_at: std::time::SystemTime,
     stats: stats::Stats,
+    guard: guard::Guard,
     contract_version: &'static str,
     trapped_imports: Vec<String>,
     pre: v0_1::TargetingRulePre<HostState>,
@@ -496,9 +521,19 @@ pub struct PluginRule {
 impl PluginRule {
     /// Runs the rule for `context`.
     pub fn run(&self, context: &EvaluationContext) -> Result<Option<String>, PluginError> {
+        let plugin = &self.plugin;
+        let permit = match plugin.guard.enter(&plugin.name) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                plugin.stats.refused();
+                return Err(refused);
+            }
+        };
         let started = std::time::Instant::now();
         let result = instance::evaluate(self, context);
-        self.plugin.stats.record(started.elapsed(), &result);
+        drop(permit);
+        plugin.stats.record(started.elapsed(), &result);
+        plugin.guard.record(&plugin.name, &result);
         result
     }
 }

@@ -16,6 +16,20 @@ pub const DEFAULT_WASM_STACK_BYTES: usize = 512 << 10;
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 << 20;
 /// Default number of plugin instances that can exist at once.
 pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Default number of deadlines in a row that quarantine a plugin.
+pub const DEFAULT_QUARANTINE_AFTER: u32 = 3;
+/// Default length of a quarantine.
+pub const DEFAULT_QUARANTINE_FOR: Duration = Duration::from_secs(5);
+
+/// Default calls of one plugin at once: the cores. Calls run on the worker
+/// threads (one per core), so this refuses nothing a well-behaved plugin
+/// does; set it lower to keep a plugin that runs to its deadline from holding
+/// every worker at once (its refused calls answer an error at once). The
+/// quarantine is what stops such a plugin by default.
+pub fn default_max_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Default cap on an answer's size: a variant name or an error message
 /// (Shopify Functions allows 20 KB of output per run).
 pub const DEFAULT_MAX_ANSWER_BYTES: usize = 16 << 10;
@@ -50,6 +64,13 @@ pub struct Limits {
     pub max_answer_bytes: usize,
     /// How evaluations are isolated.
     pub isolation: Isolation,
+    /// Calls of one plugin that may run at once (each holds a worker thread
+    /// while it runs); more are refused at once.
+    pub max_concurrency: usize,
+    /// Deadlines in a row after which a plugin is quarantined.
+    pub quarantine_after: u32,
+    /// How long a quarantine lasts before the plugin is tried again.
+    pub quarantine_for: Duration,
     /// Plugin instances that can exist at once, across all plugins and
     /// threads (the pooling allocator's size). With [`Isolation::Reuse`] each
     /// worker thread holds one per plugin; with [`Isolation::Fresh`] one per
@@ -65,6 +86,9 @@ impl Default for Limits {
             wasm_stack_bytes: DEFAULT_WASM_STACK_BYTES,
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
+            max_concurrency: default_max_concurrency(),
+            quarantine_after: DEFAULT_QUARANTINE_AFTER,
+            quarantine_for: DEFAULT_QUARANTINE_FOR,
             isolation: Isolation::default(),
             max_instances: DEFAULT_MAX_INSTANCES,
         }

@@ -27,6 +27,7 @@ pub struct Stats {
     trap: AtomicU64,
     output: AtomicU64,
     guest: AtomicU64,
+    refused: AtomicU64,
     latency: [AtomicU64; BUCKETS + 1],
 }
 
@@ -38,6 +39,8 @@ pub struct StatsSnapshot {
     pub evaluations: u64,
     /// Evaluations stopped at the deadline (timeouts).
     pub timeouts: u64,
+    /// Evaluations not run: quarantined, or too many calls at once.
+    pub refused: u64,
     /// Failed evaluations, by kind.
     pub errors: ErrorCounts,
     /// Latency percentiles in microseconds (upper bounds of power-of-two
@@ -100,6 +103,11 @@ impl Stats {
         kind.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records an evaluation refused without running.
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> StatsSnapshot {
         let counts: Vec<u64> = self
@@ -125,6 +133,7 @@ impl Stats {
         StatsSnapshot {
             evaluations: self.evaluations.load(Ordering::Relaxed),
             timeouts: deadline,
+            refused: self.refused.load(Ordering::Relaxed),
             errors: ErrorCounts {
                 deadline,
                 memory: self.memory.load(Ordering::Relaxed),

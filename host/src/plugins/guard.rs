@@ -1,0 +1,155 @@
+//! Keeps one plugin from hurting the others: a bound on its calls in flight,
+//! and a quarantine after repeated deadlines.
+//!
+//! Plugin calls run synchronously on the async worker threads, so a plugin
+//! that loops to its deadline holds a worker for the whole deadline. The
+//! bound on concurrent calls (by default the cores; set lower, it keeps such
+//! a plugin from holding every worker at once) refuses calls past it; after
+//! `quarantine_after` deadlines in a row the plugin is quarantined for `quarantine_for`: its evaluations answer an error
+//! at once, without running. The first call after the cool-down runs; another
+//! deadline quarantines it again at once, a success ends it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::PluginError;
+
+/// One plugin's guard.
+#[derive(Debug)]
+pub struct Guard {
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+    deadlines_in_a_row: AtomicU32,
+    quarantine_after: u32,
+    quarantine_for: Duration,
+    /// Nanoseconds after `epoch` until which the plugin is quarantined; 0:
+    /// not quarantined.
+    quarantined_until: AtomicU64,
+    epoch: Instant,
+}
+
+/// A call in flight; its slot is given back when dropped.
+pub struct Permit<'a>(&'a Guard);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Guard {
+    /// A guard allowing `max_in_flight` calls at once, quarantining for
+    /// `quarantine_for` after `quarantine_after` deadlines in a row.
+    pub fn new(max_in_flight: usize, quarantine_after: u32, quarantine_for: Duration) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: max_in_flight.max(1),
+            deadlines_in_a_row: AtomicU32::new(0),
+            quarantine_after: quarantine_after.max(1),
+            quarantine_for,
+            quarantined_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Lets a call run, or says why not.
+    pub fn enter(&self, plugin: &str) -> Result<Permit<'_>, PluginError> {
+        let until = self.quarantined_until.load(Ordering::Acquire);
+        let now = self.now();
+        if until > now {
+            return Err(PluginError::Quarantined {
+                plugin: plugin.to_owned(),
+                remaining: Duration::from_nanos(until - now),
+            });
+        }
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(PluginError::Busy {
+                plugin: plugin.to_owned(),
+                max: self.max_in_flight,
+            });
+        }
+        Ok(Permit(self))
+    }
+
+    /// Notes how a call ended.
+    pub fn record<T>(&self, plugin: &str, result: &Result<T, PluginError>) {
+        if let Err(PluginError::Deadline { .. }) = result {
+            let in_a_row = self.deadlines_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+            if in_a_row >= self.quarantine_after {
+                let until = self.now().saturating_add(
+                    u64::try_from(self.quarantine_for.as_nanos()).unwrap_or(u64::MAX),
+                );
+                let previous = self.quarantined_until.swap(until, Ordering::AcqRel);
+                if previous == 0 {
+                    warn!(plugin, deadlines_in_a_row = in_a_row, quarantine = ?self.quarantine_for,
+                          "plugin quarantined: its evaluations answer an error without running until the cool-down ends");
+                }
+            }
+        } else if self.deadlines_in_a_row.swap(0, Ordering::AcqRel) > 0
+            && self.quarantined_until.swap(0, Ordering::AcqRel) != 0
+        {
+            info!(
+                plugin,
+                "plugin answers within its deadline again: quarantine over"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadline() -> Result<(), PluginError> {
+        Err(PluginError::Deadline {
+            plugin: "p".into(),
+            deadline: Duration::from_millis(10),
+        })
+    }
+
+    #[test]
+    fn repeated_deadlines_quarantine_then_a_success_ends_it() {
+        let guard = Guard::new(4, 3, Duration::from_millis(50));
+        for _ in 0..2 {
+            let _permit = guard.enter("p").expect("runs");
+            guard.record("p", &deadline());
+        }
+        guard.record("p", &deadline());
+        let Err(PluginError::Quarantined { remaining, .. }) = guard.enter("p") else {
+            panic!("quarantined after 3 deadlines in a row");
+        };
+        assert!(remaining <= Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(60));
+        guard.enter("p").expect("retried after the cool-down");
+        guard.record("p", &deadline());
+        assert!(
+            guard.enter("p").is_err(),
+            "another deadline: quarantined at once"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        guard.record("p", &Ok::<(), PluginError>(()));
+        assert!(guard.enter("p").is_ok(), "a success ends it");
+    }
+
+    #[test]
+    fn calls_in_flight_are_bounded() {
+        let guard = Guard::new(2, 3, Duration::from_secs(1));
+        let a = guard.enter("p").expect("first");
+        let _b = guard.enter("p").expect("second");
+        assert!(matches!(
+            guard.enter("p"),
+            Err(PluginError::Busy { max: 2, .. })
+        ));
+        drop(a);
+        guard.enter("p").expect("a slot came back");
+    }
+}

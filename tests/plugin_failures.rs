@@ -122,6 +122,45 @@ async fn reading_the_environment_traps_for_want_of_the_capability() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_socket_traps_for_want_of_the_capability() {
+    fails_alone("opens-socket", "wasi:sockets", limits()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_past_the_context_cap_fails_the_evaluation() {
+    let dirs = dirs_with("trap", json!({})).flag_file(
+        "prod",
+        &json!({"flags": {
+            "neighbour": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                          "defaultVariant": "off",
+                          "targeting": {"plugin": ["allow-list",
+                              {"attribute": "country", "values": ["NL"], "variant": "on"}]}},
+            "blob-reader": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                            "defaultVariant": "off",
+                            "targeting": {"plugin": ["allow-list",
+                                {"attribute": "blob", "values": ["x"], "variant": "on"}]}}
+        }}),
+    );
+    let fh = Flaghost::start(&dirs.config("prod", limits()))
+        .await
+        .expect("starts");
+    let small = fh.evaluate("blob-reader", json!({"blob": "x"})).await;
+    assert_eq!(
+        (small.0, &small.1["value"]),
+        (200, &json!(true)),
+        "{}",
+        small.1
+    );
+    let big = "y".repeat(200 << 10);
+    let (status, body) = fh.evaluate("blob-reader", json!({"blob": big})).await;
+    assert_eq!(status, 400, "{body}");
+    let details = body["errorDetails"].as_str().expect("details");
+    assert!(details.contains("context cap of 131072"), "{details}");
+    neighbour_is_fine(&fh).await;
+    fh.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbounded_recursion_traps_at_the_wasm_stack_limit_and_the_process_survives() {
     fails_alone("deep-recursion", "stack", limits()).await;
 }

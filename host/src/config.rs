@@ -71,6 +71,11 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_MAX_ANSWER_BYTES", default_value_t = limits::DEFAULT_MAX_ANSWER_BYTES)]
     pub plugin_max_answer_bytes: usize,
 
+    /// Context bytes one plugin call may read (through `context.get`);
+    /// reading past it fails the evaluation.
+    #[arg(long, env = "FLAGHOST_PLUGIN_MAX_CONTEXT_BYTES", default_value_t = limits::DEFAULT_MAX_CONTEXT_BYTES)]
+    pub plugin_max_context_bytes: usize,
+
     /// Calls of one plugin that may run at once (each holds a worker thread
     /// while it runs); more are answered with an error at once. Default: the
     /// number of cores.
@@ -233,6 +238,7 @@ impl LimitArgs {
             deadline: Duration::from_millis(self.plugin_deadline_ms),
             memory_bytes: self.plugin_memory_mib << 20,
             max_answer_bytes: self.plugin_max_answer_bytes.max(1),
+            max_context_bytes: self.plugin_max_context_bytes.max(1),
             max_concurrency: self
                 .plugin_max_concurrency
                 .unwrap_or_else(limits::default_max_concurrency)

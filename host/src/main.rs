@@ -16,6 +16,10 @@ fn main() -> ExitCode {
             telemetry::init(args.log_format);
             let result = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                // NB: plugin calls run on these threads; a guest's recursion
+                // stops at the wasm stack limit (512 KiB) well inside this,
+                // so it traps instead of overflowing the native stack.
+                .thread_stack_size(4 << 20)
                 .build()
                 .context("cannot start the async runtime")
                 .and_then(|rt| rt.block_on(serve(args)));

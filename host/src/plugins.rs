@@ -103,6 +103,14 @@ pub enum PluginError {
         /// The trap, as wasmtime describes it.
         reason: String,
     },
+    /// The guest read more of the context than the context cap.
+    #[error("plugin {plugin} read more than the context cap of {cap} bytes")]
+    Input {
+        /// The plugin.
+        plugin: String,
+        /// The cap.
+        cap: usize,
+    },
     /// The guest's answer was over the answer cap.
     #[error("plugin {plugin} answered {bytes} bytes, over the answer cap of {cap}")]
     Output {

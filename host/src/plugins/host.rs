@@ -7,11 +7,17 @@ use super::limits::HostState;
 
 impl Host for HostState {
     fn targeting_key(&mut self) -> Option<String> {
-        self.context.as_ref()?.targeting_key().map(str::to_owned)
+        let key = self.context.as_ref()?.targeting_key()?.to_owned();
+        self.charge(key.len()).then_some(key)
     }
 
     fn get(&mut self, path: String) -> Option<Value> {
-        self.context.as_ref()?.get(&path).map(to_wit)
+        let value = self.context.as_ref()?.get(&path).map(to_wit)?;
+        let bytes = match &value {
+            Value::Text(s) | Value::Json(s) => s.len(),
+            _ => 8,
+        };
+        self.charge(bytes).then_some(value)
     }
 }
 

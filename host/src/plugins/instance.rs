@@ -176,11 +176,18 @@ fn call(
     bindings: &Bindings,
     handle: ResourceAny,
 ) -> Result<Option<String>, PluginError> {
+    store.data_mut().begin_call();
     let answer = bindings
         .flaghost_rules_rule()
         .targeting()
         .call_evaluate(&mut *store, handle)
         .map_err(|e| classify(plugin, store, e))?;
+    if store.data().context_exceeded {
+        return Err(PluginError::Input {
+            plugin: plugin.name.clone(),
+            cap: plugin.limits.max_context_bytes,
+        });
+    }
     let bytes = match &answer {
         Ok(variant) => variant.as_ref().map_or(0, String::len),
         Err(message) => message.len(),

@@ -30,6 +30,10 @@ pub fn default_max_concurrency() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Default cap on the context bytes one call reads (Shopify Functions allows
+/// 128 KB of input per run).
+pub const DEFAULT_MAX_CONTEXT_BYTES: usize = 128 << 10;
+
 /// Default cap on an answer's size: a variant name or an error message
 /// (Shopify Functions allows 20 KB of output per run).
 pub const DEFAULT_MAX_ANSWER_BYTES: usize = 16 << 10;
@@ -62,6 +66,9 @@ pub struct Limits {
     /// Largest answer (variant name or error message) a call may return, in
     /// bytes; a larger one is refused as an error.
     pub max_answer_bytes: usize,
+    /// Context bytes one call may read through the `context` import; past
+    /// it, reads answer nothing and the evaluation is refused as an error.
+    pub max_context_bytes: usize,
     /// How evaluations are isolated.
     pub isolation: Isolation,
     /// Calls of one plugin that may run at once (each holds a worker thread
@@ -86,6 +93,7 @@ impl Default for Limits {
             wasm_stack_bytes: DEFAULT_WASM_STACK_BYTES,
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
+            max_context_bytes: DEFAULT_MAX_CONTEXT_BYTES,
             max_concurrency: default_max_concurrency(),
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             quarantine_for: DEFAULT_QUARANTINE_FOR,
@@ -107,6 +115,11 @@ pub(super) struct HostState {
     /// Set when the guest asked for more memory than the cap, so the trap that
     /// follows is reported as a memory overrun rather than a bare trap.
     pub memory_exceeded: bool,
+    /// Context bytes the call in progress has read.
+    pub context_read: usize,
+    max_context_bytes: usize,
+    /// Set when the call in progress read past the context cap.
+    pub context_exceeded: bool,
 }
 
 impl HostState {
@@ -115,7 +128,25 @@ impl HostState {
             context: None,
             memory_bytes: limits.memory_bytes,
             memory_exceeded: false,
+            context_read: 0,
+            max_context_bytes: limits.max_context_bytes,
+            context_exceeded: false,
         }
+    }
+
+    /// Starts a call's context budget over.
+    pub fn begin_call(&mut self) {
+        self.context_read = 0;
+        self.context_exceeded = false;
+    }
+
+    /// Counts `bytes` read from the context; whether they fit the cap.
+    pub fn charge(&mut self, bytes: usize) -> bool {
+        self.context_read = self.context_read.saturating_add(bytes);
+        if self.context_read > self.max_context_bytes {
+            self.context_exceeded = true;
+        }
+        !self.context_exceeded
     }
 }
 

@@ -58,7 +58,7 @@ pub struct ErrorCounts {
     pub memory: u64,
     /// Trapped (panic, `unreachable`, stack overflow, a capability it lacks).
     pub trap: u64,
-    /// Answered more than the answer cap.
+    /// Read more than the context cap, or answered more than the answer cap.
     pub output: u64,
     /// Answered an error of its own.
     pub guest: u64,
@@ -97,7 +97,7 @@ impl Stats {
             Err(PluginError::Deadline { .. }) => &self.deadline,
             Err(PluginError::Memory { .. }) => &self.memory,
             Err(PluginError::Guest { .. }) => &self.guest,
-            Err(PluginError::Output { .. }) => &self.output,
+            Err(PluginError::Output { .. } | PluginError::Input { .. }) => &self.output,
             Err(_) => &self.trap,
         };
         kind.fetch_add(1, Ordering::Relaxed);

@@ -281,6 +281,32 @@ fn a_component_of_another_world_is_refused_naming_what_is_missing() {
     );
 }
 
+#[test]
+fn a_component_built_for_another_contract_version_is_refused_naming_it_and_the_rest_load() {
+    let dirs = Dirs::new()
+        .plugin("future", &fixture("future-contract"))
+        .plugin("allow-list", &plugin("allow-list"));
+    let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let (plugins, errors) = runtime.load_dir(&dirs.plugins()).expect("dir");
+    let loaded: Vec<&str> = plugins.iter().map(|p| p.name()).collect();
+    assert_eq!(loaded, ["allow-list"]);
+    assert_eq!(
+        plugins
+            .get("allow-list")
+            .expect("loaded")
+            .contract_version(),
+        "0.1.0",
+        "the current version loads through the dispatch point"
+    );
+    let message = errors[0].to_string();
+    assert!(message.contains("future"), "{message}");
+    assert!(
+        message.contains("built for contract version 0.2.0"),
+        "{message}"
+    );
+    assert!(message.contains("serves 0.1.0"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listing_counts_each_plugins_evaluations_errors_and_timeouts() {
     let dirs = dirs_with("endless-loop", json!({}));

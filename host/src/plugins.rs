@@ -226,8 +226,25 @@ impl PluginRuntime {
             plugin: name.to_owned(),
             reason: format!("{e:#}"),
         };
+        let version =
+            contract_version(&self.engine, &component).map_err(|reason| PluginError::Contract {
+                plugin: name.to_owned(),
+                reason,
+            })?;
         let pre = linker.instantiate_pre(&component).map_err(contract)?;
-        let pre = v0_1::TargetingRulePre::new(pre).map_err(contract)?;
+        // NB: the one dispatch point on the contract version. A breaking
+        // version adds bindings beside `v0_1` (see `bindings`), an arm here,
+        // and a variant where calls are made; plugins built for older
+        // versions keep loading through their own arm.
+        let pre = match version {
+            "0.1.0" => v0_1::TargetingRulePre::new(pre).map_err(contract)?,
+            other => {
+                return Err(PluginError::Contract {
+                    plugin: name.to_owned(),
+                    reason: format!("contract {other} is listed as served but has no bindings"),
+                });
+            }
+        };
 
         Ok(Arc::new(Plugin {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -243,7 +260,7 @@ impl PluginRuntime {
                 self.limits.quarantine_after,
                 self.limits.quarantine_for,
             ),
-            contract_version: CONTRACT_VERSIONS[0],
+            contract_version: version,
             trapped_imports,
             pre,
             limits: self.limits.clone(),
@@ -344,6 +361,36 @@ fn check_header(bytes: &[u8], max_bytes: usize) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// The contract version `component` implements, from the `rule` interface
+/// it exports (`flaghost:rules/rule@<version>`), if this host serves it.
+fn contract_version(engine: &Engine, component: &Component) -> Result<&'static str, String> {
+    const RULE: &str = "flaghost:rules/rule@";
+    let exported: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .filter_map(|(name, _)| name.strip_prefix(RULE).map(str::to_owned))
+        .collect();
+    if exported.is_empty() {
+        return Err(format!(
+            "it exports no {RULE}<version> interface (expected {RULE}{})",
+            CONTRACT_VERSIONS[0]
+        ));
+    }
+    // Newest served first: a component exporting several versions runs on
+    // the newest this host knows.
+    CONTRACT_VERSIONS
+        .iter()
+        .find(|served| exported.iter().any(|v| v == *served))
+        .copied()
+        .ok_or_else(|| {
+            format!(
+                "it was built for contract version {}; this flaghost serves {}: rebuild it against wit/rules.wit",
+                exported.join(", "),
+                CONTRACT_VERSIONS.join(", ")
+            )
+        })
 }
 
 /// The component's imports that are not part of the contract: they trap.

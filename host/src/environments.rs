@@ -521,6 +521,23 @@ impl Environments {
         }
     }
 
+    /// Reloads every environment served (the plugins changed: rules are
+    /// bound again).
+    pub async fn reload_all(&self) {
+        let names: Vec<String> = self
+            .last_good
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        for environment in names {
+            if let Err(e) = self.refresh(&environment).await {
+                warn!(environment = %environment, error = %e, "reload after a plugin change failed");
+            }
+        }
+    }
+
     /// Writes back the flag sets the shared cache no longer holds (it
     /// restarted empty, was flushed, evicted them).
     pub async fn keep_shared_warm(&self) {

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::environments::Environments;
-use crate::plugins::PluginSet;
+use crate::plugins::PluginRegistry;
 
 /// Default limit on a request body.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
@@ -35,8 +35,8 @@ pub struct AppState {
     pub default_environment: Arc<str>,
     /// The admin API's token; `None`: the admin API is off.
     pub admin: Option<AdminToken>,
-    /// The loaded plugins, for the admin listing.
-    pub plugins: PluginSet,
+    /// The plugins in force, for the admin listing.
+    pub plugins: PluginRegistry,
 }
 
 /// Which browser origins may call flaghost (CORS).

@@ -523,6 +523,110 @@ impl PluginSet {
     }
 }
 
+impl PluginSet {
+    /// Removes a plugin.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<Plugin>> {
+        self.plugins.remove(name)
+    }
+}
+
+/// The plugins in force, shared by the flag store, the shared cache and the
+/// admin API, and replaced whole when the plugin directory changes. A flag
+/// set already built keeps the plugins it was bound to: evaluations in
+/// flight finish on the version they started with.
+#[derive(Clone, Default)]
+pub struct PluginRegistry {
+    current: Arc<arc_swap::ArcSwap<PluginSet>>,
+    generation: Arc<AtomicU64>,
+    report: Arc<std::sync::Mutex<ReloadReport>>,
+}
+
+/// What the last looks at the plugin directory could not apply, for the
+/// admin listing.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadReport {
+    /// Files refused (they do not load, or flag files would not load with
+    /// them), with why; the previous version keeps serving.
+    pub refused: Vec<RefusedFile>,
+    /// Plugins whose file was removed while flags use them: the loaded copy
+    /// keeps serving.
+    pub kept_after_removal: Vec<String>,
+}
+
+/// A plugin file that was refused.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RefusedFile {
+    /// The plugin.
+    pub name: String,
+    /// The file's SHA-256.
+    pub digest: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl PluginRegistry {
+    /// A registry holding `set`.
+    pub fn new(set: PluginSet) -> Self {
+        Self {
+            current: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
+            generation: Arc::new(AtomicU64::new(0)),
+            report: Arc::default(),
+        }
+    }
+
+    /// What the directory watcher could not apply.
+    pub fn report(&self) -> ReloadReport {
+        self.report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the watcher's report.
+    pub fn set_report(&self, report: ReloadReport) {
+        *self
+            .report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = report;
+    }
+
+    /// The plugins now.
+    pub fn current(&self) -> Arc<PluginSet> {
+        self.current.load_full()
+    }
+
+    /// Counts replacements: flag files parsed under another generation are
+    /// parsed (and their plugin configurations checked) again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Puts `set` in force.
+    pub fn replace(&self, set: PluginSet) {
+        self.current.store(Arc::new(set));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl From<PluginSet> for PluginRegistry {
+    fn from(set: PluginSet) -> Self {
+        Self::new(set)
+    }
+}
+
+impl RuleBinder for PluginRegistry {
+    fn bind(
+        &self,
+        flag_key: &str,
+        variants: &[String],
+        plugin: &str,
+        config: &Json,
+    ) -> Result<Arc<dyn TargetingRule>, String> {
+        self.current.load().bind(flag_key, variants, plugin, config)
+    }
+}
+
 impl RuleBinder for PluginSet {
     fn bind(
         &self,

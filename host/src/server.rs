@@ -15,7 +15,9 @@ use crate::cache::{FlagCache, RedisCache, redact_url};
 use crate::config::{ServeConfig, SourceArgs};
 use crate::environments::{Environments, Timing};
 use crate::http::{AdminToken, AppState, HttpOptions, app};
-use crate::plugins::{PluginError, PluginRuntime, PluginSet};
+use crate::plugins::{PluginError, PluginRegistry, PluginRuntime, PluginSet};
+
+mod plugin_watch;
 use crate::store::{DirStore, FlagStore, StoreError};
 
 /// A service ready to serve: its router state and what it loaded.
@@ -28,6 +30,8 @@ pub struct Service {
     pub runtime: Arc<PluginRuntime>,
     /// Reloads flag files and keeps the shared cache warm while served.
     _maintenance: AbortOnDrop,
+    /// Reloads the plugin directory while served.
+    _plugin_watch: Option<AbortOnDrop>,
 }
 
 /// Stops a background task when the service goes.
@@ -90,6 +94,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         }
     }
     let plugin_names: Vec<String> = plugins.iter().map(|p| p.name().to_owned()).collect();
+    let registry = PluginRegistry::new(plugins);
 
     // NB: the one place the shared cache is picked: Redis when REDIS_URL is
     // set, else none (the in-process snapshot is then the only cache).
@@ -99,7 +104,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             None
         }
         Some(options) => {
-            let redis = RedisCache::connect(options, Arc::new(plugins.clone()))?;
+            let redis = RedisCache::connect(options, Arc::new(registry.clone()))?;
             if !redis.wait_connected(crate::cache::CONNECT_TIMEOUT).await {
                 warn!(redis = %redact_url(&options.url),
                       "redis unreachable at start-up: serving from memory, connecting in the background");
@@ -107,7 +112,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             Some(Arc::new(redis))
         }
     };
-    let store = Arc::new(DirStore::new(&config.flags, plugins.clone()));
+    let store = Arc::new(DirStore::new(&config.flags, registry.clone()));
     let timing = Timing {
         ttl: config.cache_ttl,
         check_interval: config.check_interval,
@@ -171,16 +176,27 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         "flaghost loaded"
     );
     let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval));
+    let plugin_watch = match (&config.plugins, config.watch_interval) {
+        (Some(dir), Some(interval)) => Some(AbortOnDrop(tokio::spawn(plugin_watch::watch(
+            runtime.clone(),
+            dir.clone(),
+            store.clone(),
+            read_path.clone(),
+            interval,
+        )))),
+        _ => None,
+    };
     Ok(Service {
         state: AppState {
             environments: read_path,
             default_environment: config.default_environment.as_str().into(),
             admin: config.admin_token.as_deref().map(AdminToken::new),
-            plugins,
+            plugins: registry,
         },
         http: config.http.clone(),
         runtime,
         _maintenance: AbortOnDrop(maintenance),
+        _plugin_watch: plugin_watch,
     })
 }
 

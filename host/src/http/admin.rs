@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
 use crate::environments::Invalidation;
-use crate::plugins::{CONTRACT_VERSIONS, Origin, StatsSnapshot};
+use crate::plugins::{CONTRACT_VERSIONS, Origin, ReloadReport, StatsSnapshot};
 use crate::store::valid_environment_name;
 
 /// The admin token, kept as its digest: comparing digests takes the same
@@ -122,6 +122,9 @@ pub struct PluginInfo {
 pub struct PluginListing {
     contract_versions: &'static [&'static str],
     plugins: Vec<PluginInfo>,
+    /// Plugin files refused by the directory watcher, and plugins kept
+    /// loaded after their file was removed.
+    reload: ReloadReport,
 }
 
 /// `GET /admin/v1/plugins`: every loaded plugin with its digest, size,
@@ -134,6 +137,7 @@ pub async fn plugins(
     authorize(&state, &headers)?;
     let plugins = state
         .plugins
+        .current()
         .iter()
         .map(|p| PluginInfo {
             name: p.name().to_owned(),
@@ -156,5 +160,6 @@ pub async fn plugins(
     Ok(Json(PluginListing {
         contract_versions: CONTRACT_VERSIONS,
         plugins,
+        reload: state.plugins.report(),
     }))
 }

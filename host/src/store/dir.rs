@@ -9,23 +9,24 @@ use sha2::{Digest, Sha256};
 
 use super::{FlagStore, StoreError, valid_environment_name};
 use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
-use crate::plugins::PluginSet;
+use crate::plugins::{PluginRegistry, PluginSet};
 
 /// Reads flag files from a directory; rules are bound to `plugins`.
 pub struct DirStore {
     dir: PathBuf,
-    plugins: PluginSet,
-    /// The last set parsed per environment: a file whose bytes did not change
-    /// is not parsed (nor its plugin configurations checked) again.
-    parsed: Mutex<HashMap<String, Arc<FlagSet>>>,
+    plugins: PluginRegistry,
+    /// The last set parsed per environment, with the plugin generation it
+    /// was bound under: a file whose bytes did not change is not parsed (nor
+    /// its plugin configurations checked) again while the plugins stay.
+    parsed: Mutex<HashMap<String, (u64, Arc<FlagSet>)>>,
 }
 
 impl DirStore {
     /// A store over `dir`, binding rules to `plugins`.
-    pub fn new(dir: impl Into<PathBuf>, plugins: PluginSet) -> Self {
+    pub fn new(dir: impl Into<PathBuf>, plugins: impl Into<PluginRegistry>) -> Self {
         Self {
             dir: dir.into(),
-            plugins,
+            plugins: plugins.into(),
             parsed: Mutex::new(HashMap::new()),
         }
     }
@@ -56,8 +57,10 @@ impl DirStore {
             }
         };
         let digest = format!("{:x}", Sha256::digest(&bytes));
-        if let Some(set) = self.parsed().get(environment)
+        let generation = self.plugins.generation();
+        if let Some((parsed_under, set)) = self.parsed().get(environment)
             && set.digest == digest
+            && *parsed_under == generation
         {
             return Ok(set.clone());
         }
@@ -68,8 +71,32 @@ impl DirStore {
             &bytes,
             binder,
         )?);
-        self.parsed().insert(environment.to_owned(), set.clone());
+        self.parsed()
+            .insert(environment.to_owned(), (generation, set.clone()));
         Ok(set)
+    }
+
+    /// Whether `environment`'s file would load with `plugins` (a candidate
+    /// plugin set, not yet in force); a missing file loads.
+    pub fn check_with(&self, environment: &str, plugins: &PluginSet) -> Result<(), StoreError> {
+        let path = self.dir.join(format!("{environment}.json"));
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        parse_flag_file(&path.display().to_string(), environment, &bytes, plugins)?;
+        Ok(())
+    }
+
+    /// The plugins flag files are bound to.
+    pub fn plugins(&self) -> &PluginRegistry {
+        &self.plugins
     }
 
     /// The environments: the stems of the `*.json` files in the directory.
@@ -87,7 +114,7 @@ impl DirStore {
         Ok(names)
     }
 
-    fn parsed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<FlagSet>>> {
+    fn parsed(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Arc<FlagSet>)>> {
         // The map is only ever replaced entry by entry: a panic elsewhere
         // cannot leave it half-written.
         self.parsed.lock().unwrap_or_else(PoisonError::into_inner)

@@ -1,0 +1,145 @@
+//! Hot reload of the plugin directory: a replaced component takes effect
+//! without a restart; one that fails to load, or that the flag files'
+//! configurations fail, is refused and the previous version keeps serving;
+//! a new one is picked up; a removed one that flags use stays loaded, one
+//! that nothing uses goes.
+
+use std::time::Duration;
+
+use flaghost_tests::{Dirs, Flaghost, answer_limits, eventually, fixture, plugin};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "reload-admin-token-0123456789";
+
+async fn listing(fh: &Flaghost) -> Vec<(String, String)> {
+    let body = admin(fh).await;
+    body["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["digest"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (compiling is slow in a debug build) until the watcher reports
+/// `digest` refused.
+async fn refused(fh: &Flaghost, digest: &str) -> bool {
+    eventually(Duration::from_secs(30), || async {
+        admin(fh).await["reload"]["refused"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|f| f["digest"] == digest))
+    })
+    .await
+}
+
+async fn admin(fh: &Flaghost) -> Value {
+    fh.client
+        .get(format!("{}/admin/v1/plugins", fh.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    format!(
+        "{:x}",
+        sha2::Sha256::digest(std::fs::read(path).expect("read"))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_changes_take_effect_without_a_restart_and_bad_ones_are_refused() {
+    let dirs = Dirs::new().plugin("gate", &plugin("allow-list")).flag_file(
+        "prod",
+        &json!({"flags": {"gated": {
+            "state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+            "targeting": {"plugin": ["gate", {"attribute": "country", "values": ["NL"], "variant": "on"}]}
+        }}}),
+    );
+    let mut config = dirs.config("prod", answer_limits());
+    config.watch_interval = Some(Duration::from_millis(200));
+    config.admin_token = Some(TOKEN.into());
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let gated = || async { fh.evaluate("gated", json!({"country": "NL"})).await };
+    let allow_list = sha256(&plugin("allow-list"));
+    assert_eq!(listing(&fh).await, [("gate".into(), allow_list.clone())]);
+    assert_eq!(gated().await.1["value"], true);
+    let gate = dirs.plugins().join("gate.wasm");
+
+    // Bytes that are no component: refused, the loaded version keeps serving.
+    std::fs::write(&gate, b"\0asm garbage").expect("write");
+    assert!(refused(&fh, &sha256(&gate)).await, "reported refused");
+    assert_eq!(gated().await.1["value"], true);
+    assert_eq!(listing(&fh).await, [("gate".into(), allow_list.clone())]);
+
+    // A component whose configuration check refuses the flag's: refused.
+    std::fs::copy(fixture("picky-config"), &gate).expect("copy");
+    assert!(refused(&fh, &sha256(&gate)).await, "reported refused");
+    assert_eq!(gated().await.1["value"], true);
+    assert_eq!(listing(&fh).await, [("gate".into(), allow_list.clone())]);
+
+    // A component that accepts it: swapped in (this one traps when run).
+    std::fs::copy(fixture("trap"), &gate).expect("copy");
+    let swapped = eventually(Duration::from_secs(30), || async {
+        let (_, body) = gated().await;
+        body["errorDetails"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("trapped")
+    })
+    .await;
+    assert!(swapped, "the new version serves");
+    assert_eq!(
+        listing(&fh).await,
+        [("gate".into(), sha256(&fixture("trap")))]
+    );
+
+    // Back to the allow-list, and a new plugin beside it.
+    std::fs::copy(plugin("allow-list"), &gate).expect("copy");
+    std::fs::copy(
+        plugin("percentage-rollout"),
+        dirs.plugins().join("extra.wasm"),
+    )
+    .expect("copy");
+    let back = eventually(Duration::from_secs(30), || async {
+        gated().await.1["value"] == true && listing(&fh).await.len() == 2
+    })
+    .await;
+    assert!(
+        back,
+        "replaced again, and the new plugin is loaded: {:?} {}",
+        listing(&fh).await,
+        gated().await.1
+    );
+
+    // Removing a plugin nothing uses drops it; one the flags use stays.
+    std::fs::remove_file(dirs.plugins().join("extra.wasm")).expect("remove");
+    std::fs::remove_file(&gate).expect("remove");
+    let settled = eventually(Duration::from_secs(30), || async {
+        listing(&fh).await == [("gate".to_owned(), allow_list.clone())]
+            && admin(&fh).await["reload"]["keptAfterRemoval"] == json!(["gate"])
+    })
+    .await;
+    assert!(
+        settled,
+        "extra dropped, gate kept: {:?}",
+        listing(&fh).await
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        gated().await.1["value"],
+        true,
+        "the loaded copy keeps serving"
+    );
+    fh.stop().await.expect("stops");
+}

@@ -233,6 +233,7 @@ fn files_that_are_not_components_are_refused_and_the_rest_load() {
             &[0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 0x00, 0x01, 0x02],
         )
         .plugin_bytes("core-module", b"\0asm\x01\0\0\0")
+        .plugin_bytes("huge", &vec![0u8; 50 << 20])
         .plugin_bytes(
             "truncated",
             &std::fs::read(plugin("allow-list")).expect("read")[..4096],
@@ -247,6 +248,7 @@ fn files_that_are_not_components_are_refused_and_the_rest_load() {
     let expect = [
         ("core-module", "core WebAssembly module, not a component"),
         ("empty", "empty"),
+        ("huge", "over the limit"),
         ("random", "not a WebAssembly file"),
         ("truncated", "not a valid component"),
     ];

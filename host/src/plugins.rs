@@ -268,6 +268,25 @@ impl PluginRuntime {
         }))
     }
 
+    /// Reads a component file, refusing one over the size limit before
+    /// reading it (a 50 MB file is not read into memory to be refused).
+    pub fn read_component(&self, name: &str, path: &Path) -> Result<Vec<u8>, PluginError> {
+        let read_error = |e: std::io::Error| PluginError::Read {
+            plugin: name.to_owned(),
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        let max = self.limits.max_component_bytes;
+        if size > max as u64 {
+            return Err(PluginError::Invalid {
+                plugin: name.to_owned(),
+                reason: format!("the file is {size} bytes, over the limit of {max}"),
+            });
+        }
+        std::fs::read(path).map_err(read_error)
+    }
+
     /// Loads every `*.wasm` file in `dir` (plugin name = file stem). Returns
     /// the plugins that loaded and the errors of those that did not.
     pub fn load_dir(&self, dir: &Path) -> Result<(PluginSet, Vec<PluginError>), std::io::Error> {
@@ -282,12 +301,8 @@ impl PluginRuntime {
             let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
-            let loaded = std::fs::read(&path)
-                .map_err(|e| PluginError::Read {
-                    plugin: name.to_owned(),
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })
+            let loaded = self
+                .read_component(name, &path)
                 .and_then(|bytes| self.load(name, &bytes));
             match loaded {
                 Ok(plugin) => {

@@ -96,10 +96,15 @@ impl Artifacts {
     }
 
     fn write(&self, path: &Path, component: &Component) -> wasmtime::Result<()> {
+        use std::io::Write as _;
         let bytes = component.serialize()?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)?;
+        // NB: a temporary file of a unique name (two processes sharing the
+        // directory never write the same one), synced, then renamed into
+        // place: a reader sees a whole artifact or none.
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        tmp.write_all(&bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)?;
         debug!(artifact = %path.display(), "compiled component cached");
         Ok(())
     }

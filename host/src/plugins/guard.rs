@@ -70,6 +70,22 @@ impl Guard {
                 remaining: Duration::from_nanos(until - now),
             });
         }
+        if until != 0 {
+            // The cool-down is over: one caller (the one that moves the end
+            // forward) runs as the trial; the others stay refused meanwhile.
+            let next = now
+                .saturating_add(u64::try_from(self.quarantine_for.as_nanos()).unwrap_or(u64::MAX));
+            if self
+                .quarantined_until
+                .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return Err(PluginError::Quarantined {
+                    plugin: plugin.to_owned(),
+                    remaining: self.quarantine_for,
+                });
+            }
+        }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(PluginError::Busy {
@@ -129,15 +145,20 @@ mod tests {
         };
         assert!(remaining <= Duration::from_millis(50));
         std::thread::sleep(Duration::from_millis(60));
-        guard.enter("p").expect("retried after the cool-down");
+        let trial = guard.enter("p").expect("retried after the cool-down");
+        assert!(guard.enter("p").is_err(), "one trial at a time");
+        drop(trial);
         guard.record("p", &deadline());
         assert!(
             guard.enter("p").is_err(),
             "another deadline: quarantined at once"
         );
         std::thread::sleep(Duration::from_millis(60));
+        let trial = guard.enter("p").expect("the next trial");
+        drop(trial);
         guard.record("p", &Ok::<(), PluginError>(()));
         assert!(guard.enter("p").is_ok(), "a success ends it");
+        assert!(guard.enter("p").is_ok(), "for every caller");
     }
 
     #[test]

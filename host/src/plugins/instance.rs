@@ -79,10 +79,12 @@ fn evaluate_warm(
         .get(&plugin.id)
         .is_some_and(|w| w.rules.len() < MAX_RULES_PER_INSTANCE);
     if !reusable {
-        let (store, bindings) = instantiate(plugin)?;
         // A new instance is rare (first call on a thread, after a trap, after
-        // a reload): the moment to drop instances of plugins that are gone.
+        // a reload): the moment to drop instances of plugins that are gone,
+        // before taking a slot, so a reload never needs twice the pool.
         sweep(warm);
+        warm.remove(&plugin.id);
+        let (store, bindings) = instantiate(plugin)?;
         warm.insert(
             plugin.id,
             Warm {

@@ -30,6 +30,8 @@ struct Seen {
     refused: HashMap<(String, String), String>,
     /// Plugins whose file is gone but which flags still use.
     kept: HashSet<String>,
+    /// Files over the size limit already logged, by name and size.
+    oversized: HashSet<(String, u64)>,
 }
 
 impl Seen {
@@ -76,8 +78,13 @@ pub async fn watch(
     }
 }
 
-/// The `*.wasm` files in `dir`, by plugin name, with their bytes.
-fn files(dir: &Path) -> std::io::Result<HashMap<String, Vec<u8>>> {
+/// The `*.wasm` files in `dir`, by plugin name, with their bytes (a file
+/// over the size limit is left out, and logged once per size).
+fn files(
+    dir: &Path,
+    runtime: &PluginRuntime,
+    oversized: &mut HashSet<(String, u64)>,
+) -> std::io::Result<HashMap<String, Vec<u8>>> {
     let mut files = HashMap::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -87,9 +94,15 @@ fn files(dir: &Path) -> std::io::Result<HashMap<String, Vec<u8>>> {
         let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
-        match std::fs::read(&path) {
+        match runtime.read_component(name, &path) {
             Ok(bytes) => {
                 files.insert(name.to_owned(), bytes);
+            }
+            Err(e @ crate::plugins::PluginError::Invalid { .. }) => {
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                if oversized.insert((name.to_owned(), size)) {
+                    warn!(plugin = name, error = %e, "plugin file refused; the previous version (if any) keeps serving");
+                }
             }
             // NB: a file being written may vanish or fail to read; the next
             // look sees it whole.
@@ -109,15 +122,29 @@ async fn look(
     seen: &mut Seen,
 ) {
     let dir_owned = dir.to_path_buf();
-    let listed = tokio::task::spawn_blocking(move || files(&dir_owned)).await;
-    let files = match listed {
-        Ok(Ok(files)) => files,
-        Ok(Err(e)) => {
+    let (reader, mut oversized) = (runtime.clone(), std::mem::take(&mut seen.oversized));
+    let listed = tokio::task::spawn_blocking(move || {
+        let files = files(&dir_owned, &reader, &mut oversized);
+        (files, oversized)
+    })
+    .await;
+    let Ok((files, oversized)) = listed else {
+        return;
+    };
+    seen.oversized = oversized;
+    let files = match files {
+        Ok(files) => files,
+        Err(e) => {
             warn!(dir = %dir.display(), error = %e, "cannot list the plugin directory; plugins unchanged");
             return;
         }
-        Err(_) => return,
     };
+    // Refusals of files no longer on disk are forgotten.
+    let on_disk: HashSet<(String, String)> = files
+        .iter()
+        .map(|(name, bytes)| (name.clone(), format!("{:x}", Sha256::digest(bytes))))
+        .collect();
+    seen.refused.retain(|key, _| on_disk.contains(key));
     let current = store.plugins().current();
     let mut candidate = PluginSet::clone(&current);
     let mut changes = Vec::new();
@@ -145,7 +172,11 @@ async fn look(
                       "plugin file refused; the previous version (if any) keeps serving");
                 seen.refused.insert((name.clone(), digest), e.to_string());
             }
-            Err(_) => {}
+            Err(_) => {
+                // The compile panicked: remember it, or it would run every look.
+                seen.refused
+                    .insert((name.clone(), digest), "loading it panicked".into());
+            }
         }
     }
     let removed: Vec<String> = current
@@ -164,7 +195,16 @@ async fn look(
         return;
     }
 
-    let mut problems = check_flags(store, environments, &candidate).await;
+    // Only problems the change brings count: a flag file broken on its own
+    // (or caught half-written) must not get a good plugin refused.
+    let before = check_flags(store, environments, &current).await;
+    let new_problems = |problems: Vec<String>| -> Vec<String> {
+        problems
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect()
+    };
+    let mut problems = new_problems(check_flags(store, environments, &candidate).await);
     // A removed plugin that flags use stays loaded.
     let needed: Vec<&String> = removed
         .iter()
@@ -183,7 +223,7 @@ async fn look(
                 }
             }
         }
-        problems = check_flags(store, environments, &candidate).await;
+        problems = new_problems(check_flags(store, environments, &candidate).await);
     }
     if !problems.is_empty() {
         warn!(changes = ?changes, problems = ?problems,

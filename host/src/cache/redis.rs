@@ -283,24 +283,32 @@ impl RedisCache {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// One `SCAN` step: the next cursor and the keys matching `pattern`.
+    async fn scan_page(
+        &self,
+        cursor: u64,
+        pattern: &str,
+    ) -> Result<(u64, Vec<String>), CacheError> {
+        self.link
+            .run("scan", |mut c| async move {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_BATCH)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+    }
+
     /// `SCAN`s keys matching `pattern` and `UNLINK`s them in batches.
     async fn unlink_matching(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut cursor = 0u64;
         let mut deleted = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .link
-                .run("scan", |mut c| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(SCAN_BATCH)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
+            let (next, keys) = self.scan_page(cursor, pattern).await?;
             if !keys.is_empty() {
                 deleted += self
                     .link
@@ -518,19 +526,7 @@ impl FlagCache for RedisCache {
         let mut found = Vec::new();
         loop {
             let pattern = format!("{PREFIX}:*");
-            let (next, keys): (u64, Vec<String>) = self
-                .link
-                .run("scan", |mut c| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(SCAN_BATCH)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
+            let (next, keys) = self.scan_page(cursor, &pattern).await?;
             found.extend(keys.into_iter().filter_map(|k| {
                 let env = k.strip_prefix(PREFIX)?.strip_prefix(':')?;
                 (!env.contains(':') && crate::store::valid_environment_name(env))

@@ -5,11 +5,16 @@
 //! (the WIT path is relative to it).
 
 /// Defines and exports a rule whose `evaluate` is `$evaluate`, a block
-/// answering `Result<Option<String>, String>`.
+/// answering `Result<Option<String>, String>`, against the repository's
+/// `wit/` or, with `wit = "path"`, another copy of the contract.
 #[macro_export]
 macro_rules! misbehaving_rule {
     ($evaluate:block) => {
-        wit_bindgen::generate!({ path: "../../../wit", world: "targeting-rule" });
+        $crate::misbehaving_rule!(wit = "../../../wit", $evaluate);
+    };
+    // A fixture built against its own copy of the contract (another version).
+    (wit = $wit:literal, $evaluate:block) => {
+        wit_bindgen::generate!({ path: $wit, world: "targeting-rule" });
 
         use exports::flaghost::rules::rule::{Guest, GuestTargeting, Targeting};
 

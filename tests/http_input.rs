@@ -108,14 +108,8 @@ async fn a_body_over_the_limit_is_a_413() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_methods_and_paths_answer_json() {
     let (fh, _dirs) = start(1 << 20).await;
-    let response = fh
-        .client
-        .get(format!("{}/ofrep/v1/evaluate/flags/f", fh.base))
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(response.status(), 405);
-    let body: serde_json::Value = response.json().await.expect("json body");
+    let (status, body) = fh.get("/ofrep/v1/evaluate/flags/f").await;
+    assert_eq!(status, 405);
     assert!(
         body["errorDetails"]
             .as_str()

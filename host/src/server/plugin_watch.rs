@@ -35,15 +35,11 @@ struct Seen {
 }
 
 impl Seen {
-    fn report(&self, files: &HashMap<String, Vec<u8>>) -> ReloadReport {
-        let on_disk: HashSet<(String, String)> = files
-            .iter()
-            .map(|(name, bytes)| (name.clone(), format!("{:x}", Sha256::digest(bytes))))
-            .collect();
+    fn report(&self) -> ReloadReport {
+        // NB: `refused` holds only files on disk (trimmed at every look).
         let mut refused: Vec<RefusedFile> = self
             .refused
             .iter()
-            .filter(|(key, _)| on_disk.contains(*key))
             .map(|((name, digest), reason)| RefusedFile {
                 name: name.clone(),
                 digest: digest.clone(),
@@ -78,13 +74,21 @@ pub async fn watch(
     }
 }
 
-/// The `*.wasm` files in `dir`, by plugin name, with their bytes (a file
-/// over the size limit is left out, and logged once per size).
+/// A plugin file as read.
+struct File {
+    /// Hex SHA-256, as [`crate::plugins::Plugin::digest`] gives it.
+    digest: String,
+    bytes: Vec<u8>,
+}
+
+/// The `*.wasm` files in `dir`, by plugin name, read and hashed (blocking
+/// work: run off the async workers). A file over the size limit is left out,
+/// and logged once per size.
 fn files(
     dir: &Path,
     runtime: &PluginRuntime,
     oversized: &mut HashSet<(String, u64)>,
-) -> std::io::Result<HashMap<String, Vec<u8>>> {
+) -> std::io::Result<HashMap<String, File>> {
     let mut files = HashMap::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -96,7 +100,8 @@ fn files(
         };
         match runtime.read_component(name, &path) {
             Ok(bytes) => {
-                files.insert(name.to_owned(), bytes);
+                let digest = format!("{:x}", Sha256::digest(&bytes));
+                files.insert(name.to_owned(), File { digest, bytes });
             }
             Err(e @ crate::plugins::PluginError::Invalid { .. }) => {
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
@@ -140,22 +145,19 @@ async fn look(
         }
     };
     // Refusals of files no longer on disk are forgotten.
-    let on_disk: HashSet<(String, String)> = files
-        .iter()
-        .map(|(name, bytes)| (name.clone(), format!("{:x}", Sha256::digest(bytes))))
-        .collect();
-    seen.refused.retain(|key, _| on_disk.contains(key));
+    seen.refused
+        .retain(|(name, digest), _| files.get(name).is_some_and(|f| &f.digest == digest));
     let current = store.plugins().current();
     let mut candidate = PluginSet::clone(&current);
     let mut changes = Vec::new();
-    for (name, bytes) in files.iter() {
-        let digest = format!("{:x}", Sha256::digest(bytes));
+    for (name, file) in files.iter() {
+        let digest = file.digest.clone();
         if current.get(name).is_some_and(|p| p.digest() == digest)
             || seen.refused.contains_key(&(name.clone(), digest.clone()))
         {
             continue;
         }
-        let (runtime, plugin_name, bytes) = (runtime.clone(), name.clone(), bytes.clone());
+        let (runtime, plugin_name, bytes) = (runtime.clone(), name.clone(), file.bytes.clone());
         let loaded = tokio::task::spawn_blocking(move || runtime.load(&plugin_name, &bytes)).await;
         match loaded {
             Ok(Ok(plugin)) => {
@@ -191,7 +193,7 @@ async fn look(
         }
     }
     if changes.is_empty() {
-        store.plugins().set_report(seen.report(&files));
+        store.plugins().set_report(seen.report());
         return;
     }
 
@@ -228,19 +230,18 @@ async fn look(
     if !problems.is_empty() {
         warn!(changes = ?changes, problems = ?problems,
               "plugin change refused: flag files would not load with it; the previous plugins keep serving");
-        for (name, bytes) in &files {
-            let digest = format!("{:x}", Sha256::digest(bytes));
-            if current.get(name).is_none_or(|p| p.digest() != digest) {
+        for (name, file) in &files {
+            if current.get(name).is_none_or(|p| p.digest() != file.digest) {
                 seen.refused
-                    .insert((name.clone(), digest), problems.join("; "));
+                    .insert((name.clone(), file.digest.clone()), problems.join("; "));
             }
         }
-        store.plugins().set_report(seen.report(&files));
+        store.plugins().set_report(seen.report());
         return;
     }
     seen.kept
         .retain(|name| !files.contains_key(name) && candidate.get(name).is_some());
-    store.plugins().set_report(seen.report(&files));
+    store.plugins().set_report(seen.report());
     if changes.is_empty() {
         return;
     }

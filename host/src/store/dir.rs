@@ -41,21 +41,7 @@ impl DirStore {
         if !valid_environment_name(environment) {
             return Err(StoreError::InvalidEnvironment(environment.to_owned()));
         }
-        let path = self.dir.join(format!("{environment}.json"));
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            // NB: a missing file in a missing directory is not an unknown
-            // environment but a store that cannot be read.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.dir.is_dir() => {
-                return Err(StoreError::NotFound(environment.to_owned()));
-            }
-            Err(e) => {
-                return Err(StoreError::Io {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                });
-            }
-        };
+        let (path, bytes) = self.read(environment)?;
         let digest = format!("{:x}", Sha256::digest(&bytes));
         let generation = self.plugins.generation();
         if let Some((parsed_under, set)) = self.parsed().get(environment)
@@ -76,19 +62,30 @@ impl DirStore {
         Ok(set)
     }
 
+    /// `environment`'s file and its bytes.
+    fn read(&self, environment: &str) -> Result<(PathBuf, Vec<u8>), StoreError> {
+        let path = self.dir.join(format!("{environment}.json"));
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok((path, bytes)),
+            // NB: a missing file in a missing directory is not an unknown
+            // environment but a store that cannot be read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.dir.is_dir() => {
+                Err(StoreError::NotFound(environment.to_owned()))
+            }
+            Err(e) => Err(StoreError::Io {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     /// Whether `environment`'s file would load with `plugins` (a candidate
     /// plugin set, not yet in force); a missing file loads.
     pub fn check_with(&self, environment: &str, plugins: &PluginSet) -> Result<(), StoreError> {
-        let path = self.dir.join(format!("{environment}.json"));
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => {
-                return Err(StoreError::Io {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                });
-            }
+        let (path, bytes) = match self.read(environment) {
+            Ok(read) => read,
+            Err(StoreError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
         };
         parse_flag_file(&path.display().to_string(), environment, &bytes, plugins)?;
         Ok(())

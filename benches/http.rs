@@ -35,6 +35,7 @@ fn ofrep(c: &mut Criterion) {
             default_environment: "production".into(),
             admin: None,
             plugins: Default::default(),
+            plugin_changes: None,
         },
         &flaghost::http::HttpOptions::default(),
     );

@@ -166,6 +166,7 @@ fn bulk(c: &mut Criterion) {
             default_environment: "bulk".into(),
             admin: None,
             plugins: Default::default(),
+            plugin_changes: None,
         },
         &HttpOptions::default(),
     );

@@ -2,7 +2,7 @@
 //! without a restart; one that fails to load, or that the flag files'
 //! configurations fail, is refused and the previous version keeps serving;
 //! a new one is picked up; a removed one that flags use stays loaded, one
-//! that nothing uses goes.
+//! that nothing uses goes, and a kept one goes once no flag uses it.
 
 use std::time::Duration;
 
@@ -141,5 +141,21 @@ async fn plugin_changes_take_effect_without_a_restart_and_bad_ones_are_refused()
         true,
         "the loaded copy keeps serving"
     );
+
+    // Once no flag uses it any more, the kept copy is unloaded.
+    std::fs::write(
+        dirs.flags().join("prod.json"),
+        json!({"flags": {"gated": {
+            "state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off"
+        }}})
+        .to_string(),
+    )
+    .expect("write");
+    let unloaded = eventually(Duration::from_secs(30), || async {
+        listing(&fh).await.is_empty() && admin(&fh).await["reload"]["keptAfterRemoval"] == json!([])
+    })
+    .await;
+    assert!(unloaded, "gate unloaded: {}", admin(&fh).await);
+    assert_eq!(gated().await.1["value"], false);
     fh.stop().await.expect("stops");
 }

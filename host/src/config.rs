@@ -66,6 +66,11 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_MEMORY_MIB", default_value_t = limits::DEFAULT_MEMORY_BYTES >> 20)]
     pub plugin_memory_mib: usize,
 
+    /// Largest plugin component accepted (a file in the plugin directory or
+    /// an upload through the admin API), in MiB.
+    #[arg(long, env = "FLAGHOST_PLUGIN_MAX_FILE_MIB", default_value_t = limits::DEFAULT_MAX_COMPONENT_BYTES >> 20)]
+    pub plugin_max_file_mib: usize,
+
     /// Largest answer a plugin call may return (a variant name, or an error
     /// message), in bytes; larger answers are refused as errors.
     #[arg(long, env = "FLAGHOST_PLUGIN_MAX_ANSWER_BYTES", default_value_t = limits::DEFAULT_MAX_ANSWER_BYTES)]
@@ -234,9 +239,16 @@ impl LimitArgs {
                 reason: "must be between 1 and 4096".into(),
             });
         }
+        if self.plugin_max_file_mib == 0 || self.plugin_max_file_mib > 1024 {
+            return Err(ConfigError {
+                option: "--plugin-max-file-mib (FLAGHOST_PLUGIN_MAX_FILE_MIB)",
+                reason: "must be between 1 and 1024".into(),
+            });
+        }
         Ok(Limits {
             deadline: Duration::from_millis(self.plugin_deadline_ms),
             memory_bytes: self.plugin_memory_mib << 20,
+            max_component_bytes: self.plugin_max_file_mib << 20,
             max_answer_bytes: self.plugin_max_answer_bytes.max(1),
             max_context_bytes: self.plugin_max_context_bytes.max(1),
             max_concurrency: self

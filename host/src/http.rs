@@ -17,10 +17,11 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::environments::Environments;
+use crate::plugin_changes::PluginChanges;
 use crate::plugins::PluginRegistry;
 
 /// Default limit on a request body.
@@ -37,6 +38,8 @@ pub struct AppState {
     pub admin: Option<AdminToken>,
     /// The plugins in force, for the admin listing.
     pub plugins: PluginRegistry,
+    /// Uploads and deletions of plugins; `None` without a plugin directory.
+    pub plugin_changes: Option<Arc<PluginChanges>>,
 }
 
 /// Which browser origins may call flaghost (CORS).
@@ -95,6 +98,11 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
 
 /// The router, without a socket: tests and benches call it with `oneshot`.
 pub fn app(state: AppState, options: &HttpOptions) -> Router {
+    // NB: a component upload may be larger than any OFREP body.
+    let upload_limit = state
+        .plugin_changes
+        .as_ref()
+        .map_or(options.body_limit, |c| c.max_file_bytes());
     let ofrep = Router::new()
         .route("/evaluate/flags", post(ofrep::evaluate_all))
         .route("/evaluate/flags/{key}", post(ofrep::evaluate_one));
@@ -105,6 +113,12 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/admin/v1/cache/invalidate", post(admin::invalidate))
         .route("/admin/v1/plugins", get(admin::plugins))
+        .route(
+            "/admin/v1/plugins/{name}",
+            put(admin::put_plugin)
+                .delete(admin::delete_plugin)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(options.body_limit))

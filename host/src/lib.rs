@@ -19,6 +19,8 @@
 //! - [`store`]: the [`store::FlagStore`] port and the flag-file directory.
 //! - [`flags`]: the flag model and the flagd-format parser and validation.
 //! - [`plugins`]: the wasmtime runtime that runs targeting rules sandboxed.
+//! - [`plugin_changes`]: the one way the plugins in force change (the plugin
+//!   directory's watcher, the admin API's uploads and deletions).
 //! - [`config`] and [`server`]: command line, start-up and shutdown.
 
 pub mod cache;
@@ -27,6 +29,7 @@ pub mod environments;
 pub mod evaluation;
 pub mod flags;
 pub mod http;
+pub mod plugin_changes;
 pub mod plugins;
 pub mod server;
 pub mod store;

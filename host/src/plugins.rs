@@ -149,6 +149,17 @@ pub enum PluginError {
     },
 }
 
+/// Whether `name` can name a plugin: it is the stem of its file, so up to
+/// 64 letters, digits, `_`, `-` and `.`, not starting with `.`.
+pub fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 /// Builds engines and compiles plugins. One per process.
 pub struct PluginRuntime {
     engine: Engine,

@@ -15,9 +15,8 @@ use crate::cache::{FlagCache, RedisCache, redact_url};
 use crate::config::{ServeConfig, SourceArgs};
 use crate::environments::{Environments, Timing};
 use crate::http::{AdminToken, AppState, HttpOptions, app};
+use crate::plugin_changes::PluginChanges;
 use crate::plugins::{PluginError, PluginRegistry, PluginRuntime, PluginSet};
-
-mod plugin_watch;
 use crate::store::{DirStore, FlagStore, StoreError};
 
 /// A service ready to serve: its router state and what it loaded.
@@ -176,14 +175,18 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         "flaghost loaded"
     );
     let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval));
-    let plugin_watch = match (&config.plugins, config.watch_interval) {
-        (Some(dir), Some(interval)) => Some(AbortOnDrop(tokio::spawn(plugin_watch::watch(
+    let plugin_changes = config.plugins.as_ref().map(|dir| {
+        Arc::new(PluginChanges::new(
             runtime.clone(),
             dir.clone(),
             store.clone(),
             read_path.clone(),
-            interval,
-        )))),
+        ))
+    });
+    let plugin_watch = match (&plugin_changes, config.watch_interval) {
+        (Some(changes), Some(interval)) => {
+            Some(AbortOnDrop(tokio::spawn(changes.clone().watch(interval))))
+        }
         _ => None,
     };
     Ok(Service {
@@ -192,6 +195,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             default_environment: config.default_environment.as_str().into(),
             admin: config.admin_token.as_deref().map(AdminToken::new),
             plugins: registry,
+            plugin_changes,
         },
         http: config.http.clone(),
         runtime,

@@ -4,7 +4,7 @@
 
 mod dir;
 
-pub use dir::DirStore;
+pub use dir::{DirStore, FlagFiles};
 
 use std::sync::Arc;
 

@@ -1,17 +1,20 @@
 //! The admin API, behind a bearer token (`FLAGHOST_ADMIN_TOKEN`). Without a
 //! configured token it is off (404), never open.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
 use crate::environments::Invalidation;
-use crate::plugins::{CONTRACT_VERSIONS, Origin, ReloadReport, StatsSnapshot};
+use crate::plugin_changes::{PluginChanges, Upload};
+use crate::plugins::{CONTRACT_VERSIONS, Origin, Plugin, ReloadReport, StatsSnapshot};
 use crate::store::valid_environment_name;
 
 /// The admin token, kept as its digest: comparing digests takes the same
@@ -116,6 +119,26 @@ pub struct PluginInfo {
     stats: StatsSnapshot,
 }
 
+fn info(p: &Plugin) -> PluginInfo {
+    PluginInfo {
+        name: p.name().to_owned(),
+        digest: p.digest().to_owned(),
+        size: p.size(),
+        contract_version: p.contract_version().to_owned(),
+        origin: match p.origin() {
+            Origin::Compiled => "compiled",
+            Origin::Precompiled => "precompiled",
+        },
+        load_time_ms: p.load_time().as_secs_f64() * 1000.0,
+        loaded_at: p
+            .loaded_at()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        trapped_imports: p.trapped_imports().to_vec(),
+        stats: p.stats(),
+    }
+}
+
 /// The admin listing of plugins.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -135,31 +158,103 @@ pub async fn plugins(
     headers: HeaderMap,
 ) -> Result<Json<PluginListing>, ApiError> {
     authorize(&state, &headers)?;
-    let plugins = state
-        .plugins
-        .current()
-        .iter()
-        .map(|p| PluginInfo {
-            name: p.name().to_owned(),
-            digest: p.digest().to_owned(),
-            size: p.size(),
-            contract_version: p.contract_version().to_owned(),
-            origin: match p.origin() {
-                Origin::Compiled => "compiled",
-                Origin::Precompiled => "precompiled",
-            },
-            load_time_ms: p.load_time().as_secs_f64() * 1000.0,
-            loaded_at: p
-                .loaded_at()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            trapped_imports: p.trapped_imports().to_vec(),
-            stats: p.stats(),
-        })
-        .collect();
+    let plugins = state.plugins.current().iter().map(|p| info(p)).collect();
     Ok(Json(PluginListing {
         contract_versions: CONTRACT_VERSIONS,
         plugins,
         reload: state.plugins.report(),
+    }))
+}
+
+/// The plugin changes, if flaghost has a plugin directory to change.
+fn changes(state: &AppState) -> Result<Arc<PluginChanges>, ApiError> {
+    state.plugin_changes.clone().ok_or_else(|| {
+        ApiError::Conflict(
+            "flaghost runs without a plugin directory: start it with --plugins DIR \
+             (FLAGHOST_PLUGINS) to upload plugins"
+                .into(),
+        )
+    })
+}
+
+/// The answer to an upload.
+#[derive(Serialize)]
+pub struct Uploaded {
+    change: Upload,
+    plugin: PluginInfo,
+}
+
+/// `PUT /admin/v1/plugins/{name}` with the component's bytes as the body:
+/// compiled and checked, and every flag file checked against it, before it
+/// is written to the plugin directory and put in force. 201 when the plugin
+/// is new, 200 when it replaced (or already was) the loaded version.
+pub async fn put_plugin(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
+    authorize(&state, &headers)?;
+    let changes = changes(&state)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                key: None,
+                details: format!(
+                    "the component is over the upload limit of {} bytes \
+                     (--plugin-max-file-mib, FLAGHOST_PLUGIN_MAX_FILE_MIB)",
+                    changes.max_file_bytes()
+                ),
+            }
+        } else {
+            ApiError::BadRequest {
+                key: None,
+                details: format!("cannot read the request body: {e}"),
+            }
+        }
+    })?;
+    // NB: run to its end even if the caller goes away: a change stopped
+    // between writing the file and swapping the set would leave them apart.
+    let (upload, plugin) = tokio::spawn(async move { changes.put(&name, body.to_vec()).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the upload failed: {e}")))??;
+    let status = match upload {
+        Upload::Added => StatusCode::CREATED,
+        Upload::Replaced | Upload::Unchanged => StatusCode::OK,
+    };
+    Ok((
+        status,
+        Json(Uploaded {
+            change: upload,
+            plugin: info(&plugin),
+        }),
+    ))
+}
+
+/// The answer to a deletion.
+#[derive(Serialize)]
+pub struct Deleted {
+    deleted: String,
+    /// The plugin as it was when unloaded; `None` if only a refused file
+    /// was deleted.
+    plugin: Option<PluginInfo>,
+}
+
+/// `DELETE /admin/v1/plugins/{name}`: unloads the plugin and deletes its
+/// file; refused (409) while flags use it.
+pub async fn delete_plugin(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Deleted>, ApiError> {
+    authorize(&state, &headers)?;
+    let changes = changes(&state)?;
+    let deleted = name.clone();
+    let unloaded = tokio::spawn(async move { changes.delete(&name).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the deletion failed: {e}")))??;
+    Ok(Json(Deleted {
+        deleted,
+        plugin: unloaded.as_deref().map(info),
     }))
 }

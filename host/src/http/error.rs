@@ -12,6 +12,7 @@ use tracing::{debug, error};
 use crate::environments::LookupError;
 use crate::evaluation::{ErrorCode, EvaluationError};
 use crate::flags::Metadata;
+use crate::plugin_changes::ChangeError;
 
 /// An error answered to an HTTP caller.
 #[derive(Debug)]
@@ -52,6 +53,18 @@ pub enum ApiError {
     AdminOff,
     /// The admin API was called without the right token.
     Unauthorized(String),
+    /// A plugin change through the admin API was refused.
+    Plugin(ChangeError),
+    /// The request cannot be served in this configuration.
+    Conflict(String),
+    /// flaghost failed; not the caller's fault.
+    Internal(String),
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        ApiError::Plugin(e)
+    }
 }
 
 #[derive(Serialize)]
@@ -142,6 +155,26 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Unauthorized(why) => (
                 StatusCode::UNAUTHORIZED,
+                None,
+                "GENERAL",
+                why.clone(),
+                None,
+            ),
+            ApiError::Plugin(e) => {
+                let status = match e {
+                    ChangeError::InvalidName(_) => StatusCode::BAD_REQUEST,
+                    ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
+                    ChangeError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    ChangeError::FlagsRefuse { .. } | ChangeError::InUse { .. } => {
+                        StatusCode::CONFLICT
+                    }
+                    ChangeError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, None, "GENERAL", e.to_string(), None)
+            }
+            ApiError::Conflict(why) => (StatusCode::CONFLICT, None, "GENERAL", why.clone(), None),
+            ApiError::Internal(why) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
                 None,
                 "GENERAL",
                 why.clone(),

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
@@ -10,6 +11,10 @@ use sha2::{Digest, Sha256};
 use super::{FlagStore, StoreError, valid_environment_name};
 use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
 use crate::plugins::{PluginRegistry, PluginSet};
+
+/// The state of a flag directory's files (see [`DirStore::flag_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagFiles(Vec<(PathBuf, u64, Option<SystemTime>)>);
 
 /// Reads flag files from a directory; rules are bound to `plugins`.
 pub struct DirStore {
@@ -89,6 +94,24 @@ impl DirStore {
         };
         parse_flag_file(&path.display().to_string(), environment, &bytes, plugins)?;
         Ok(())
+    }
+
+    /// The flag files' names, sizes and modification times now: changes
+    /// when a file does, without reading any.
+    pub fn flag_files(&self) -> FlagFiles {
+        let mut files: Vec<(PathBuf, u64, Option<SystemTime>)> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| {
+                let meta = e.metadata().ok();
+                let len = meta.as_ref().map_or(0, |m| m.len());
+                (e.path(), len, meta.and_then(|m| m.modified().ok()))
+            })
+            .collect();
+        files.sort();
+        FlagFiles(files)
     }
 
     /// The plugins flag files are bound to.

@@ -1,0 +1,535 @@
+//! Changes to the plugins in force, from the plugin directory's watcher and
+//! from the admin API: one at a time, each checked the same way before it
+//! takes effect.
+//!
+//! A change builds a candidate plugin set: new components are compiled and
+//! checked against the contract off the request path (blocking tasks), then
+//! every flag file is checked against the candidate. Only problems the
+//! change brings count: a flag file broken on its own (or caught
+//! half-written) must not get a good plugin refused. If all of that passes,
+//! the set is swapped in atomically (flag sets already built keep the plugin
+//! versions they were bound to, so evaluations in flight finish on them) and
+//! every environment is reloaded. Every change is logged with what changed.
+//!
+//! The plugin directory stays the one source of truth: an upload is written
+//! into it (so it survives a restart, and the watcher finds nothing new) and
+//! a deletion removes the file. A plugin whose file is removed while flags
+//! still use it stays loaded, and is reported, until no flag uses it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::environments::Environments;
+use crate::plugins::{
+    Plugin, PluginError, PluginRegistry, PluginRuntime, PluginSet, RefusedFile, ReloadReport,
+    valid_plugin_name,
+};
+use crate::store::{DirStore, FlagFiles};
+
+/// Why a change asked through the admin API was not made. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// Not a name a plugin file can have.
+    #[error(
+        "invalid plugin name {0:?}: use up to 64 letters, digits, '_', '-' and '.', not starting with '.'"
+    )]
+    InvalidName(String),
+    /// No plugin of that name, loaded or on disk.
+    #[error("no plugin {0:?} is loaded or in the plugin directory")]
+    NotFound(String),
+    /// The component does not load (not a component, another contract...).
+    #[error("{0}")]
+    Refused(PluginError),
+    /// Flag files would not load with the new version.
+    #[error("flag files would not load with this version of plugin {plugin}: {}", problems.join("; "))]
+    FlagsRefuse {
+        /// The plugin.
+        plugin: String,
+        /// What the flag files' check says.
+        problems: Vec<String>,
+    },
+    /// Flags use the plugin.
+    #[error("plugin {plugin} is in use; change the flags that use it first: {}", problems.join("; "))]
+    InUse {
+        /// The plugin.
+        plugin: String,
+        /// What the flag files' check says without it.
+        problems: Vec<String>,
+    },
+    /// The plugin directory could not be written.
+    #[error("cannot write the plugin directory ({path}): {reason}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Upload {
+    /// A new plugin.
+    Added,
+    /// A new version of a loaded plugin.
+    Replaced,
+    /// The same bytes as the loaded version: nothing to do.
+    Unchanged,
+}
+
+/// What the watcher remembers between looks.
+#[derive(Default)]
+struct Seen {
+    /// Files refused, by name and digest, with why: not retried until they
+    /// change (replace the file again to retry).
+    refused: HashMap<(String, String), String>,
+    /// Plugins whose file is gone but which flags still use, with the state
+    /// of the flag files when that was found: looked at again once they
+    /// change.
+    kept: HashMap<String, FlagFiles>,
+    /// Files over the size limit already logged, by name and size.
+    oversized: HashSet<(String, u64)>,
+}
+
+impl Seen {
+    fn report(&self) -> ReloadReport {
+        // NB: `refused` holds only files on disk (trimmed at every look).
+        let mut refused: Vec<RefusedFile> = self
+            .refused
+            .iter()
+            .map(|((name, digest), reason)| RefusedFile {
+                name: name.clone(),
+                digest: digest.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        refused.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut kept: Vec<String> = self.kept.keys().cloned().collect();
+        kept.sort();
+        ReloadReport {
+            refused,
+            kept_after_removal: kept,
+        }
+    }
+
+    /// Forgets what it knew about plugin `name`: its file was just written
+    /// or deleted through the admin API.
+    fn forget(&mut self, name: &str) {
+        self.refused.retain(|(refused, _), _| refused != name);
+        self.kept.remove(name);
+    }
+}
+
+/// The one way the plugins in force change.
+pub struct PluginChanges {
+    runtime: Arc<PluginRuntime>,
+    dir: PathBuf,
+    store: Arc<DirStore>,
+    environments: Arc<Environments>,
+    /// Held for the whole of a change: changes happen one at a time.
+    seen: tokio::sync::Mutex<Seen>,
+}
+
+/// A plugin file as read.
+struct File {
+    /// Hex SHA-256, as [`Plugin::digest`] gives it.
+    digest: String,
+    bytes: Vec<u8>,
+}
+
+impl PluginChanges {
+    /// Changes to the plugins of `dir`, which `store`'s flag files bind to.
+    pub fn new(
+        runtime: Arc<PluginRuntime>,
+        dir: PathBuf,
+        store: Arc<DirStore>,
+        environments: Arc<Environments>,
+    ) -> Self {
+        Self {
+            runtime,
+            dir,
+            store,
+            environments,
+            seen: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The largest component accepted.
+    pub fn max_file_bytes(&self) -> usize {
+        self.runtime.limits().max_component_bytes
+    }
+
+    fn registry(&self) -> &PluginRegistry {
+        self.store.plugins()
+    }
+
+    /// Looks at the plugin directory every `interval` until aborted.
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            self.look().await;
+        }
+    }
+
+    /// Uploads `bytes` as plugin `name`: compiled and checked (the component,
+    /// then every flag file against it) before it is written to the plugin
+    /// directory and put in force. Refused with nothing changed otherwise.
+    pub async fn put(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Upload, Arc<Plugin>), ChangeError> {
+        if !valid_plugin_name(name) {
+            return Err(ChangeError::InvalidName(name.to_owned()));
+        }
+        let mut seen = self.seen.lock().await;
+        let current = self.registry().current();
+        let path = self.path(name);
+        let digest = format!("{:x}", Sha256::digest(&bytes));
+        if let Some(loaded) = current.get(name)
+            && loaded.digest() == digest
+        {
+            // NB: the file may be gone (kept after removal) or hold a refused
+            // version: the upload puts the loaded one back on disk.
+            let on_disk = tokio::fs::read(&path)
+                .await
+                .ok()
+                .map(|b| format!("{:x}", Sha256::digest(&b)));
+            if on_disk.as_deref() != Some(digest.as_str()) {
+                write_atomically(&self.dir, &path, bytes).await?;
+                info!(plugin = %name, digest = %digest, "plugin file restored through the admin API");
+            }
+            seen.forget(name);
+            self.registry().set_report(seen.report());
+            return Ok((Upload::Unchanged, loaded.clone()));
+        }
+        let plugin = self
+            .compile(name, bytes.clone())
+            .await
+            .map_err(ChangeError::Refused)?;
+        let mut candidate = PluginSet::clone(&current);
+        candidate.insert(plugin.clone());
+        let problems = self.new_problems(&current, &candidate).await;
+        if !problems.is_empty() {
+            warn!(plugin = %name, digest = %digest, problems = ?problems,
+                  "plugin upload refused: flag files would not load with it");
+            return Err(ChangeError::FlagsRefuse {
+                plugin: name.to_owned(),
+                problems,
+            });
+        }
+        write_atomically(&self.dir, &path, bytes).await?;
+        seen.forget(name);
+        self.registry().set_report(seen.report());
+        let (upload, change) = match current.get(name) {
+            Some(previous) => (
+                Upload::Replaced,
+                format!(
+                    "{name} replaced through the admin API (digest {} -> {digest}, {} bytes)",
+                    previous.digest(),
+                    plugin.size()
+                ),
+            ),
+            None => (
+                Upload::Added,
+                format!(
+                    "{name} added through the admin API (digest {digest}, {} bytes)",
+                    plugin.size()
+                ),
+            ),
+        };
+        self.apply(candidate, vec![change]).await;
+        Ok((upload, plugin))
+    }
+
+    /// Removes plugin `name`: unloaded and its file deleted, unless flags
+    /// use it (then nothing changes). Returns the plugin unloaded, if it was
+    /// loaded (a refused file is only deleted).
+    pub async fn delete(&self, name: &str) -> Result<Option<Arc<Plugin>>, ChangeError> {
+        if !valid_plugin_name(name) {
+            return Err(ChangeError::InvalidName(name.to_owned()));
+        }
+        let mut seen = self.seen.lock().await;
+        let current = self.registry().current();
+        let path = self.path(name);
+        let loaded = current.get(name).cloned();
+        if loaded.is_none() && !path.exists() {
+            return Err(ChangeError::NotFound(name.to_owned()));
+        }
+        let mut candidate = PluginSet::clone(&current);
+        if loaded.is_some() {
+            candidate.remove(name);
+            let problems = self.new_problems(&current, &candidate).await;
+            if !problems.is_empty() {
+                return Err(ChangeError::InUse {
+                    plugin: name.to_owned(),
+                    problems,
+                });
+            }
+        }
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ChangeError::Io {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        seen.forget(name);
+        self.registry().set_report(seen.report());
+        match &loaded {
+            Some(plugin) => {
+                let change = format!(
+                    "{name} removed through the admin API (digest {})",
+                    plugin.digest()
+                );
+                self.apply(candidate, vec![change]).await;
+            }
+            None => info!(plugin = %name, "refused plugin file deleted through the admin API"),
+        }
+        Ok(loaded)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.wasm"))
+    }
+
+    /// Compiles and checks a component, off the async workers.
+    async fn compile(&self, name: &str, bytes: Vec<u8>) -> Result<Arc<Plugin>, PluginError> {
+        let (runtime, plugin_name) = (self.runtime.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || runtime.load(&plugin_name, &bytes))
+            .await
+            .unwrap_or_else(|_| {
+                Err(PluginError::Invalid {
+                    plugin: name.to_owned(),
+                    reason: "compiling it panicked".into(),
+                })
+            })
+    }
+
+    /// Puts `candidate` in force and reloads every environment on it.
+    async fn apply(&self, candidate: PluginSet, changes: Vec<String>) {
+        self.registry().replace(candidate);
+        info!(changes = ?changes, "plugins changed; reloading flag sets");
+        self.environments.reload_all().await;
+    }
+
+    /// The problems flag files would have with `candidate` that they do not
+    /// have with `current`.
+    async fn new_problems(&self, current: &PluginSet, candidate: &PluginSet) -> Vec<String> {
+        let before = self.check_flags(current).await;
+        self.check_flags(candidate)
+            .await
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect()
+    }
+
+    /// Every problem flag files would have with `candidate`.
+    async fn check_flags(&self, candidate: &PluginSet) -> Vec<String> {
+        let names = match self.environments.store().environments().await {
+            Ok(names) => names,
+            Err(e) => return vec![e.to_string()],
+        };
+        names
+            .iter()
+            .filter_map(|env| self.store.check_with(env, candidate).err())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    /// One look at the plugin directory: applies what changed in it.
+    async fn look(&self) {
+        let mut seen = self.seen.lock().await;
+        let seen = &mut *seen;
+        let (dir, reader) = (self.dir.clone(), self.runtime.clone());
+        let mut oversized = std::mem::take(&mut seen.oversized);
+        let listed = tokio::task::spawn_blocking(move || {
+            let files = files(&dir, &reader, &mut oversized);
+            (files, oversized)
+        })
+        .await;
+        let Ok((files, oversized)) = listed else {
+            return;
+        };
+        seen.oversized = oversized;
+        let files = match files {
+            Ok(files) => files,
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "cannot list the plugin directory; plugins unchanged");
+                return;
+            }
+        };
+        // Refusals of files no longer on disk are forgotten.
+        seen.refused
+            .retain(|(name, digest), _| files.get(name).is_some_and(|f| &f.digest == digest));
+        let current = self.registry().current();
+        let mut candidate = PluginSet::clone(&current);
+        let mut changes = Vec::new();
+        for (name, file) in files.iter() {
+            let digest = file.digest.clone();
+            if current.get(name).is_some_and(|p| p.digest() == digest)
+                || seen.refused.contains_key(&(name.clone(), digest.clone()))
+            {
+                continue;
+            }
+            match self.compile(name, file.bytes.clone()).await {
+                Ok(plugin) => {
+                    let what = if current.get(name).is_some() {
+                        "replaced"
+                    } else {
+                        "added"
+                    };
+                    changes.push(format!("{name} {what} (digest {digest})"));
+                    candidate.insert(plugin);
+                }
+                Err(e) => {
+                    warn!(plugin = %name, digest = %digest, error = %e,
+                          "plugin file refused; the previous version (if any) keeps serving");
+                    seen.refused.insert((name.clone(), digest), e.to_string());
+                }
+            }
+        }
+        // A plugin whose file is gone is unloaded, unless flags use it: one
+        // kept for that is looked at again once the flag files change.
+        seen.kept.retain(|name, _| !files.contains_key(name));
+        let flag_files = if seen.kept.is_empty() {
+            None
+        } else {
+            Some(self.store.flag_files())
+        };
+        let removed: Vec<String> = current
+            .iter()
+            .map(|p| p.name().to_owned())
+            .filter(|name| !files.contains_key(name))
+            .filter(|name| {
+                seen.kept
+                    .get(name)
+                    .is_none_or(|at| Some(at) != flag_files.as_ref())
+            })
+            .collect();
+        for name in &removed {
+            candidate.remove(name);
+            changes.push(format!("{name} removed"));
+        }
+        if changes.is_empty() {
+            self.registry().set_report(seen.report());
+            return;
+        }
+
+        let mut problems = self.new_problems(&current, &candidate).await;
+        // A removed plugin that flags use stays loaded.
+        let needed: Vec<&String> = removed
+            .iter()
+            .filter(|name| {
+                let missing = format!("plugin {name:?} is not loaded");
+                problems.iter().any(|p| p.contains(&missing))
+            })
+            .collect();
+        if !needed.is_empty() {
+            let flag_files = flag_files.unwrap_or_else(|| self.store.flag_files());
+            for name in needed {
+                if let Some(plugin) = current.get(name) {
+                    candidate.insert(plugin.clone());
+                    changes.retain(|c| c != &format!("{name} removed"));
+                    if seen.kept.insert(name.clone(), flag_files.clone()).is_none() {
+                        warn!(plugin = %name, "plugin file removed but flags still use it: the loaded copy keeps serving");
+                    }
+                }
+            }
+            problems = self.new_problems(&current, &candidate).await;
+        }
+        if !problems.is_empty() {
+            warn!(changes = ?changes, problems = ?problems,
+                  "plugin change refused: flag files would not load with it; the previous plugins keep serving");
+            for (name, file) in &files {
+                if current.get(name).is_none_or(|p| p.digest() != file.digest) {
+                    seen.refused
+                        .insert((name.clone(), file.digest.clone()), problems.join("; "));
+                }
+            }
+            self.registry().set_report(seen.report());
+            return;
+        }
+        seen.kept.retain(|name, _| candidate.get(name).is_some());
+        self.registry().set_report(seen.report());
+        if changes.is_empty() {
+            return;
+        }
+        self.apply(candidate, changes).await;
+    }
+}
+
+/// The `*.wasm` files in `dir`, by plugin name, read and hashed (blocking
+/// work: run off the async workers). A file over the size limit is left out,
+/// and logged once per size.
+fn files(
+    dir: &Path,
+    runtime: &PluginRuntime,
+    oversized: &mut HashSet<(String, u64)>,
+) -> std::io::Result<HashMap<String, File>> {
+    let mut files = HashMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|x| x != "wasm") {
+            continue;
+        }
+        let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        match runtime.read_component(name, &path) {
+            Ok(bytes) => {
+                let digest = format!("{:x}", Sha256::digest(&bytes));
+                files.insert(name.to_owned(), File { digest, bytes });
+            }
+            Err(e @ PluginError::Invalid { .. }) => {
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                if oversized.insert((name.to_owned(), size)) {
+                    warn!(plugin = name, error = %e, "plugin file refused; the previous version (if any) keeps serving");
+                }
+            }
+            // NB: a file being written may vanish or fail to read; the next
+            // look sees it whole.
+            Err(e) => {
+                warn!(plugin = name, error = %e, "cannot read a plugin file; skipped this time")
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Writes `path` whole or not at all: a temporary file in the same
+/// directory (not named `*.wasm`, so the watcher never reads it half
+/// written), synced, then renamed over.
+async fn write_atomically(dir: &Path, path: &Path, bytes: Vec<u8>) -> Result<(), ChangeError> {
+    let (dir, path) = (dir.to_path_buf(), path.to_path_buf());
+    let target = path.display().to_string();
+    let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut file = tempfile::Builder::new()
+            .prefix(".upload-")
+            .suffix(".tmp")
+            .tempfile_in(&dir)?;
+        file.write_all(&bytes)?;
+        file.as_file().sync_all()?;
+        file.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::Error::other("writing panicked")));
+    written.map_err(|e| ChangeError::Io {
+        path: target,
+        reason: e.to_string(),
+    })
+}

@@ -49,6 +49,15 @@ async fn delete(fh: &Flaghost, name: &str) -> (u16, Value) {
 
 /// Name and digest of every loaded plugin.
 async fn listing(fh: &Flaghost) -> Vec<(String, String)> {
+    loaded(fh)
+        .await
+        .into_iter()
+        .map(|(name, digest, _)| (name, digest))
+        .collect()
+}
+
+/// Name, digest and load time of every loaded plugin.
+async fn loaded(fh: &Flaghost) -> Vec<(String, String, u64)> {
     let body: Value = fh
         .client
         .get(format!("{}/admin/v1/plugins", fh.base))
@@ -67,6 +76,7 @@ async fn listing(fh: &Flaghost) -> Vec<(String, String)> {
             (
                 p["name"].as_str().unwrap_or_default().to_owned(),
                 p["digest"].as_str().unwrap_or_default().to_owned(),
+                p["loadedAt"].as_u64().unwrap_or_default(),
             )
         })
         .collect()
@@ -89,6 +99,9 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
     config.watch_interval = Some(Duration::from_millis(100));
     config.admin_token = Some(TOKEN.into());
     config.limits.max_component_bytes = 1 << 20;
+    // Uploads are bounded by the component limit, not the OFREP body limit
+    // (smaller than any component here).
+    config.http.body_limit = 16 << 10;
     let fh = Arc::new(Flaghost::start(&config).await.expect("starts"));
     let allow_list = read(&plugin("allow-list"));
     let gate_file = dirs.plugins().join("gate.wasm");
@@ -176,6 +189,16 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
         let (status, body) = put(&fh, name, read(&fixture("trap"))).await;
         assert_eq!(status, 400, "{name}: {body}");
     }
+    let files = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(files(&dirs.plugins()), ["gate.wasm"]);
+    assert!(!dirs.plugins().parent().unwrap().join("evil.wasm").exists());
 
     // A good new version: in force when the answer comes, and on disk.
     let trap = read(&fixture("trap"));
@@ -190,8 +213,25 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
             .contains("trapped")
     );
     assert_eq!(read(&gate_file), trap);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&gate_file).expect("stat").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o644, "readable by other instances");
     let (status, body) = put(&fh, "gate", trap.clone()).await;
     assert_eq!((status, &body["change"]), (200, &json!("unchanged")));
+
+    // A flag file already refused (it uses a plugin not loaded; its error
+    // lists the plugins loaded, which an upload changes) does not get a good
+    // upload refused.
+    std::fs::write(
+        dirs.flags().join("staging.json"),
+        json!({"flags": {"later": {
+            "state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+            "targeting": {"plugin": ["not-yet-uploaded", {}]}
+        }}})
+        .to_string(),
+    )
+    .expect("write");
 
     // Back, and a new plugin beside it.
     let (status, body) = put(&fh, "gate", allow_list.clone()).await;
@@ -204,8 +244,9 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
     assert_eq!(body["plugin"]["contractVersion"], "0.1.0");
     assert!(dirs.plugins().join("rollout.wasm").exists());
 
-    // The watcher sees the files the API wrote and changes nothing.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The watcher sees the files the API wrote and changes nothing: not
+    // even a reload of the same bytes.
+    let before = loaded(&fh).await;
     assert_eq!(
         listing(&fh).await,
         [
@@ -213,6 +254,8 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
             ("rollout".into(), sha256(&rollout))
         ]
     );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(loaded(&fh).await, before);
 
     // Deleting a plugin flags use: 409 naming them; nothing changes.
     let (status, body) = delete(&fh, "gate").await;

@@ -98,11 +98,6 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
 
 /// The router, without a socket: tests and benches call it with `oneshot`.
 pub fn app(state: AppState, options: &HttpOptions) -> Router {
-    // NB: a component upload may be larger than any OFREP body.
-    let upload_limit = state
-        .plugin_changes
-        .as_ref()
-        .map_or(options.body_limit, |c| c.max_file_bytes());
     let ofrep = Router::new()
         .route("/evaluate/flags", post(ofrep::evaluate_all))
         .route("/evaluate/flags/{key}", post(ofrep::evaluate_one));
@@ -115,9 +110,7 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         .route("/admin/v1/plugins", get(admin::plugins))
         .route(
             "/admin/v1/plugins/{name}",
-            put(admin::put_plugin)
-                .delete(admin::delete_plugin)
-                .layer(DefaultBodyLimit::max(upload_limit)),
+            put(admin::put_plugin).delete(admin::delete_plugin),
         )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

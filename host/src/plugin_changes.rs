@@ -29,7 +29,7 @@ use crate::plugins::{
     Plugin, PluginError, PluginRegistry, PluginRuntime, PluginSet, RefusedFile, ReloadReport,
     valid_plugin_name,
 };
-use crate::store::{DirStore, FlagFiles};
+use crate::store::{DirStore, FlagFiles, StoreError};
 
 /// Why a change asked through the admin API was not made. Nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,10 @@ pub enum ChangeError {
         /// What the flag files' check says without it.
         problems: Vec<String>,
     },
+    /// Compiling or checking failed inside flaghost (a panic): not the
+    /// caller's fault.
+    #[error("{0}")]
+    Internal(String),
     /// The plugin directory could not be written.
     #[error("cannot write the plugin directory ({path}): {reason}")]
     Io {
@@ -140,7 +144,35 @@ pub struct PluginChanges {
 struct File {
     /// Hex SHA-256, as [`Plugin::digest`] gives it.
     digest: String,
-    bytes: Vec<u8>,
+    bytes: Arc<[u8]>,
+}
+
+/// Why a component could not be compiled.
+enum Compile {
+    /// It is not one flaghost can run.
+    Refused(PluginError),
+    /// The compiler panicked.
+    Panicked,
+}
+
+/// Problems of flag files, by file and flag (`None`: the file as a whole).
+type Problems = HashMap<(String, Option<String>), String>;
+
+/// The problems in `after` that `before` does not have, in words. Compared
+/// by file and flag, not by message: a flag already refused (its message may
+/// list the plugins loaded, which the change alters) is not a problem the
+/// change brings.
+fn new_problems(before: &Problems, after: Problems) -> Vec<String> {
+    let mut new: Vec<String> = after
+        .into_iter()
+        .filter(|(at, _)| !before.contains_key(at))
+        .map(|((file, flag), reason)| match flag {
+            Some(flag) => format!("{file}: flag {flag:?}: {reason}"),
+            None => format!("{file}: {reason}"),
+        })
+        .collect();
+    new.sort();
+    new
 }
 
 impl PluginChanges {
@@ -186,7 +218,7 @@ impl PluginChanges {
     pub async fn put(
         &self,
         name: &str,
-        bytes: Vec<u8>,
+        bytes: Arc<[u8]>,
     ) -> Result<(Upload, Arc<Plugin>), ChangeError> {
         if !valid_plugin_name(name) {
             return Err(ChangeError::InvalidName(name.to_owned()));
@@ -212,13 +244,22 @@ impl PluginChanges {
             self.registry().set_report(seen.report());
             return Ok((Upload::Unchanged, loaded.clone()));
         }
-        let plugin = self
-            .compile(name, bytes.clone())
-            .await
-            .map_err(ChangeError::Refused)?;
+        let plugin = match self.compile(name, bytes.clone()).await {
+            Ok(plugin) => plugin,
+            Err(Compile::Refused(e)) => {
+                warn!(plugin = %name, digest = %digest, error = %e, "plugin upload refused");
+                return Err(ChangeError::Refused(e));
+            }
+            Err(Compile::Panicked) => {
+                return Err(ChangeError::Internal(format!(
+                    "compiling plugin {name} panicked; see the logs"
+                )));
+            }
+        };
         let mut candidate = PluginSet::clone(&current);
         candidate.insert(plugin.clone());
-        let problems = self.new_problems(&current, &candidate).await;
+        let before = self.check_flags(&current).await;
+        let problems = new_problems(&before, self.check_flags(&candidate).await);
         if !problems.is_empty() {
             warn!(plugin = %name, digest = %digest, problems = ?problems,
                   "plugin upload refused: flag files would not load with it");
@@ -268,8 +309,10 @@ impl PluginChanges {
         let mut candidate = PluginSet::clone(&current);
         if loaded.is_some() {
             candidate.remove(name);
-            let problems = self.new_problems(&current, &candidate).await;
+            let before = self.check_flags(&current).await;
+            let problems = new_problems(&before, self.check_flags(&candidate).await);
             if !problems.is_empty() {
+                info!(plugin = %name, problems = ?problems, "plugin deletion refused: flags use it");
                 return Err(ChangeError::InUse {
                     plugin: name.to_owned(),
                     problems,
@@ -306,16 +349,12 @@ impl PluginChanges {
     }
 
     /// Compiles and checks a component, off the async workers.
-    async fn compile(&self, name: &str, bytes: Vec<u8>) -> Result<Arc<Plugin>, PluginError> {
+    async fn compile(&self, name: &str, bytes: Arc<[u8]>) -> Result<Arc<Plugin>, Compile> {
         let (runtime, plugin_name) = (self.runtime.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || runtime.load(&plugin_name, &bytes))
-            .await
-            .unwrap_or_else(|_| {
-                Err(PluginError::Invalid {
-                    plugin: name.to_owned(),
-                    reason: "compiling it panicked".into(),
-                })
-            })
+        match tokio::task::spawn_blocking(move || runtime.load(&plugin_name, &bytes)).await {
+            Ok(loaded) => loaded.map_err(Compile::Refused),
+            Err(_) => Err(Compile::Panicked),
+        }
     }
 
     /// Puts `candidate` in force and reloads every environment on it.
@@ -325,28 +364,41 @@ impl PluginChanges {
         self.environments.reload_all().await;
     }
 
-    /// The problems flag files would have with `candidate` that they do not
-    /// have with `current`.
-    async fn new_problems(&self, current: &PluginSet, candidate: &PluginSet) -> Vec<String> {
-        let before = self.check_flags(current).await;
-        self.check_flags(candidate)
-            .await
-            .into_iter()
-            .filter(|p| !before.contains(p))
-            .collect()
-    }
-
-    /// Every problem flag files would have with `candidate`.
-    async fn check_flags(&self, candidate: &PluginSet) -> Vec<String> {
-        let names = match self.environments.store().environments().await {
+    /// Every problem flag files would have with `candidate`, by file and
+    /// flag. Blocking work (every file parsed, every plugin configuration
+    /// checked in its plugin): run off the async workers.
+    async fn check_flags(&self, candidate: &PluginSet) -> Problems {
+        let environments = match self.environments.store().environments().await {
             Ok(names) => names,
-            Err(e) => return vec![e.to_string()],
+            Err(e) => {
+                return Problems::from([(("flag directory".into(), None), e.to_string())]);
+            }
         };
-        names
-            .iter()
-            .filter_map(|env| self.store.check_with(env, candidate).err())
-            .map(|e| e.to_string())
-            .collect()
+        let (store, candidate) = (self.store.clone(), candidate.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut problems = Problems::new();
+            for env in environments {
+                match store.check_with(&env, &candidate) {
+                    Ok(()) => {}
+                    Err(StoreError::Invalid(e)) => {
+                        for p in e.problems {
+                            problems.insert((e.file.clone(), p.flag), p.reason);
+                        }
+                    }
+                    Err(other) => {
+                        problems.insert((env, None), other.to_string());
+                    }
+                }
+            }
+            problems
+        })
+        .await;
+        checked.unwrap_or_else(|_| {
+            Problems::from([(
+                ("flag files".into(), None),
+                "checking them panicked; see the logs".into(),
+            )])
+        })
     }
 
     /// One look at the plugin directory: applies what changed in it.
@@ -386,18 +438,24 @@ impl PluginChanges {
             }
             match self.compile(name, file.bytes.clone()).await {
                 Ok(plugin) => {
-                    let what = if current.get(name).is_some() {
-                        "replaced"
-                    } else {
-                        "added"
-                    };
-                    changes.push(format!("{name} {what} (digest {digest})"));
+                    changes.push(match current.get(name) {
+                        Some(previous) => {
+                            format!("{name} replaced (digest {} -> {digest})", previous.digest())
+                        }
+                        None => format!("{name} added (digest {digest})"),
+                    });
                     candidate.insert(plugin);
                 }
-                Err(e) => {
+                Err(Compile::Refused(e)) => {
                     warn!(plugin = %name, digest = %digest, error = %e,
                           "plugin file refused; the previous version (if any) keeps serving");
                     seen.refused.insert((name.clone(), digest), e.to_string());
+                }
+                Err(Compile::Panicked) => {
+                    // Remembered, or it would be compiled at every look.
+                    warn!(plugin = %name, digest = %digest, "compiling a plugin file panicked; refused");
+                    seen.refused
+                        .insert((name.clone(), digest), "compiling it panicked".into());
                 }
             }
         }
@@ -421,14 +479,23 @@ impl PluginChanges {
             .collect();
         for name in &removed {
             candidate.remove(name);
-            changes.push(format!("{name} removed"));
+            let digest = current.get(name).map_or("", |p| p.digest());
+            changes.push(format!("{name} removed (digest {digest})"));
         }
         if changes.is_empty() {
             self.registry().set_report(seen.report());
             return;
         }
+        // NB: taken before the flag files are checked, so a flag file that
+        // changes during the check is looked at again next time.
+        let flag_files = match flag_files {
+            Some(files) => files,
+            None if !removed.is_empty() => self.store.flag_files(),
+            None => FlagFiles::default(),
+        };
 
-        let mut problems = self.new_problems(&current, &candidate).await;
+        let before = self.check_flags(&current).await;
+        let mut problems = new_problems(&before, self.check_flags(&candidate).await);
         // A removed plugin that flags use stays loaded.
         let needed: Vec<&String> = removed
             .iter()
@@ -438,17 +505,16 @@ impl PluginChanges {
             })
             .collect();
         if !needed.is_empty() {
-            let flag_files = flag_files.unwrap_or_else(|| self.store.flag_files());
             for name in needed {
                 if let Some(plugin) = current.get(name) {
                     candidate.insert(plugin.clone());
-                    changes.retain(|c| c != &format!("{name} removed"));
+                    changes.retain(|c| !c.starts_with(&format!("{name} removed ")));
                     if seen.kept.insert(name.clone(), flag_files.clone()).is_none() {
                         warn!(plugin = %name, "plugin file removed but flags still use it: the loaded copy keeps serving");
                     }
                 }
             }
-            problems = self.new_problems(&current, &candidate).await;
+            problems = new_problems(&before, self.check_flags(&candidate).await);
         }
         if !problems.is_empty() {
             warn!(changes = ?changes, problems = ?problems,
@@ -491,7 +557,13 @@ fn files(
         match runtime.read_component(name, &path) {
             Ok(bytes) => {
                 let digest = format!("{:x}", Sha256::digest(&bytes));
-                files.insert(name.to_owned(), File { digest, bytes });
+                files.insert(
+                    name.to_owned(),
+                    File {
+                        digest,
+                        bytes: bytes.into(),
+                    },
+                );
             }
             Err(e @ PluginError::Invalid { .. }) => {
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
@@ -511,20 +583,22 @@ fn files(
 
 /// Writes `path` whole or not at all: a temporary file in the same
 /// directory (not named `*.wasm`, so the watcher never reads it half
-/// written), synced, then renamed over.
-async fn write_atomically(dir: &Path, path: &Path, bytes: Vec<u8>) -> Result<(), ChangeError> {
+/// written), synced, renamed over, and the rename synced. Readable by all,
+/// like a file copied in: other instances sharing the directory load it.
+async fn write_atomically(dir: &Path, path: &Path, bytes: Arc<[u8]>) -> Result<(), ChangeError> {
     let (dir, path) = (dir.to_path_buf(), path.to_path_buf());
     let target = path.display().to_string();
     let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write as _;
-        let mut file = tempfile::Builder::new()
-            .prefix(".upload-")
-            .suffix(".tmp")
-            .tempfile_in(&dir)?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".upload-").suffix(".tmp");
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        let mut file = builder.tempfile_in(&dir)?;
         file.write_all(&bytes)?;
         file.as_file().sync_all()?;
         file.persist(&path).map_err(|e| e.error)?;
-        Ok(())
+        std::fs::File::open(&dir)?.sync_all()
     })
     .await
     .unwrap_or_else(|_| Err(std::io::Error::other("writing panicked")));

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -192,20 +192,29 @@ pub async fn put_plugin(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
+    // NB: the token is checked before the body is read: without it, nobody
+    // gets flaghost to buffer a component-sized body.
     authorize(&state, &headers)?;
     let changes = changes(&state)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge {
-                key: None,
-                details: format!(
-                    "the component is over the upload limit of {} bytes \
-                     (--plugin-max-file-mib, FLAGHOST_PLUGIN_MAX_FILE_MIB)",
-                    changes.max_file_bytes()
-                ),
-            }
+    let limit = changes.max_file_bytes();
+    let too_large = || ApiError::TooLarge {
+        key: None,
+        details: format!(
+            "the component is over the upload limit of {limit} bytes \
+             (--plugin-max-file-mib, FLAGHOST_PLUGIN_MAX_FILE_MIB)"
+        ),
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if over_limit(&e) {
+            too_large()
         } else {
             ApiError::BadRequest {
                 key: None,
@@ -215,7 +224,8 @@ pub async fn put_plugin(
     })?;
     // NB: run to its end even if the caller goes away: a change stopped
     // between writing the file and swapping the set would leave them apart.
-    let (upload, plugin) = tokio::spawn(async move { changes.put(&name, body.to_vec()).await })
+    let bytes: Arc<[u8]> = Arc::from(&bytes[..]);
+    let (upload, plugin) = tokio::spawn(async move { changes.put(&name, bytes).await })
         .await
         .map_err(|e| ApiError::Internal(format!("the upload failed: {e}")))??;
     let status = match upload {
@@ -229,6 +239,18 @@ pub async fn put_plugin(
             plugin: info(&plugin),
         }),
     ))
+}
+
+/// Whether reading a body failed on its length limit.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// The answer to a deletion.

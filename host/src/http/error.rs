@@ -168,7 +168,9 @@ impl IntoResponse for ApiError {
                     ChangeError::FlagsRefuse { .. } | ChangeError::InUse { .. } => {
                         StatusCode::CONFLICT
                     }
-                    ChangeError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                    ChangeError::Io { .. } | ChangeError::Internal(_) => {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
                 };
                 (status, None, "GENERAL", e.to_string(), None)
             }

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
@@ -13,8 +12,8 @@ use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
 use crate::plugins::{PluginRegistry, PluginSet};
 
 /// The state of a flag directory's files (see [`DirStore::flag_files`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlagFiles(Vec<(PathBuf, u64, Option<SystemTime>)>);
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlagFiles(Vec<(String, String)>);
 
 /// Reads flag files from a directory; rules are bound to `plugins`.
 pub struct DirStore {
@@ -96,18 +95,16 @@ impl DirStore {
         Ok(())
     }
 
-    /// The flag files' names, sizes and modification times now: changes
-    /// when a file does, without reading any.
+    /// The flag files' names and digests now: changes when a file's
+    /// content does (symlinks followed, as the store reads them).
     pub fn flag_files(&self) -> FlagFiles {
-        let mut files: Vec<(PathBuf, u64, Option<SystemTime>)> = std::fs::read_dir(&self.dir)
+        let mut files: Vec<(String, String)> = self
+            .environments_sync()
+            .unwrap_or_default()
             .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .map(|e| {
-                let meta = e.metadata().ok();
-                let len = meta.as_ref().map_or(0, |m| m.len());
-                (e.path(), len, meta.and_then(|m| m.modified().ok()))
+            .filter_map(|env| {
+                let (_, bytes) = self.read(&env).ok()?;
+                Some((env, format!("{:x}", Sha256::digest(&bytes))))
             })
             .collect();
         files.sort();

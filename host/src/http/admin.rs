@@ -194,10 +194,17 @@ pub async fn put_plugin(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
-    // NB: the token is checked before the body is read: without it, nobody
-    // gets flaghost to buffer a component-sized body.
-    authorize(&state, &headers)?;
-    let changes = changes(&state)?;
+    // NB: the token is checked before the body is buffered: without it,
+    // nobody gets flaghost to hold a component-sized body. A refused body is
+    // still read (and dropped) so the caller reads the answer rather than a
+    // connection reset in the middle of its upload.
+    let changes = match authorize(&state, &headers).and_then(|()| changes(&state)) {
+        Ok(changes) => changes,
+        Err(e) => {
+            discard(body, DISCARD_LIMIT).await;
+            return Err(e);
+        }
+    };
     let limit = changes.max_file_bytes();
     let too_large = || ApiError::TooLarge {
         key: None,
@@ -209,7 +216,12 @@ pub async fn put_plugin(
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(declared) = declared
+        && declared > limit as u64
+    {
+        if declared <= DISCARD_LIMIT as u64 {
+            discard(body, DISCARD_LIMIT).await;
+        }
         return Err(too_large());
     }
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
@@ -239,6 +251,22 @@ pub async fn put_plugin(
             plugin: info(&plugin),
         }),
     ))
+}
+
+/// How much of a refused upload is read (and dropped) before answering.
+const DISCARD_LIMIT: usize = 64 << 20;
+
+/// Reads and drops up to `limit` bytes of `body`.
+async fn discard(body: Body, limit: usize) {
+    use futures_util::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut read = 0;
+    while read <= limit {
+        match stream.next().await {
+            Some(Ok(chunk)) => read += chunk.len(),
+            _ => break,
+        }
+    }
 }
 
 /// Whether reading a body failed on its length limit.

@@ -47,6 +47,38 @@ async fn delete(fh: &Flaghost, name: &str) -> (u16, Value) {
     (status, response.json().await.expect("JSON"))
 }
 
+/// `PUT` of `total` zero bytes in 64 KiB chunks, with no Content-Length,
+/// over a raw connection; the answer as text.
+async fn put_chunked(fh: &Flaghost, name: &str, total: usize) -> String {
+    let address = fh.base.trim_start_matches("http://").to_owned();
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        let head = format!(
+            "PUT /admin/v1/plugins/{name} HTTP/1.1\r\nHost: {address}\r\n\
+             Authorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).expect("head");
+        let chunk = vec![0u8; 64 << 10];
+        let mut sent = 0;
+        while sent < total {
+            let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+            frame.extend_from_slice(&chunk);
+            frame.extend_from_slice(b"\r\n");
+            stream.write_all(&frame).expect("chunk");
+            sent += chunk.len();
+        }
+        stream.write_all(b"0\r\n\r\n").expect("end");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).expect("answer");
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .expect("the client ran")
+}
+
 /// Name and digest of every loaded plugin.
 async fn listing(fh: &Flaghost) -> Vec<(String, String)> {
     loaded(fh)
@@ -166,6 +198,12 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
             .contains("--plugin-max-file-mib"),
         "{body}"
     );
+
+    // The same without a declared length (chunked): read until the limit,
+    // the rest dropped, the same 413, and the connection still answers.
+    let answer = put_chunked(&fh, "gate", 2 << 20).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("--plugin-max-file-mib"), "{answer}");
 
     // A component whose configuration check refuses the flag's: 409
     // naming the flag file and the flag.

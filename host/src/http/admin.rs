@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -196,12 +197,13 @@ pub async fn put_plugin(
 ) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
     // NB: the token is checked before the body is buffered: without it,
     // nobody gets flaghost to hold a component-sized body. A refused body is
-    // still read (and dropped) so the caller reads the answer rather than a
-    // connection reset in the middle of its upload.
+    // still read (and dropped, never held) so the caller reads the answer
+    // rather than a connection reset in the middle of its upload.
+    let mut body = body.into_data_stream();
     let changes = match authorize(&state, &headers).and_then(|()| changes(&state)) {
         Ok(changes) => changes,
         Err(e) => {
-            discard(body, DISCARD_LIMIT).await;
+            discard(&mut body, 0).await;
             return Err(e);
         }
     };
@@ -216,27 +218,25 @@ pub async fn put_plugin(
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if let Some(declared) = declared
-        && declared > limit as u64
-    {
-        if declared <= DISCARD_LIMIT as u64 {
-            discard(body, DISCARD_LIMIT).await;
-        }
+    if declared.is_some_and(|n| n > limit as u64) {
+        discard(&mut body, 0).await;
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if over_limit(&e) {
-            too_large()
-        } else {
-            ApiError::BadRequest {
-                key: None,
-                details: format!("cannot read the request body: {e}"),
-            }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest {
+            key: None,
+            details: format!("cannot read the request body: {e}"),
+        })?;
+        if bytes.len() + chunk.len() > limit {
+            discard(&mut body, bytes.len() + chunk.len()).await;
+            return Err(too_large());
         }
-    })?;
+        bytes.extend_from_slice(&chunk);
+    }
     // NB: run to its end even if the caller goes away: a change stopped
     // between writing the file and swapping the set would leave them apart.
-    let bytes: Arc<[u8]> = Arc::from(&bytes[..]);
+    let bytes: Arc<[u8]> = bytes.into();
     let (upload, plugin) = tokio::spawn(async move { changes.put(&name, bytes).await })
         .await
         .map_err(|e| ApiError::Internal(format!("the upload failed: {e}")))??;
@@ -253,32 +253,19 @@ pub async fn put_plugin(
     ))
 }
 
-/// How much of a refused upload is read (and dropped) before answering.
+/// How much of a refused upload is read (and dropped) before answering:
+/// past it, the connection is closed on the caller.
 const DISCARD_LIMIT: usize = 64 << 20;
 
-/// Reads and drops up to `limit` bytes of `body`.
-async fn discard(body: Body, limit: usize) {
-    use futures_util::StreamExt as _;
-    let mut stream = body.into_data_stream();
-    let mut read = 0;
-    while read <= limit {
-        match stream.next().await {
+/// Reads and drops the rest of `body`, `read` bytes of which are already
+/// read, up to [`DISCARD_LIMIT`].
+async fn discard(body: &mut BodyDataStream, mut read: usize) {
+    while read <= DISCARD_LIMIT {
+        match body.next().await {
             Some(Ok(chunk)) => read += chunk.len(),
             _ => break,
         }
     }
-}
-
-/// Whether reading a body failed on its length limit.
-fn over_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(error) = source {
-        if error.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// The answer to a deletion.

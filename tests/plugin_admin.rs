@@ -79,39 +79,11 @@ async fn put_chunked(fh: &Flaghost, name: &str, total: usize) -> String {
     .expect("the client ran")
 }
 
-/// Name and digest of every loaded plugin.
-async fn listing(fh: &Flaghost) -> Vec<(String, String)> {
-    loaded(fh)
-        .await
-        .into_iter()
-        .map(|(name, digest, _)| (name, digest))
-        .collect()
-}
-
-/// Name, digest and load time of every loaded plugin.
-async fn loaded(fh: &Flaghost) -> Vec<(String, String, u64)> {
-    let body: Value = fh
-        .client
-        .get(format!("{}/admin/v1/plugins", fh.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("JSON");
-    body["plugins"]
-        .as_array()
-        .expect("plugins")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap_or_default().to_owned(),
-                p["digest"].as_str().unwrap_or_default().to_owned(),
-                p["loadedAt"].as_u64().unwrap_or_default(),
-            )
-        })
-        .collect()
+/// When each loaded plugin was loaded.
+async fn load_times(fh: &Flaghost) -> Vec<Value> {
+    let listing = fh.plugin_listing(TOKEN).await;
+    let plugins = listing["plugins"].as_array().expect("plugins");
+    plugins.iter().map(|p| p["loadedAt"].clone()).collect()
 }
 
 fn gated_flags() -> Value {
@@ -219,7 +191,10 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
         allow_list,
         "the file on disk is untouched"
     );
-    assert_eq!(listing(&fh).await, [("gate".into(), sha256(&allow_list))]);
+    assert_eq!(
+        fh.loaded_plugins(TOKEN).await,
+        [("gate".into(), sha256(&allow_list))]
+    );
     assert_eq!(gated().await.1["value"], true);
 
     // A bad name never reaches the file system.
@@ -284,16 +259,16 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
 
     // The watcher sees the files the API wrote and changes nothing: not
     // even a reload of the same bytes.
-    let before = loaded(&fh).await;
+    let before = load_times(&fh).await;
     assert_eq!(
-        listing(&fh).await,
+        fh.loaded_plugins(TOKEN).await,
         [
             ("gate".into(), sha256(&allow_list)),
             ("rollout".into(), sha256(&rollout))
         ]
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(loaded(&fh).await, before);
+    assert_eq!(load_times(&fh).await, before);
 
     // Deleting a plugin flags use: 409 naming them; nothing changes.
     let (status, body) = delete(&fh, "gate").await;
@@ -310,7 +285,10 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["plugin"]["digest"], sha256(&rollout));
     assert!(!dirs.plugins().join("rollout.wasm").exists());
-    assert_eq!(listing(&fh).await, [("gate".into(), sha256(&allow_list))]);
+    assert_eq!(
+        fh.loaded_plugins(TOKEN).await,
+        [("gate".into(), sha256(&allow_list))]
+    );
     let (status, body) = delete(&fh, "rollout").await;
     assert_eq!(status, 404, "{body}");
 

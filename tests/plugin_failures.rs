@@ -325,16 +325,7 @@ async fn the_admin_listing_counts_each_plugins_evaluations_errors_and_timeouts()
     let url = format!("{}/admin/v1/plugins", fh.base);
     let refused = fh.client.get(&url).send().await.expect("answers");
     assert_eq!(refused.status().as_u16(), 401, "behind the admin token");
-    let listing: Value = fh
-        .client
-        .get(&url)
-        .bearer_auth("listing-token-0123456789")
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("JSON");
+    let listing = fh.plugin_listing("listing-token-0123456789").await;
     assert_eq!(listing["contractVersions"], json!(["0.1.0"]));
     let plugins = listing["plugins"].as_array().expect("plugins");
     let by_name = |name: &str| {

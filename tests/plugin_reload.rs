@@ -12,18 +12,7 @@ use serde_json::{Value, json};
 const TOKEN: &str = "reload-admin-token-0123456789";
 
 async fn listing(fh: &Flaghost) -> Vec<(String, String)> {
-    let body = admin(fh).await;
-    body["plugins"]
-        .as_array()
-        .expect("plugins")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap_or_default().to_owned(),
-                p["digest"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
+    fh.loaded_plugins(TOKEN).await
 }
 
 /// Waits (compiling is slow in a debug build) until the watcher reports
@@ -38,15 +27,7 @@ async fn refused(fh: &Flaghost, digest: &str) -> bool {
 }
 
 async fn admin(fh: &Flaghost) -> Value {
-    fh.client
-        .get(format!("{}/admin/v1/plugins", fh.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("JSON")
+    fh.plugin_listing(TOKEN).await
 }
 
 fn sha256(path: &std::path::Path) -> String {

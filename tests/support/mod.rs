@@ -216,6 +216,34 @@ impl Flaghost {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET /admin/v1/plugins` with the admin token `token`: the listing.
+    pub async fn plugin_listing(&self, token: &str) -> Value {
+        self.client
+            .get(format!("{}/admin/v1/plugins", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request reaches flaghost")
+            .json()
+            .await
+            .expect("the listing is JSON")
+    }
+
+    /// Name and digest of every plugin loaded, from the admin listing.
+    pub async fn loaded_plugins(&self, token: &str) -> Vec<(String, String)> {
+        self.plugin_listing(token).await["plugins"]
+            .as_array()
+            .expect("plugins")
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or_default().to_owned(),
+                    p["digest"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
     /// The cache backend `/readyz` reports (`redis`, `memory-fallback`,
     /// `memory-only`).
     pub async fn cache_backend(&self) -> String {

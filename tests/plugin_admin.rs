@@ -79,6 +79,35 @@ async fn put_chunked(fh: &Flaghost, name: &str, total: usize) -> String {
     .expect("the client ran")
 }
 
+/// The head of the first answer to a `PUT` of 1 MiB with `Expect:
+/// 100-continue` and `token`, whose body is never sent.
+async fn put_expecting_continue(fh: &Flaghost, name: &str, token: &str) -> String {
+    let address = fh.base.trim_start_matches("http://").to_owned();
+    let (name, token) = (name.to_owned(), token.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let head = format!(
+            "PUT /admin/v1/plugins/{name} HTTP/1.1\r\nHost: {address}\r\n\
+             Authorization: Bearer {token}\r\nContent-Length: {}\r\n\
+             Expect: 100-continue\r\n\r\n",
+            1 << 20
+        );
+        stream.write_all(head.as_bytes()).expect("head");
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") && stream.read(&mut byte).expect("answer") == 1 {
+            answer.push(byte[0]);
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .expect("the client ran")
+}
+
 /// When each loaded plugin was loaded.
 async fn load_times(fh: &Flaghost) -> Vec<Value> {
     let listing = fh.plugin_listing(TOKEN).await;
@@ -142,6 +171,11 @@ async fn uploads_and_deletions_are_checked_before_they_take_effect() {
         .await
         .expect("answers");
     assert_eq!(anonymous.status(), 401);
+
+    // A caller that waits for "100 Continue" before sending is answered at
+    // once: it is never asked for the body it may not send.
+    let answer = put_expecting_continue(&fh, "gate", "wrong-token").await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 
     // Not a component: 422 saying why; the loaded version keeps serving.
     let (status, body) = put(&fh, "gate", b"\0asm garbage".to_vec()).await;

@@ -203,7 +203,7 @@ pub async fn put_plugin(
     let changes = match authorize(&state, &headers).and_then(|()| changes(&state)) {
         Ok(changes) => changes,
         Err(e) => {
-            discard(&mut body, 0).await;
+            discard(&headers, &mut body, 0).await;
             return Err(e);
         }
     };
@@ -219,7 +219,7 @@ pub async fn put_plugin(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        discard(&mut body, 0).await;
+        discard(&headers, &mut body, 0).await;
         return Err(too_large());
     }
     let mut bytes = Vec::new();
@@ -229,7 +229,7 @@ pub async fn put_plugin(
             details: format!("cannot read the request body: {e}"),
         })?;
         if bytes.len() + chunk.len() > limit {
-            discard(&mut body, bytes.len() + chunk.len()).await;
+            discard(&headers, &mut body, bytes.len() + chunk.len()).await;
             return Err(too_large());
         }
         bytes.extend_from_slice(&chunk);
@@ -257,15 +257,34 @@ pub async fn put_plugin(
 /// past it, the connection is closed on the caller.
 const DISCARD_LIMIT: usize = 64 << 20;
 
+/// How long a refused upload is read before answering anyway: a caller
+/// sending a byte at a time does not hold the handler.
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Reads and drops the rest of `body`, `read` bytes of which are already
-/// read, up to [`DISCARD_LIMIT`].
-async fn discard(body: &mut BodyDataStream, mut read: usize) {
-    while read <= DISCARD_LIMIT {
-        match body.next().await {
-            Some(Ok(chunk)) => read += chunk.len(),
-            _ => break,
-        }
+/// read, up to [`DISCARD_LIMIT`] and [`DISCARD_TIME`]. Not when the caller
+/// waits for `100 Continue` before sending (answering at once spares it the
+/// upload), nor when it declares more than the limit.
+async fn discard(headers: &HeaderMap, body: &mut BodyDataStream, mut read: usize) {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let declared_over = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > DISCARD_LIMIT as u64);
+    if expects_continue || declared_over {
+        return;
     }
+    let drain = async {
+        while read <= DISCARD_LIMIT {
+            match body.next().await {
+                Some(Ok(chunk)) => read += chunk.len(),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
 
 /// The answer to a deletion.

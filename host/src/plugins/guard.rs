@@ -112,16 +112,23 @@ impl Guard {
                           "plugin quarantined: its evaluations answer an error without running until the cool-down ends");
                 }
             }
-        } else if self.deadlines_in_a_row.load(Ordering::Relaxed) > 0
-            // NB: loaded first: a healthy plugin's calls do not all write to
-            // this shared cache line.
-            && self.deadlines_in_a_row.swap(0, Ordering::AcqRel) > 0
-            && self.quarantined_until.swap(0, Ordering::AcqRel) != 0
-        {
-            info!(
-                plugin,
-                "plugin answers within its deadline again: quarantine over"
-            );
+        } else {
+            // NB: each loaded first, so a healthy plugin's calls do not all
+            // write to these shared cache lines. The quarantine is cleared on
+            // its own value, not the count's: a success racing the deadline
+            // that quarantines may reset the count before the quarantine is
+            // set, and the next success must still end it.
+            if self.deadlines_in_a_row.load(Ordering::Relaxed) > 0 {
+                self.deadlines_in_a_row.store(0, Ordering::Release);
+            }
+            if self.quarantined_until.load(Ordering::Relaxed) != 0
+                && self.quarantined_until.swap(0, Ordering::AcqRel) != 0
+            {
+                info!(
+                    plugin,
+                    "plugin answers within its deadline again: quarantine over"
+                );
+            }
         }
     }
 }

@@ -8,6 +8,13 @@ use flaghost::plugins::{Limits, PluginError, PluginRuntime};
 use flaghost_tests::{Dirs, Flaghost, fixture, plugin};
 use serde_json::{Value, json};
 
+/// The good flag beside every bad one: on for country NL (allow-list).
+fn neighbour_flag() -> Value {
+    json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+           "targeting": {"plugin": ["allow-list",
+               {"attribute": "country", "values": ["NL"], "variant": "on"}]}})
+}
+
 /// A flag directory with a good flag (`neighbour`, allow-list) and a flag
 /// (`bad`) whose rule runs `fixture`.
 fn dirs_with(fixture_name: &str, config: Value) -> Dirs {
@@ -17,10 +24,7 @@ fn dirs_with(fixture_name: &str, config: Value) -> Dirs {
         .flag_file(
             "prod",
             &json!({"flags": {
-                "neighbour": {"state": "ENABLED", "variants": {"on": true, "off": false},
-                              "defaultVariant": "off",
-                              "targeting": {"plugin": ["allow-list",
-                                  {"attribute": "country", "values": ["NL"], "variant": "on"}]}},
+                "neighbour": neighbour_flag(),
                 "bad": {"state": "ENABLED", "variants": {"on": true, "off": false},
                         "defaultVariant": "off",
                         "targeting": {"plugin": [fixture_name, config]}}
@@ -131,10 +135,7 @@ async fn reading_past_the_context_cap_fails_the_evaluation() {
     let dirs = dirs_with("trap", json!({})).flag_file(
         "prod",
         &json!({"flags": {
-            "neighbour": {"state": "ENABLED", "variants": {"on": true, "off": false},
-                          "defaultVariant": "off",
-                          "targeting": {"plugin": ["allow-list",
-                              {"attribute": "country", "values": ["NL"], "variant": "on"}]}},
+            "neighbour": neighbour_flag(),
             "blob-reader": {"state": "ENABLED", "variants": {"on": true, "off": false},
                             "defaultVariant": "off",
                             "targeting": {"plugin": ["allow-list",

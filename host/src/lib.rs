@@ -34,3 +34,10 @@ pub mod plugins;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+
+/// The digest flaghost gives a file (flag file, plugin component): hex
+/// SHA-256. One function, so digests computed in different places compare.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::environments::Environments;
@@ -29,6 +28,7 @@ use crate::plugins::{
     Plugin, PluginError, PluginRegistry, PluginRuntime, PluginSet, RefusedFile, ReloadReport,
     valid_plugin_name,
 };
+use crate::sha256_hex;
 use crate::store::{DirStore, FlagFiles, StoreError};
 
 /// Why a change asked through the admin API was not made. Nothing changed.
@@ -226,16 +226,13 @@ impl PluginChanges {
         let mut seen = self.seen.lock().await;
         let current = self.registry().current();
         let path = self.path(name);
-        let digest = format!("{:x}", Sha256::digest(&bytes));
+        let digest = sha256_hex(&bytes);
         if let Some(loaded) = current.get(name)
             && loaded.digest() == digest
         {
             // NB: the file may be gone (kept after removal) or hold a refused
             // version: the upload puts the loaded one back on disk.
-            let on_disk = tokio::fs::read(&path)
-                .await
-                .ok()
-                .map(|b| format!("{:x}", Sha256::digest(&b)));
+            let on_disk = tokio::fs::read(&path).await.ok().map(|b| sha256_hex(&b));
             if on_disk.as_deref() != Some(digest.as_str()) {
                 write_atomically(&self.dir, &path, bytes).await?;
                 info!(plugin = %name, digest = %digest, "plugin file restored through the admin API");
@@ -258,8 +255,7 @@ impl PluginChanges {
         };
         let mut candidate = PluginSet::clone(&current);
         candidate.insert(plugin.clone());
-        let before = self.check_flags(&current).await;
-        let problems = new_problems(&before, self.check_flags(&candidate).await);
+        let problems = self.problems_brought(&current, &candidate).await;
         if !problems.is_empty() {
             warn!(plugin = %name, digest = %digest, problems = ?problems,
                   "plugin upload refused: flag files would not load with it");
@@ -309,8 +305,7 @@ impl PluginChanges {
         let mut candidate = PluginSet::clone(&current);
         if loaded.is_some() {
             candidate.remove(name);
-            let before = self.check_flags(&current).await;
-            let problems = new_problems(&before, self.check_flags(&candidate).await);
+            let problems = self.problems_brought(&current, &candidate).await;
             if !problems.is_empty() {
                 info!(plugin = %name, problems = ?problems, "plugin deletion refused: flags use it");
                 return Err(ChangeError::InUse {
@@ -364,19 +359,27 @@ impl PluginChanges {
         self.environments.reload_all().await;
     }
 
+    /// The problems flag files would have with `candidate` that they do not
+    /// have with `current`.
+    async fn problems_brought(&self, current: &PluginSet, candidate: &PluginSet) -> Vec<String> {
+        let before = self.check_flags(current).await;
+        new_problems(&before, self.check_flags(candidate).await)
+    }
+
     /// Every problem flag files would have with `candidate`, by file and
     /// flag. Blocking work (every file parsed, every plugin configuration
     /// checked in its plugin): run off the async workers.
     async fn check_flags(&self, candidate: &PluginSet) -> Problems {
-        let environments = match self.environments.store().environments().await {
-            Ok(names) => names,
-            Err(e) => {
-                return Problems::from([(("flag directory".into(), None), e.to_string())]);
-            }
-        };
         let (store, candidate) = (self.store.clone(), candidate.clone());
         let checked = tokio::task::spawn_blocking(move || {
             let mut problems = Problems::new();
+            let environments = match store.environments_sync() {
+                Ok(names) => names,
+                Err(e) => {
+                    problems.insert(("flag directory".into(), None), e.to_string());
+                    return problems;
+                }
+            };
             for env in environments {
                 match store.check_with(&env, &candidate) {
                     Ok(()) => {}
@@ -556,7 +559,7 @@ fn files(
         };
         match runtime.read_component(name, &path) {
             Ok(bytes) => {
-                let digest = format!("{:x}", Sha256::digest(&bytes));
+                let digest = sha256_hex(&bytes);
                 files.insert(
                     name.to_owned(),
                     File {

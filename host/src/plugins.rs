@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value as Json;
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -218,7 +217,7 @@ impl PluginRuntime {
             reason,
         };
         check_header(bytes, self.limits.max_component_bytes).map_err(invalid)?;
-        let digest = format!("{:x}", Sha256::digest(bytes));
+        let digest = crate::sha256_hex(bytes);
         let (component, origin) = match &self.artifacts {
             Some(artifacts) => artifacts.component(&self.engine, &digest, bytes),
             None => Component::from_binary(&self.engine, bytes).map(|c| (c, Origin::Compiled)),
@@ -547,9 +546,7 @@ impl PluginSet {
     pub fn insert(&mut self, plugin: Arc<Plugin>) {
         self.plugins.insert(plugin.name.clone(), plugin);
     }
-}
 
-impl PluginSet {
     /// Removes a plugin.
     pub fn remove(&mut self, name: &str) -> Option<Arc<Plugin>> {
         self.plugins.remove(name)

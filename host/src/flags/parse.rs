@@ -11,7 +11,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde_json::{Map, Value as Json};
-use sha2::{Digest, Sha256};
 
 use super::targeting::{JsonLogicRule, bind_plugins, plugin_args, resolve_refs};
 use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
@@ -144,7 +143,7 @@ pub fn parse_flag_file(
         environment: environment.to_owned(),
         flags,
         metadata: Arc::new(set_metadata),
-        digest: format!("{:x}", Sha256::digest(bytes)),
+        digest: crate::sha256_hex(bytes),
         warnings,
     })
 }

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 
 use super::{FlagStore, StoreError, valid_environment_name};
 use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
 use crate::plugins::{PluginRegistry, PluginSet};
+use crate::sha256_hex;
 
 /// The state of a flag directory's files (see [`DirStore::flag_files`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl DirStore {
             return Err(StoreError::InvalidEnvironment(environment.to_owned()));
         }
         let (path, bytes) = self.read(environment)?;
-        let digest = format!("{:x}", Sha256::digest(&bytes));
+        let digest = sha256_hex(&bytes);
         let generation = self.plugins.generation();
         if let Some((parsed_under, set)) = self.parsed().get(environment)
             && set.digest == digest
@@ -104,7 +104,7 @@ impl DirStore {
             .into_iter()
             .filter_map(|env| {
                 let (_, bytes) = self.read(&env).ok()?;
-                Some((env, format!("{:x}", Sha256::digest(&bytes))))
+                Some((env, sha256_hex(&bytes)))
             })
             .collect();
         files.sort();

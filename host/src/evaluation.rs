@@ -4,29 +4,11 @@
 //! HTTP. A targeting rule is reached through [`TargetingRule`], so the
 //! semantics here are tested without wasm; the plugin runtime implements it.
 
-mod context;
-
-pub use context::{ContextError, EvaluationContext};
+pub use crate::rules::{ContextError, EvaluationContext, RuleError, TargetingRule};
 
 use std::sync::Arc;
 
 use crate::flags::{Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
-
-/// A rule that picks a flag's variant for a context.
-pub trait TargetingRule: Send + Sync {
-    /// The variant that applies, `None` for the flag's default, or why the
-    /// rule could not answer.
-    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError>;
-
-    /// What the rule is, for logs (`plugin percentage-rollout`).
-    fn describe(&self) -> String;
-}
-
-/// A rule failed to answer; the evaluation is an ERROR with reason GENERAL.
-/// The message names the rule (`plugin x exceeded its deadline...`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct RuleError(pub String);
 
 /// Why a flag resolved as it did (OpenFeature's resolution reasons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

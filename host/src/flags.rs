@@ -7,7 +7,8 @@
 mod parse;
 mod targeting;
 
-pub use parse::{FlagFileError, Problem, RuleBinder, parse_flag_file};
+pub use crate::rules::{BindError, RuleBinder};
+pub use parse::{FlagFileError, Problem, parse_flag_file};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 use serde::Serialize;
 
-use crate::evaluation::TargetingRule;
+use crate::rules::TargetingRule;
 
 /// A flag value: what a variant stands for.
 ///

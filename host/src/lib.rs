@@ -17,6 +17,9 @@
 //! - [`cache`]: the snapshot table, the [`cache::FlagCache`] port of the
 //!   shared tier, and its Redis backend (key layout, breaker, pub/sub).
 //! - [`store`]: the [`store::FlagStore`] port and the flag-file directory.
+//! - [`rules`]: what a targeting rule is (trait, error, binder, the
+//!   evaluation context), the leaf [`flags`], [`evaluation`] and [`plugins`]
+//!   build on.
 //! - [`flags`]: the flag model and the flagd-format parser and validation.
 //! - [`plugins`]: the wasmtime runtime that runs targeting rules sandboxed.
 //! - [`plugin_changes`]: the one way the plugins in force change (the plugin
@@ -31,6 +34,7 @@ pub mod flags;
 pub mod http;
 pub mod plugin_changes;
 pub mod plugins;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;

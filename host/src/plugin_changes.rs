@@ -24,6 +24,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::environments::Environments;
+use crate::flags::Problem;
 use crate::plugins::{
     Plugin, PluginError, PluginRegistry, PluginRuntime, PluginSet, RefusedFile, ReloadReport,
     valid_plugin_name,
@@ -156,23 +157,28 @@ enum Compile {
 }
 
 /// Problems of flag files, by file and flag (`None`: the file as a whole).
-type Problems = HashMap<(String, Option<String>), String>;
+type Problems = HashMap<(String, Option<String>), Problem>;
 
-/// The problems in `after` that `before` does not have, in words. Compared
-/// by file and flag, not by message: a flag already refused (its message may
-/// list the plugins loaded, which the change alters) is not a problem the
-/// change brings.
-fn new_problems(before: &Problems, after: Problems) -> Vec<String> {
-    let mut new: Vec<String> = after
+/// The problems in `after` that `before` does not have, with their files.
+/// Compared by file and flag, not by message: a flag already refused (its
+/// message may list the plugins loaded, which the change alters) is not a
+/// problem the change brings.
+fn new_problems(before: &Problems, after: Problems) -> Vec<(String, Problem)> {
+    let mut new: Vec<(String, Problem)> = after
         .into_iter()
         .filter(|(at, _)| !before.contains_key(at))
-        .map(|((file, flag), reason)| match flag {
-            Some(flag) => format!("{file}: flag {flag:?}: {reason}"),
-            None => format!("{file}: {reason}"),
-        })
+        .map(|((file, _), problem)| (file, problem))
         .collect();
-    new.sort();
+    new.sort_by(|a, b| (&a.0, &a.1.flag).cmp(&(&b.0, &b.1.flag)));
     new
+}
+
+/// Problems in words: `file: flag "f": reason`.
+fn in_words(problems: &[(String, Problem)]) -> Vec<String> {
+    problems
+        .iter()
+        .map(|(file, problem)| format!("{file}: {problem}"))
+        .collect()
 }
 
 impl PluginChanges {
@@ -363,7 +369,7 @@ impl PluginChanges {
     /// have with `current`.
     async fn problems_brought(&self, current: &PluginSet, candidate: &PluginSet) -> Vec<String> {
         let before = self.check_flags(current).await;
-        new_problems(&before, self.check_flags(candidate).await)
+        in_words(&new_problems(&before, self.check_flags(candidate).await))
     }
 
     /// Every problem flag files would have with `candidate`, by file and
@@ -376,7 +382,10 @@ impl PluginChanges {
             let environments = match store.environments_sync() {
                 Ok(names) => names,
                 Err(e) => {
-                    problems.insert(("flag directory".into(), None), e.to_string());
+                    problems.insert(
+                        ("flag directory".into(), None),
+                        Problem::new(None, e.to_string()),
+                    );
                     return problems;
                 }
             };
@@ -385,11 +394,11 @@ impl PluginChanges {
                     Ok(()) => {}
                     Err(StoreError::Invalid(e)) => {
                         for p in e.problems {
-                            problems.insert((e.file.clone(), p.flag), p.reason);
+                            problems.insert((e.file.clone(), p.flag.clone()), p);
                         }
                     }
                     Err(other) => {
-                        problems.insert((env, None), other.to_string());
+                        problems.insert((env, None), Problem::new(None, other.to_string()));
                     }
                 }
             }
@@ -399,7 +408,7 @@ impl PluginChanges {
         checked.unwrap_or_else(|_| {
             Problems::from([(
                 ("flag files".into(), None),
-                "checking them panicked; see the logs".into(),
+                Problem::new(None, "checking them panicked; see the logs".into()),
             )])
         })
     }
@@ -503,8 +512,9 @@ impl PluginChanges {
         let needed: Vec<&String> = removed
             .iter()
             .filter(|name| {
-                let missing = format!("plugin {name:?} is not loaded");
-                problems.iter().any(|p| p.contains(&missing))
+                problems
+                    .iter()
+                    .any(|(_, p)| p.missing_plugin.as_ref() == Some(*name))
             })
             .collect();
         if !needed.is_empty() {
@@ -520,6 +530,7 @@ impl PluginChanges {
             problems = new_problems(&before, self.check_flags(&candidate).await);
         }
         if !problems.is_empty() {
+            let problems = in_words(&problems);
             warn!(changes = ?changes, problems = ?problems,
                   "plugin change refused: flag files would not load with it; the previous plugins keep serving");
             for (name, file) in &files {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::*;
-use crate::flags::{RuleBinder, parse_flag_file};
+use crate::flags::{BindError, RuleBinder, parse_flag_file};
 
 /// A rule that answers whatever it was built with.
 struct Fixed(Result<Option<String>, RuleError>);
@@ -32,9 +32,12 @@ impl RuleBinder for FixedBinder {
         _variants: &[String],
         plugin: &str,
         config: &serde_json::Value,
-    ) -> Result<Arc<dyn TargetingRule>, String> {
+    ) -> Result<Arc<dyn TargetingRule>, BindError> {
         if plugin != "fixed" {
-            return Err(format!("plugin {plugin:?} is not loaded"));
+            return Err(BindError::NotLoaded {
+                plugin: plugin.to_owned(),
+                loaded: vec!["fixed".into()],
+            });
         }
         let answer = match config {
             serde_json::Value::String(v) => Ok(Some(v.clone())),

@@ -14,22 +14,17 @@ use serde_json::{Map, Value as Json};
 
 use super::targeting::{JsonLogicRule, bind_plugins, plugin_args, resolve_refs};
 use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
-use crate::evaluation::TargetingRule;
+use crate::rules::{BindError, RuleBinder};
 
-/// Turns a `{"plugin": [name, config]}` rule into something that evaluates.
-///
-/// Implemented by the plugin registry; a flag file is parsed against the
-/// plugins that are loaded, so a reference to a missing plugin or a
-/// configuration the plugin refuses is a load error.
-pub trait RuleBinder {
-    /// Binds `flag_key`'s rule to plugin `plugin` with `config`, or says why not.
-    fn bind(
-        &self,
-        flag_key: &str,
-        variants: &[String],
-        plugin: &str,
-        config: &Json,
-    ) -> Result<Arc<dyn TargetingRule>, String>;
+/// Why a flag's `targeting` refuses the file.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TargetingError {
+    /// The rule is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A `plugin` in it could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// One thing wrong in a flag file.
@@ -39,6 +34,20 @@ pub struct Problem {
     pub flag: Option<String>,
     /// What is wrong, in words that say what to fix.
     pub reason: String,
+    /// The plugin the flag uses that is not loaded, when that is the
+    /// problem: how a plugin change tells that flags still need a plugin.
+    pub missing_plugin: Option<String>,
+}
+
+impl Problem {
+    /// A problem of `flag` (`None`: the file as a whole).
+    pub fn new(flag: Option<&str>, reason: String) -> Self {
+        Self {
+            flag: flag.map(str::to_owned),
+            reason,
+            missing_plugin: None,
+        }
+    }
 }
 
 impl fmt::Display for Problem {
@@ -74,7 +83,7 @@ pub fn parse_flag_file(
         file: file.to_owned(),
         problems,
     };
-    let whole = |reason: String| Problem { flag: None, reason };
+    let whole = |reason: String| Problem::new(None, reason);
 
     let doc: Json = serde_json::from_slice(bytes)
         .map_err(|e| refuse(vec![whole(format!("not valid JSON: {e}"))]))?;
@@ -122,17 +131,11 @@ pub fn parse_flag_file(
         match parse_flag(&key, raw, &set_metadata, &evaluators, binder) {
             Ok(flag) => {
                 if let Targeting::Unparsable(reason) = &flag.targeting {
-                    warnings.push(Problem {
-                        flag: Some(key.clone()),
-                        reason: reason.clone(),
-                    });
+                    warnings.push(Problem::new(Some(&key), reason.clone()));
                 }
                 flags.insert(key, flag);
             }
-            Err(reasons) => problems.extend(reasons.into_iter().map(|reason| Problem {
-                flag: Some(key.clone()),
-                reason,
-            })),
+            Err(flag_problems) => problems.extend(flag_problems),
         }
     }
     if !problems.is_empty() {
@@ -155,12 +158,18 @@ fn parse_flag(
     set_metadata: &Metadata,
     evaluators: &Map<String, Json>,
     binder: &dyn RuleBinder,
-) -> Result<Flag, Vec<String>> {
+) -> Result<Flag, Vec<Problem>> {
+    let refuse = |reasons: Vec<String>| -> Vec<Problem> {
+        reasons
+            .into_iter()
+            .map(|reason| Problem::new(Some(key), reason))
+            .collect()
+    };
     let Json::Object(mut raw) = raw else {
-        return Err(vec!["a flag must be a JSON object".into()]);
+        return Err(refuse(vec!["a flag must be a JSON object".into()]));
     };
     if key.is_empty() {
-        return Err(vec!["a flag key must not be empty".into()]);
+        return Err(refuse(vec!["a flag key must not be empty".into()]));
     }
     let mut problems = Vec::new();
 
@@ -220,12 +229,18 @@ fn parse_flag(
     // The rule is bound only once the rest is sound: a plugin's configuration
     // check is given the variant names, which must be right first.
     if !problems.is_empty() {
-        return Err(problems);
+        return Err(refuse(problems));
     }
     let (targeting, resolved_rule) = match raw.remove("targeting") {
         None => (Targeting::None, None),
         Some(rule) => parse_targeting(key, &sorted_names(&variants), rule, evaluators, binder)
-            .map_err(|reason| vec![reason])?,
+            .map_err(|e| {
+                let mut problem = Problem::new(Some(key), e.to_string());
+                if let TargetingError::Bind(BindError::NotLoaded { plugin, .. }) = e {
+                    problem.missing_plugin = Some(plugin);
+                }
+                vec![problem]
+            })?,
     };
     let definition = definition(
         state,
@@ -356,16 +371,18 @@ fn parse_targeting(
     rule: Json,
     evaluators: &Map<String, Json>,
     binder: &dyn RuleBinder,
-) -> Result<(Targeting, Option<Json>), String> {
+) -> Result<(Targeting, Option<Json>), TargetingError> {
     let Json::Object(rule) = rule else {
-        return Err(format!("\"targeting\" must be an object, not {rule}"));
+        return Err(TargetingError::Invalid(format!(
+            "\"targeting\" must be an object, not {rule}"
+        )));
     };
     if rule.is_empty() {
         return Ok((Targeting::None, None));
     }
     if let (Some(args), 1) = (rule.get("plugin"), rule.len()) {
         // The whole rule is one plugin: run it directly, no JsonLogic.
-        let (name, config) = plugin_args(args)?;
+        let (name, config) = plugin_args(args).map_err(TargetingError::Invalid)?;
         let bound = binder.bind(flag_key, variants, name, config)?;
         return Ok((Targeting::Rule(bound), Some(Json::Object(rule))));
     }
@@ -378,7 +395,7 @@ fn parse_targeting(
     let mut plugins = Vec::new();
     bind_plugins(
         &mut bound,
-        &mut |name, config| binder.bind(flag_key, variants, name, config),
+        &mut |name, config| Ok(binder.bind(flag_key, variants, name, config)?),
         &mut plugins,
     )?;
     let targeting = match JsonLogicRule::compile(flag_key, &bound, plugins) {

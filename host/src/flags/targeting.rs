@@ -31,7 +31,8 @@ use datalogic_rs::operator::EvalContext;
 use datalogic_rs::{CustomOperator, DataValue, Engine, Logic};
 use serde_json::{Map, Value as Json, json};
 
-use crate::evaluation::{EvaluationContext, RuleError, TargetingRule};
+use super::parse::TargetingError;
+use crate::rules::{EvaluationContext, RuleError, TargetingRule};
 
 /// The name flaghost's `fractional` is registered under (see the module docs).
 const FRACTIONAL: &str = "flaghost_fractional";
@@ -138,7 +139,7 @@ impl CustomOperator for PluginOperator {
 }
 
 /// Binds one plugin use, `(name, config)`, to a rule that runs it.
-pub type BindFn<'a> = dyn FnMut(&str, &Json) -> Result<Arc<dyn TargetingRule>, String> + 'a;
+pub type BindFn<'a> = dyn FnMut(&str, &Json) -> Result<Arc<dyn TargetingRule>, TargetingError> + 'a;
 
 /// Binds every `{"plugin": [name, config]}` in `rule` with `bind`, replacing
 /// it with `{"flaghost_plugin": [index]}`; the bound plugins are returned in
@@ -148,13 +149,13 @@ pub fn bind_plugins(
     rule: &mut Json,
     bind: &mut BindFn<'_>,
     bound: &mut Vec<Arc<dyn TargetingRule>>,
-) -> Result<(), String> {
+) -> Result<(), TargetingError> {
     match rule {
         Json::Object(map) => {
             if map.len() == 1
                 && let Some(args) = map.get("plugin")
             {
-                let (name, config) = plugin_args(args)?;
+                let (name, config) = plugin_args(args).map_err(TargetingError::Invalid)?;
                 bound.push(bind(name, config)?);
                 *rule = json!({ PLUGIN: [bound.len() - 1] });
                 return Ok(());

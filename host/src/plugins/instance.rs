@@ -17,8 +17,8 @@ use wasmtime::{Store, Trap};
 use super::bindings::v0_1::TargetingRule as Bindings;
 use super::limits::HostState;
 use super::{EPOCH_TICK, Isolation, Plugin, PluginError, PluginRule};
-use crate::evaluation::EvaluationContext;
 use crate::flags::FastMap as HashMap;
+use crate::rules::EvaluationContext;
 
 /// A warm instance drops its rules and starts over past this many: rules of
 /// flag sets that were replaced would otherwise accumulate in it.

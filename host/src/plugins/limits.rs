@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use wasmtime::ResourceLimiter;
 
-use crate::evaluation::EvaluationContext;
+use crate::rules::EvaluationContext;
 
 /// Default evaluation deadline.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);

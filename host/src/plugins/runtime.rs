@@ -1,0 +1,369 @@
+//! [`PluginRuntime`]: the engine, built once, that compiles components into
+//! [`Plugin`]s checked against the contract.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::artifacts::{self, Origin};
+use super::bindings::v0_1;
+use super::limits::{HostState, Limits};
+use super::registry::PluginSet;
+use super::stats::{self, StatsSnapshot};
+use super::{CONTRACT_VERSIONS, EPOCH_TICK, PluginError, guard, instance};
+
+/// Builds engines and compiles plugins. One per process.
+pub struct PluginRuntime {
+    engine: Engine,
+    /// The contract's imports (`context`), shared by every plugin's linker.
+    linker: Linker<HostState>,
+    limits: Arc<Limits>,
+    /// Where compiled components are cached, if anywhere.
+    artifacts: Option<artifacts::Artifacts>,
+}
+
+impl PluginRuntime {
+    /// An engine configured for `limits`, with its epoch ticker running.
+    pub fn new(limits: Limits) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            // NB: flaghost calls plugins synchronously; without this, every call
+            // pays for the component-model-async bookkeeping (~0.3 µs measured).
+            .concurrency_support(false)
+            .max_wasm_stack(limits.wasm_stack_bytes)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&limits)));
+        let engine = Engine::new(&config)?;
+        spawn_epoch_ticker(&engine);
+        let mut linker = Linker::new(&engine);
+        v0_1::flaghost::rules::context::add_to_linker::<_, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        Ok(Self {
+            engine,
+            linker,
+            limits: Arc::new(limits),
+            artifacts: None,
+        })
+    }
+
+    /// Caches compiled components in `dir`, so later starts load them without
+    /// compiling. The directory must be writable by flaghost only: its files
+    /// are loaded as machine code.
+    pub fn cache_compiled_in(mut self, dir: &Path) -> std::io::Result<Self> {
+        self.artifacts = Some(artifacts::Artifacts::new(dir, &self.engine)?);
+        Ok(self)
+    }
+
+    /// The limits plugin calls run under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Compiles `bytes` as plugin `name` and checks it against the contract.
+    pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
+        let started = std::time::Instant::now();
+        let invalid = |reason: String| PluginError::Invalid {
+            plugin: name.to_owned(),
+            reason,
+        };
+        check_header(bytes, self.limits.max_component_bytes).map_err(invalid)?;
+        let digest = crate::sha256_hex(bytes);
+        let (component, origin) = match &self.artifacts {
+            Some(artifacts) => artifacts.component(&self.engine, &digest, bytes),
+            None => Component::from_binary(&self.engine, bytes).map(|c| (c, Origin::Compiled)),
+        }
+        .map_err(|e| invalid(format!("not a valid component: {e:#}")))?;
+
+        // NB: anything the component imports beyond the contract (a
+        // wasm32-wasip2 build imports WASI) is linked to a function that traps:
+        // the sandbox gives no capability, and a rule that never calls them runs.
+        let mut linker = self.linker.clone();
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| invalid(format!("cannot link: {e:#}")))?;
+        let trapped_imports = foreign_imports(&self.engine, &component);
+        let contract = |e: wasmtime::Error| PluginError::Contract {
+            plugin: name.to_owned(),
+            reason: format!("{e:#}"),
+        };
+        let version =
+            contract_version(&self.engine, &component).map_err(|reason| PluginError::Contract {
+                plugin: name.to_owned(),
+                reason,
+            })?;
+        let pre = linker.instantiate_pre(&component).map_err(contract)?;
+        // NB: the one dispatch point on the contract version. A breaking
+        // version adds bindings beside `v0_1` (see `bindings`), an arm here,
+        // and a variant where calls are made; plugins built for older
+        // versions keep loading through their own arm.
+        let pre = match version {
+            "0.1.0" => v0_1::TargetingRulePre::new(pre).map_err(contract)?,
+            other => {
+                return Err(PluginError::Contract {
+                    plugin: name.to_owned(),
+                    reason: format!("contract {other} is listed as served but has no bindings"),
+                });
+            }
+        };
+
+        Ok(Arc::new(Plugin {
+            id: super::next_id(),
+            name: name.to_owned(),
+            digest,
+            size: bytes.len(),
+            origin,
+            load_time: started.elapsed(),
+            loaded_at: std::time::SystemTime::now(),
+            stats: stats::Stats::default(),
+            guard: guard::Guard::new(
+                self.limits.max_concurrency,
+                self.limits.quarantine_after,
+                self.limits.quarantine_for,
+            ),
+            contract_version: version,
+            trapped_imports,
+            pre,
+            limits: self.limits.clone(),
+            engine: self.engine.clone(),
+        }))
+    }
+
+    /// Reads a component file, refusing one over the size limit before
+    /// reading it (a 50 MB file is not read into memory to be refused).
+    pub fn read_component(&self, name: &str, path: &Path) -> Result<Vec<u8>, PluginError> {
+        let read_error = |e: std::io::Error| PluginError::Read {
+            plugin: name.to_owned(),
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        let max = self.limits.max_component_bytes;
+        if size > max as u64 {
+            return Err(PluginError::Invalid {
+                plugin: name.to_owned(),
+                reason: format!("the file is {size} bytes, over the limit of {max}"),
+            });
+        }
+        std::fs::read(path).map_err(read_error)
+    }
+
+    /// Loads every `*.wasm` file in `dir` (plugin name = file stem). Returns
+    /// the plugins that loaded and the errors of those that did not.
+    pub fn load_dir(&self, dir: &Path) -> Result<(PluginSet, Vec<PluginError>), std::io::Error> {
+        let mut paths: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        paths.sort();
+        let mut plugins = HashMap::new();
+        let mut errors = Vec::new();
+        for path in paths {
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let loaded = self
+                .read_component(name, &path)
+                .and_then(|bytes| self.load(name, &bytes));
+            match loaded {
+                Ok(plugin) => {
+                    plugins.insert(name.to_owned(), plugin);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Ok((PluginSet { plugins }, errors))
+    }
+}
+
+/// The pooling allocator's sizes: slots reserved up front, so instantiation is
+/// a few microseconds (it matters for [`Isolation::Fresh`], which instantiates
+/// per call). A `wasm32-wasip2` component holds a handful of core instances and
+/// two memories; the ratios leave room for that.
+fn pooling(limits: &Limits) -> PoolingAllocationConfig {
+    let components = limits.max_instances;
+    let mut pooling = PoolingAllocationConfig::default();
+    pooling
+        .total_component_instances(components)
+        .total_core_instances(components.saturating_mul(8))
+        .total_memories(components.saturating_mul(2))
+        .total_tables(components.saturating_mul(4))
+        .max_memory_size(limits.memory_bytes);
+    pooling
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("flaghost-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the ticker no deadline fires; refuse to run plugins rather
+        // than run them unbounded.
+        panic!("cannot start the epoch ticker thread: {e}");
+    }
+}
+
+/// Refuses what is not a component before handing it to the compiler, with a
+/// message that says what it is instead.
+fn check_header(bytes: &[u8], max_bytes: usize) -> Result<(), String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if bytes.len() > max_bytes {
+        return Err(format!(
+            "the file is {} bytes, over the limit of {max_bytes}",
+            bytes.len()
+        ));
+    }
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err("not a WebAssembly file (no \\0asm header)".into());
+    }
+    // Bytes 4..8: version and layer; layer 0 is a core module, 1 a component.
+    if bytes[6..8] == [0, 0] {
+        return Err(
+            "this is a core WebAssembly module, not a component: build it for \
+                    wasm32-wasip2, or wrap it with `wasm-tools component new`"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The contract version `component` implements, from the `rule` interface
+/// it exports (`flaghost:rules/rule@<version>`), if this host serves it.
+fn contract_version(engine: &Engine, component: &Component) -> Result<&'static str, String> {
+    const RULE: &str = "flaghost:rules/rule@";
+    let exported: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .filter_map(|(name, _)| name.strip_prefix(RULE).map(str::to_owned))
+        .collect();
+    if exported.is_empty() {
+        return Err(format!(
+            "it exports no {RULE}<version> interface (expected {RULE}{})",
+            CONTRACT_VERSIONS[0]
+        ));
+    }
+    // Newest served first: a component exporting several versions runs on
+    // the newest this host knows.
+    CONTRACT_VERSIONS
+        .iter()
+        .find(|served| exported.iter().any(|v| v == *served))
+        .copied()
+        .ok_or_else(|| {
+            format!(
+                "it was built for contract version {}; this flaghost serves {}: rebuild it against wit/rules.wit",
+                exported.join(", "),
+                CONTRACT_VERSIONS.join(", ")
+            )
+        })
+}
+
+/// The component's imports that are not part of the contract: they trap.
+fn foreign_imports(engine: &Engine, component: &Component) -> Vec<String> {
+    component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| !name.starts_with("flaghost:rules/context@"))
+        .collect()
+}
+
+/// One compiled plugin, checked against the contract.
+pub struct Plugin {
+    /// Process-unique: keys the per-thread instances of this plugin.
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) digest: String,
+    pub(super) size: usize,
+    pub(super) origin: Origin,
+    pub(super) load_time: Duration,
+    pub(super) loaded_at: std::time::SystemTime,
+    pub(super) stats: stats::Stats,
+    pub(super) guard: guard::Guard,
+    pub(super) contract_version: &'static str,
+    pub(super) trapped_imports: Vec<String>,
+    pub(super) pre: v0_1::TargetingRulePre<HostState>,
+    pub(super) limits: Arc<Limits>,
+    pub(super) engine: Engine,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// The plugin's name (its file stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Hex SHA-256 of the component file.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Size of the component file in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Whether the component was compiled now or loaded precompiled.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// How long compiling (or deserializing) and checking it took.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// When it was loaded.
+    pub fn loaded_at(&self) -> std::time::SystemTime {
+        self.loaded_at
+    }
+
+    /// Its evaluation counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The contract version the component implements.
+    pub fn contract_version(&self) -> &str {
+        self.contract_version
+    }
+
+    /// Imports outside the contract, each linked to a trap.
+    pub fn trapped_imports(&self) -> &[String] {
+        &self.trapped_imports
+    }
+
+    /// Runs the plugin's configuration check for a flag.
+    pub fn check_config(
+        &self,
+        flag_key: &str,
+        variants: &[String],
+        config: &str,
+    ) -> Result<(), PluginError> {
+        instance::check_config(self, flag_key, variants, config)
+    }
+}

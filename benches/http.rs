@@ -36,6 +36,8 @@ fn ofrep(c: &mut Criterion) {
             admin: None,
             plugins: Default::default(),
             plugin_changes: None,
+            plugin_pool: runtime.pool().clone(),
+            plugin_budget: runtime.limits().request_budget(),
         },
         &flaghost::http::HttpOptions::default(),
     );

@@ -1,123 +1,184 @@
-//! Load run: a well-behaved plugin flag at high concurrency, quiet, and with
-//! 10% of the requests going to a plugin that loops to its deadline; the
-//! well-behaved flag's p50/p99 are printed for each (target: p99 at most 2x
-//! its quiet value). A third run turns the quarantine off, to show what it
-//! buys. Not a criterion bench: it measures latencies under concurrency.
+//! Load run: a static flag's latency, open loop at a fixed rate, while
+//! another flag's plugin is attacked by 64 connections.
+//!
+//! flaghost serves in this process; the load runs in a child process (this
+//! same binary, re-run with `--generate`) so the generator does not share
+//! this process's runtime. The static flag is sent `RATE` requests a second
+//! on a fixed schedule, each on its own task (open loop: a slow answer does
+//! not delay the next request), timed from when it was due, so a stall
+//! shows in full. Meanwhile `ATTACKERS` connections send the attacked flag
+//! back to back. Scenarios: quiet; a plugin spinning just under its
+//! deadline (defaults: quarantined after three strikes); the same with the
+//! quarantine off (the pool's share is all that holds it); a plugin
+//! looping to its deadline. Goal: static p99 under attack at most 2x quiet.
 //!
 //! `cargo bench -p flaghost-benches --bench noisy_neighbour`
 
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout)] // a load run reports on stdout
 
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flaghost::plugins::Limits;
-use flaghost_tests::{Dirs, Flaghost, fixture, plugin};
+use flaghost_tests::{Dirs, Flaghost, fixture, plugin, spin_iterations};
 use serde_json::json;
 
-const CONNECTIONS: usize = 32;
+const RATE: u64 = 1000;
+const ATTACKERS: usize = 64;
 const RUN: Duration = Duration::from_secs(5);
 
-fn dirs() -> Dirs {
+fn dirs(spin: u64) -> Dirs {
+    let plugin_flag = |name: &str, config: serde_json::Value| {
+        json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+               "defaultVariant": "off", "targeting": {"plugin": [name, config]}})
+    };
     Dirs::new()
         .plugin("allow-list", &plugin("allow-list"))
+        .plugin("spin", &fixture("spin"))
         .plugin("endless-loop", &fixture("endless-loop"))
         .flag_file(
             "prod",
             &json!({"flags": {
-                "good": {"state": "ENABLED", "variants": {"on": true, "off": false},
-                         "defaultVariant": "off",
-                         "targeting": {"plugin": ["allow-list",
-                             {"attribute": "country", "values": ["NL"], "variant": "on"}]}},
-                "bad": {"state": "ENABLED", "variants": {"on": true, "off": false},
-                        "defaultVariant": "off",
-                        "targeting": {"plugin": ["endless-loop", {}]}}
+                "static": {"state": "ENABLED", "variants": {"a": "A", "b": "B"},
+                           "defaultVariant": "a"},
+                "good": plugin_flag("allow-list",
+                    json!({"attribute": "country", "values": ["NL"], "variant": "on"})),
+                "spinner": plugin_flag("spin", json!({ "iterations": spin })),
+                "looper": plugin_flag("endless-loop", json!({})),
             }}),
         )
-}
-
-/// Runs the load; the good flag's latencies in microseconds, sorted.
-async fn run(fh: &Flaghost, bad_share: u64) -> Vec<u64> {
-    let stop = Instant::now() + RUN;
-    let counter = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(1)
-            .build()
-            .expect("client");
-        let base = fh.base.clone();
-        let counter = counter.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut good = Vec::new();
-            while Instant::now() < stop {
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let flag = if n % 100 < bad_share { "bad" } else { "good" };
-                let started = Instant::now();
-                let response = client
-                    .post(format!("{base}/ofrep/v1/evaluate/flags/{flag}"))
-                    .body(r#"{"context":{"targetingKey":"u","country":"NL"}}"#)
-                    .send()
-                    .await
-                    .expect("answers");
-                let ok = response.status().is_success();
-                let _ = response.bytes().await;
-                if flag == "good" {
-                    assert!(ok, "the good flag answers");
-                    good.push(started.elapsed().as_micros() as u64);
-                }
-            }
-            good
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("task"));
-    }
-    all.sort_unstable();
-    all
 }
 
 fn percentile(sorted: &[u64], q: f64) -> u64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
-fn main() {
-    // `cargo bench` passes --bench; a plain `cargo test` of benches passes nothing.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
+/// The child: loads `base` and prints `p50 p99 sent late attacks`.
+async fn generate(base: String, attacked: Option<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacks = Arc::new(AtomicU64::new(0));
+    let mut attackers = Vec::new();
+    for _ in 0..attacked.as_ref().map_or(0, |_| ATTACKERS) {
+        let url = format!(
+            "{base}/ofrep/v1/evaluate/flags/{}",
+            attacked.as_deref().unwrap_or("")
+        );
+        let (stop, attacks) = (stop.clone(), attacks.clone());
+        attackers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(r) = client.post(&url).body(r#"{"context":{}}"#).send().await {
+                    let _ = r.bytes().await;
+                    attacks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::new();
+    let url = format!("{base}/ofrep/v1/evaluate/flags/static");
+    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    let mut due = started;
+    while started.elapsed() < RUN {
+        ticks.tick().await;
+        let (client, url) = (client.clone(), url.clone());
+        sent.push(tokio::spawn(async move {
+            let response = client.post(&url).body(r#"{"context":{}}"#).send().await;
+            let ok = matches!(&response, Ok(r) if r.status().is_success());
+            if let Ok(r) = response {
+                let _ = r.bytes().await;
+            }
+            assert!(ok, "the static flag answers");
+            due.elapsed().as_micros() as u64
+        }));
+        due += Duration::from_micros(1_000_000 / RATE);
+    }
+    let mut latencies = Vec::with_capacity(sent.len());
+    for s in sent {
+        latencies.push(s.await.expect("request task"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        let _ = a.await;
+    }
+    latencies.sort_unstable();
+    println!(
+        "{} {} {} {}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.len(),
+        attacks.load(Ordering::Relaxed)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
-        let dirs = dirs();
-        let scenarios = [
-            ("quiet", 0, Limits::default()),
-            ("10% bad neighbour", 10, Limits::default()),
-            (
-                "10% bad neighbour, no quarantine",
-                10,
-                Limits {
-                    quarantine_after: u32::MAX,
-                    ..Limits::default()
-                },
-            ),
-        ];
-        for (name, bad_share, limits) in scenarios {
-            let fh = Flaghost::start(&dirs.config("prod", limits)).await.expect("starts");
-            let good = run(&fh, bad_share).await;
-            println!(
-                "noisy_neighbour/{name}: good flag p50 {} µs, p99 {} µs ({} requests, {} connections, deadline 10 ms)",
-                percentile(&good, 0.50),
-                percentile(&good, 0.99),
-                good.len(),
-                CONNECTIONS
-            );
-            fh.stop().await.expect("stops");
-        }
-    });
+    if let Some(at) = args.iter().position(|a| a == "--generate") {
+        let base = args[at + 1].clone();
+        let attacked = args.get(at + 2).filter(|a| *a != "-").cloned();
+        rt.block_on(generate(base, attacked));
+        return;
+    }
+    // `cargo bench` passes --bench; a plain `cargo test` of benches passes nothing.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    let deadline = Limits::default().deadline;
+    let spin = spin_iterations(deadline, 0.8);
+    let dirs = dirs(spin);
+    let no_quarantine = Limits {
+        quarantine_after: u32::MAX,
+        ..Limits::default()
+    };
+    let scenarios = [
+        ("quiet", "-", Limits::default()),
+        (
+            "spinning at 80% of its deadline",
+            "spinner",
+            Limits::default(),
+        ),
+        (
+            "spinning at 80%, no quarantine",
+            "spinner",
+            no_quarantine.clone(),
+        ),
+        ("looping to its deadline", "looper", Limits::default()),
+        ("looping, no quarantine", "looper", no_quarantine),
+    ];
+    for (name, attacked, limits) in scenarios {
+        let fh = rt
+            .block_on(Flaghost::start(&dirs.config("prod", limits)))
+            .expect("starts");
+        let output = Command::new(std::env::current_exe().expect("this binary"))
+            .args(["--generate", &fh.base, attacked])
+            .output()
+            .expect("the generator runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let line = String::from_utf8_lossy(&output.stdout);
+        let figures: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let [p50, p99, sent, attacks] = figures[..] else {
+            panic!("generator said {line:?}");
+        };
+        println!(
+            "noisy_neighbour/{name}: static p50 {p50} µs, p99 {p99} µs ({sent} requests at {RATE}/s; {attacks} attacking requests from {ATTACKERS} connections; deadline {deadline:?})"
+        );
+        rt.block_on(fh.stop()).expect("stops");
+    }
 }

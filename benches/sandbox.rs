@@ -139,6 +139,29 @@ fn sandbox(c: &mut Criterion) {
     group.bench_function("flaghost", |b| {
         b.iter(|| black_box(rule.evaluate(black_box(&context))))
     });
+    // The same call as an HTTP handler makes it: handed to the plugin pool
+    // in the plugin's lane, under a request budget, and awaited. The
+    // difference to `flaghost` is what keeping guest code off the HTTP
+    // workers costs per evaluation.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pool = runtime.pool().clone();
+    let budget = runtime.limits().request_budget();
+    let rule = std::sync::Arc::new(rule);
+    group.bench_function("flaghost via the plugin pool", |b| {
+        b.to_async(&rt).iter(|| {
+            let (rule, context) = (rule.clone(), context.clone());
+            let pool = pool.clone();
+            async move {
+                let job =
+                    move || flaghost::plugins::Budget::new(budget).run(|| rule.evaluate(&context));
+                black_box(pool.run("allow-list", job).await.expect("runs"))
+            }
+        })
+    });
     group.finish();
 }
 

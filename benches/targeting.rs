@@ -167,6 +167,8 @@ fn bulk(c: &mut Criterion) {
             admin: None,
             plugins: Default::default(),
             plugin_changes: None,
+            plugin_pool: runtime.pool().clone(),
+            plugin_budget: runtime.limits().request_budget(),
         },
         &HttpOptions::default(),
     );

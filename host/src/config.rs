@@ -81,14 +81,41 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_MAX_CONTEXT_BYTES", default_value_t = limits::DEFAULT_MAX_CONTEXT_BYTES)]
     pub plugin_max_context_bytes: usize,
 
-    /// Calls of one plugin that may run at once (each holds a worker thread
-    /// while it runs); more are answered with an error at once. Default: the
-    /// number of cores.
+    /// Threads plugin code runs on (never the HTTP workers). Default: the
+    /// number of cores, at least 2.
+    #[arg(long, env = "FLAGHOST_PLUGIN_THREADS")]
+    pub plugin_threads: Option<usize>,
+
+    /// Plugins that may be loaded at once; the pool of plugin instances is
+    /// sized for them (twice this many live plugins, counting replaced
+    /// versions still finishing, times plugin threads + 2 instances each).
+    #[arg(long, env = "FLAGHOST_PLUGIN_MAX_PLUGINS", default_value_t = limits::DEFAULT_MAX_PLUGINS)]
+    pub plugin_max_plugins: usize,
+
+    /// Plugin threads one plugin may hold at once (its share); its other
+    /// calls wait in its queue. Default: half the plugin threads.
     #[arg(long, env = "FLAGHOST_PLUGIN_MAX_CONCURRENCY")]
     pub plugin_max_concurrency: Option<usize>,
 
-    /// Deadlines in a row after which a plugin is quarantined: its
-    /// evaluations answer an error at once, without running.
+    /// Evaluations of one plugin that may wait for a plugin thread; more
+    /// answer an error at once.
+    #[arg(long, env = "FLAGHOST_PLUGIN_QUEUE", default_value_t = limits::DEFAULT_QUEUE)]
+    pub plugin_queue: usize,
+
+    /// Wall-clock budget of all the plugin calls of one request (a bulk
+    /// evaluation makes one per plugin flag), in milliseconds; flags it does
+    /// not reach answer an error saying so. Default: one deadline.
+    #[arg(long, env = "FLAGHOST_PLUGIN_REQUEST_BUDGET_MS")]
+    pub plugin_request_budget_ms: Option<u64>,
+
+    /// Share of the deadline past which a call is a strike toward
+    /// quarantine, as a deadline is (0.5: a call over half its deadline).
+    #[arg(long, env = "FLAGHOST_PLUGIN_STRIKE_FRACTION", default_value_t = limits::DEFAULT_STRIKE_FRACTION)]
+    pub plugin_strike_fraction: f64,
+
+    /// Strikes in a row (deadlines, or calls past the strike fraction of the
+    /// deadline) after which a plugin is quarantined: its evaluations answer
+    /// an error at once, without running.
     #[arg(long, env = "FLAGHOST_PLUGIN_QUARANTINE_AFTER", default_value_t = limits::DEFAULT_QUARANTINE_AFTER)]
     pub plugin_quarantine_after: u32,
 
@@ -245,16 +272,34 @@ impl LimitArgs {
                 reason: "must be between 1 and 1024".into(),
             });
         }
+        if !(self.plugin_strike_fraction > 0.0 && self.plugin_strike_fraction <= 1.0) {
+            return Err(ConfigError {
+                option: "--plugin-strike-fraction (FLAGHOST_PLUGIN_STRIKE_FRACTION)",
+                reason: "must be more than 0 and at most 1".into(),
+            });
+        }
+        let deadline = Duration::from_millis(self.plugin_deadline_ms);
+        let pool_threads = self
+            .plugin_threads
+            .unwrap_or_else(limits::default_pool_threads)
+            .clamp(1, 256);
         Ok(Limits {
-            deadline: Duration::from_millis(self.plugin_deadline_ms),
+            deadline,
             memory_bytes: self.plugin_memory_mib << 20,
             max_component_bytes: self.plugin_max_file_mib << 20,
             max_answer_bytes: self.plugin_max_answer_bytes.max(1),
             max_context_bytes: self.plugin_max_context_bytes.max(1),
             max_concurrency: self
                 .plugin_max_concurrency
-                .unwrap_or_else(limits::default_max_concurrency)
-                .max(1),
+                .unwrap_or((pool_threads / 2).max(1))
+                .clamp(1, pool_threads),
+            pool_threads,
+            max_plugins: self.plugin_max_plugins.clamp(1, 4096),
+            queue: self.plugin_queue.clamp(1, 1 << 16),
+            request_budget: self
+                .plugin_request_budget_ms
+                .map(|ms| Duration::from_millis(ms.clamp(1, MAX_INTERVAL_MS))),
+            strike_fraction: self.plugin_strike_fraction,
             quarantine_after: self.plugin_quarantine_after.max(1),
             quarantine_for: Duration::from_millis(self.plugin_quarantine_ms.min(MAX_INTERVAL_MS)),
             isolation: self.plugin_isolation,

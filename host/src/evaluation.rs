@@ -93,6 +93,44 @@ pub struct Resolution<'a> {
     pub metadata: &'a Metadata,
 }
 
+/// A [`Resolution`] without borrows, to carry back from the thread that
+/// evaluated it (the plugin pool): the variant by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The variant served, when there is one.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+}
+
+impl Resolution<'_> {
+    /// This resolution without borrows.
+    pub fn verdict(&self) -> Verdict {
+        Verdict {
+            variant: self.variant.map(str::to_owned),
+            reason: self.reason,
+        }
+    }
+}
+
+impl Verdict {
+    /// The resolution this verdict on `flag` stands for.
+    pub fn resolve<'a>(&self, flag: &'a Flag) -> Resolution<'a> {
+        // NB: the variant came from evaluating this very flag, so it is one
+        // of its variants (or none).
+        let served = self
+            .variant
+            .as_deref()
+            .and_then(|v| flag.variants.get_key_value(v));
+        Resolution {
+            value: served.map(|(_, value)| value),
+            variant: served.map(|(name, _)| name.as_str()),
+            reason: self.reason,
+            metadata: &flag.metadata,
+        }
+    }
+}
+
 /// Evaluates flag `key` of `set` for `context`.
 ///
 /// `expected` is the type the caller asked for, if it said (OFREP does not; an

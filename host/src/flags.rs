@@ -163,6 +163,15 @@ pub struct Flag {
 }
 
 impl Flag {
+    /// The plugin the flag's rule runs first, if it runs one: its
+    /// evaluations belong on the plugin pool, in that plugin's lane.
+    pub fn plugin(&self) -> Option<&str> {
+        match &self.targeting {
+            Targeting::Rule(rule) => rule.plugin(),
+            Targeting::None | Targeting::Unparsable(_) => None,
+        }
+    }
+
     /// The type of the flag's variants.
     pub fn value_type(&self) -> Option<ValueType> {
         self.variants.values().next().map(Value::value_type)

@@ -22,7 +22,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::environments::Environments;
 use crate::plugin_changes::PluginChanges;
-use crate::plugins::PluginRegistry;
+use crate::plugins::{PluginPool, PluginRegistry};
 
 /// Default limit on a request body.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
@@ -40,6 +40,11 @@ pub struct AppState {
     pub plugins: PluginRegistry,
     /// Uploads and deletions of plugins; `None` without a plugin directory.
     pub plugin_changes: Option<Arc<PluginChanges>>,
+    /// The threads plugin evaluations run on, and each request's budget on
+    /// them.
+    pub plugin_pool: PluginPool,
+    /// Wall-clock budget of one request's plugin calls.
+    pub plugin_budget: std::time::Duration,
 }
 
 /// Which browser origins may call flaghost (CORS).

@@ -22,16 +22,19 @@ mod guard;
 mod host;
 mod instance;
 pub mod limits;
+mod pool;
 mod registry;
 mod rule;
 mod runtime;
+mod slots;
 mod stats;
 
 pub use artifacts::Origin;
 pub use error::PluginError;
 pub use limits::{Isolation, Limits};
+pub use pool::{PluginPool, PoolError, PoolSize};
 pub use registry::{PluginRegistry, PluginSet, RefusedFile, ReloadReport, valid_plugin_name};
-pub use rule::PluginRule;
+pub use rule::{Budget, PluginRule};
 pub use runtime::{Plugin, PluginRuntime};
 pub use stats::{ErrorCounts, Percentiles, StatsSnapshot};
 

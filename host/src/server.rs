@@ -196,6 +196,8 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             admin: config.admin_token.as_deref().map(AdminToken::new),
             plugins: registry,
             plugin_changes,
+            plugin_pool: runtime.pool().clone(),
+            plugin_budget: config.limits.request_budget(),
         },
         http: config.http.clone(),
         runtime,

@@ -295,6 +295,41 @@ impl Drop for Flaghost {
     }
 }
 
+/// Iterations of the `spin` fixture that take about `fraction` of `deadline`
+/// on this machine, measured through the runtime as flaghost runs it (a
+/// guest cannot read a clock, so a rule that stays just under its deadline
+/// is calibrated from outside).
+pub fn spin_iterations(deadline: Duration, fraction: f64) -> u64 {
+    use flaghost::flags::RuleBinder as _;
+    let runtime = flaghost::plugins::PluginRuntime::new(Limits {
+        deadline: Duration::from_secs(30),
+        ..Limits::default()
+    })
+    .expect("engine");
+    let dirs = Dirs::new().plugin("spin", &fixture("spin"));
+    let (set, errors) = runtime.load_dir(&dirs.plugins()).expect("plugin dir");
+    assert!(errors.is_empty(), "{errors:?}");
+    let probe = 2_000_000;
+    let rule = set
+        .bind(
+            "f",
+            &["off".into(), "on".into()],
+            "spin",
+            &serde_json::json!({ "iterations": probe }),
+        )
+        .expect("binds");
+    let context = flaghost::evaluation::EvaluationContext::default();
+    rule.evaluate(&context).expect("warms up");
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        rule.evaluate(&context).expect("spins");
+        best = best.min(started.elapsed());
+    }
+    let per_iteration = best.as_secs_f64() / f64::from(probe);
+    (deadline.as_secs_f64() * fraction / per_iteration) as u64
+}
+
 pub mod redis_server;
 pub use redis_server::RedisServer;
 

@@ -167,11 +167,8 @@ pub fn redact_url(url: &str) -> String {
 pub struct RedisCache {
     link: Arc<Link>,
     ttl: Duration,
-    /// Rebinds plugin rules of sets read back.
-    binder: Arc<dyn RuleBinder + Send + Sync>,
-    /// The last set read back per environment, by digest: an entry whose
-    /// digest did not change is not parsed again.
-    read_back: Mutex<HashMap<String, Arc<FlagSet>>>,
+    /// Turns entries back into flag sets.
+    reader: Arc<EntryReader>,
     /// This instance, in published invalidations.
     instance: String,
     events: broadcast::Sender<CacheEvent>,
@@ -233,14 +230,28 @@ impl RedisCache {
         Ok(Self {
             link,
             ttl: options.ttl,
-            binder,
-            read_back: Mutex::new(HashMap::new()),
+            reader: Arc::new(EntryReader {
+                binder,
+                read_back: Mutex::new(HashMap::new()),
+            }),
             instance,
             events,
             tasks,
         })
     }
+}
 
+/// Reads entries back into flag sets (parsing them, and checking their
+/// plugin configurations in the plugins: blocking work).
+struct EntryReader {
+    /// Rebinds plugin rules of sets read back.
+    binder: Arc<dyn RuleBinder + Send + Sync>,
+    /// The last set read back per environment, by digest: an entry whose
+    /// digest did not change is not parsed again.
+    read_back: Mutex<HashMap<String, Arc<FlagSet>>>,
+}
+
+impl EntryReader {
     /// Reads an entry back into a flag set; `Err` says why it is unusable.
     fn read_entry(&self, environment: &str, bytes: &[u8]) -> Result<Arc<FlagSet>, String> {
         let entry: SetEntry<'_> =
@@ -282,7 +293,9 @@ impl RedisCache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
 
+impl RedisCache {
     /// One `SCAN` step: the next cursor and the keys matching `pattern`.
     async fn scan_page(
         &self,
@@ -409,7 +422,13 @@ impl FlagCache for RedisCache {
         let Some(bytes) = bytes else {
             return Ok(None);
         };
-        match self.read_entry(environment, &bytes) {
+        // NB: parsing binds plugin rules, which runs guest code (their
+        // configuration checks): off the async workers.
+        let (reader, env) = (self.reader.clone(), environment.to_owned());
+        let read = tokio::task::spawn_blocking(move || reader.read_entry(&env, &bytes))
+            .await
+            .unwrap_or_else(|_| Err("reading it panicked; see the logs".into()));
+        match read {
             Ok(set) => Ok(Some(set)),
             Err(why) => {
                 warn!(key = %set_key(environment), reason = %why,
@@ -475,7 +494,7 @@ impl FlagCache for RedisCache {
             }
             None => self.unlink_matching(&format!("{PREFIX}:*")).await?,
         };
-        self.read_back().clear();
+        self.reader.read_back().clear();
         self.publish(environment).await?;
         info!(
             environment = environment.unwrap_or("*"),

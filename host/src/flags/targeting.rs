@@ -425,6 +425,10 @@ impl TargetingRule for JsonLogicRule {
     fn describe(&self) -> String {
         "the targeting rule".into()
     }
+
+    fn plugin(&self) -> Option<&str> {
+        self.plugins.iter().find_map(|p| p.plugin())
+    }
 }
 
 #[cfg(test)]

@@ -12,8 +12,11 @@ use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
 use crate::cache::Snapshot;
-use crate::evaluation::{self, EvaluationContext, EvaluationError, Reason, Resolution};
-use crate::flags::{FlagSet, FlagState, Metadata, Value};
+use crate::evaluation::{
+    self, ErrorCode, EvaluationContext, EvaluationError, Reason, Resolution, Verdict,
+};
+use crate::flags::{FastMap as HashMap, Flag, FlagSet, FlagState, Metadata, Value};
+use crate::plugins::Budget;
 
 /// Path parameters of both route families.
 #[derive(Deserialize)]
@@ -31,12 +34,67 @@ pub async fn evaluate_one(
     let key = path.key.unwrap_or_default();
     let context = parse_request(body, Some(&key))?;
     let served = flag_set(&state, path.environment.as_deref(), Some(&key)).await?;
-    match evaluation::evaluate(&served.set, &key, &context, None) {
+    let set = &served.set;
+    let answer = match set
+        .flags
+        .get(&key)
+        .and_then(|flag| Some((flag, flag.plugin()?)))
+    {
+        // NB: guest code runs on the plugin pool, never on this worker.
+        Some((flag, plugin)) => {
+            let keys = vec![key.clone()];
+            let mut verdicts = on_plugin_pool(&state, plugin, &served, keys, context).await;
+            match verdicts.pop() {
+                Some(Ok(verdict)) => Ok(verdict.resolve(flag)),
+                Some(Err(error)) => Err(EvaluationError {
+                    metadata: Some(flag.metadata.clone()),
+                    ..error
+                }),
+                None => unreachable!("one verdict per key"),
+            }
+        }
+        None => evaluation::evaluate(set, &key, &context, None),
+    };
+    match answer {
         Ok(resolution) => Ok(json_response(
             StatusCode::OK,
             &success(&key, &resolution, served.stale),
         )),
         Err(error) => Err(ApiError::Evaluation { key, error }),
+    }
+}
+
+/// Evaluates flags `keys` of `served`, all in `plugin`'s lane, on the
+/// plugin pool under the request's plugin budget (counted from now). A
+/// refusal of the pool (the plugin's queue is full) answers every key.
+async fn on_plugin_pool(
+    state: &AppState,
+    plugin: &str,
+    served: &Snapshot,
+    keys: Vec<String>,
+    context: EvaluationContext,
+) -> Vec<Result<Verdict, EvaluationError>> {
+    let budget = Budget::new(state.plugin_budget);
+    let set = served.set.clone();
+    let count = keys.len();
+    let job = move || {
+        budget.run(|| {
+            keys.iter()
+                .map(|key| evaluation::evaluate(&set, key, &context, None).map(|r| r.verdict()))
+                .collect::<Vec<_>>()
+        })
+    };
+    match state.plugin_pool.run(plugin, job).await {
+        Ok(verdicts) => verdicts,
+        Err(refused) => (0..count)
+            .map(|_| {
+                Err(EvaluationError {
+                    code: ErrorCode::General,
+                    details: refused.to_string(),
+                    metadata: None,
+                })
+            })
+            .collect(),
     }
 }
 
@@ -50,7 +108,7 @@ pub async fn evaluate_all(
 ) -> Result<Response, ApiError> {
     let context = parse_request(body, None)?;
     let served = flag_set(&state, path.environment.as_deref(), None).await?;
-    let body = bulk(&served, &context);
+    let body = bulk(&state, &served, context).await;
     // NB: the ETag hashes the answer itself, so it changes whenever the answer
     // for this context would (a flag file change, a different context), and a
     // 304 can never stand for another context's answer.
@@ -204,19 +262,47 @@ fn failure<'a>(key: &'a str, e: &'a EvaluationError) -> Failure<'a> {
 
 /// Evaluates every enabled flag (disabled flags are left out, as flagd does),
 /// sorted by key so equal answers serialise to equal bytes.
-fn bulk(served: &Snapshot, context: &EvaluationContext) -> Vec<u8> {
+///
+/// Flags that run no plugin are evaluated here; those that do go to the
+/// plugin pool, one job per plugin (so each waits in its own plugin's
+/// lane), all under one request budget.
+async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -> Vec<u8> {
     let set: &FlagSet = &served.set;
-    let mut keys: Vec<&String> = set
+    let mut flags: Vec<(&String, &Flag)> = set
         .flags
         .iter()
         .filter(|(_, f)| f.state == FlagState::Enabled)
-        .map(|(k, _)| k)
         .collect();
-    keys.sort();
-    let results: Vec<(&str, Result<Resolution<'_>, EvaluationError>)> = keys
-        .into_iter()
-        .map(|k| (k.as_str(), evaluation::evaluate(set, k, context, None)))
-        .collect();
+    flags.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut results: Vec<(&str, Result<Resolution<'_>, EvaluationError>)> =
+        Vec::with_capacity(flags.len());
+    let mut by_plugin: HashMap<&str, Vec<usize>> = HashMap::default();
+    for (at, (key, flag)) in flags.iter().enumerate() {
+        let result = match flag.plugin() {
+            Some(plugin) => {
+                by_plugin.entry(plugin).or_default().push(at);
+                Err(not_evaluated())
+            }
+            None => evaluation::evaluate(set, key, &context, None),
+        };
+        results.push((key.as_str(), result));
+    }
+    let jobs = by_plugin.iter().map(|(plugin, at)| {
+        let keys = at.iter().map(|&i| flags[i].0.clone()).collect();
+        on_plugin_pool(state, plugin, served, keys, context.clone())
+    });
+    let answers = futures_util::future::join_all(jobs).await;
+    for (at, verdicts) in by_plugin.values().zip(answers) {
+        for (&i, verdict) in at.iter().zip(verdicts) {
+            let flag = flags[i].1;
+            results[i].1 = verdict
+                .map(|v| v.resolve(flag))
+                .map_err(|e| EvaluationError {
+                    metadata: Some(flag.metadata.clone()),
+                    ..e
+                });
+        }
+    }
     let flags = results
         .iter()
         .map(|(k, r)| match r {
@@ -230,6 +316,15 @@ fn bulk(served: &Snapshot, context: &EvaluationContext) -> Vec<u8> {
         metadata: &set.metadata,
     })
     .unwrap_or_default()
+}
+
+/// A placeholder for a flag evaluated elsewhere; replaced before use.
+fn not_evaluated() -> EvaluationError {
+    EvaluationError {
+        code: ErrorCode::General,
+        details: String::new(),
+        metadata: None,
+    }
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response {

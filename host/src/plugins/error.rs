@@ -76,9 +76,29 @@ pub enum PluginError {
         /// The cap.
         cap: usize,
     },
-    /// The plugin is quarantined after repeated deadlines; not run.
+    /// The call was stopped when the request's plugin budget ran out,
+    /// before its own deadline.
+    #[error("plugin {plugin} was stopped: the request's plugin budget of {budget:?} ran out")]
+    BudgetSpent {
+        /// The plugin.
+        plugin: String,
+        /// The request's budget.
+        budget: Duration,
+    },
+    /// Not run: the request's plugin budget was spent before its turn.
     #[error(
-        "plugin {plugin} is quarantined after repeated deadlines; tried again in {remaining:?}"
+        "plugin {plugin} was not run: the request's plugin budget of {budget:?} was spent before this flag's turn"
+    )]
+    NotReached {
+        /// The plugin.
+        plugin: String,
+        /// The request's budget.
+        budget: Duration,
+    },
+    /// The plugin is quarantined after repeated deadlines or slow calls;
+    /// not run.
+    #[error(
+        "plugin {plugin} is quarantined after repeated slow calls (deadlines, or over its strike share of the deadline); tried again in {remaining:?}"
     )]
     Quarantined {
         /// The plugin.
@@ -93,6 +113,15 @@ pub enum PluginError {
         plugin: String,
         /// The limit.
         max: usize,
+    },
+    /// No slot of the pooling allocator is left for it: the plugin already
+    /// has all its instances, or flaghost holds as many plugins as it may.
+    #[error("plugin {plugin}: {reason}")]
+    Slots {
+        /// The plugin refused.
+        plugin: String,
+        /// Which bound it reached.
+        reason: String,
     },
     /// The guest answered an error of its own.
     #[error("plugin {plugin} failed: {message}")]

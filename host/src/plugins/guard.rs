@@ -1,13 +1,17 @@
 //! Keeps one plugin from hurting the others: a bound on its calls in flight,
-//! and a quarantine after repeated deadlines.
+//! and a quarantine after repeated slow calls.
 //!
-//! Plugin calls run synchronously on the async worker threads, so a plugin
-//! that loops to its deadline holds a worker for the whole deadline. The
-//! bound on concurrent calls (by default the cores; set lower, it keeps such
-//! a plugin from holding every worker at once) refuses calls past it; after
-//! `quarantine_after` deadlines in a row the plugin is quarantined for `quarantine_for`: its evaluations answer an error
-//! at once, without running. The first call after the cool-down runs; another
-//! deadline quarantines it again at once, a success ends it.
+//! A *strike* is a call that ran into its deadline, or that took longer than
+//! `strike_after` (by default half the deadline: a plugin spinning just under
+//! its deadline is as costly as one running past it). After
+//! `quarantine_after` strikes in a row the plugin is quarantined for
+//! `quarantine_for`: its evaluations answer an error at once, without
+//! running. The first call after the cool-down runs; another strike
+//! quarantines it again at once, a quick answer ends it. A call cut short by
+//! its request's budget says nothing about the plugin: neither a strike nor
+//! a quick answer. The bound on calls in flight backs the plugin pool's
+//! share for calls made outside the plugin's own lane (a JsonLogic rule
+//! calling a second plugin).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ pub struct Guard {
     in_flight: AtomicUsize,
     max_in_flight: usize,
     deadlines_in_a_row: AtomicU32,
+    strike_after: Duration,
     quarantine_after: u32,
     quarantine_for: Duration,
     /// Nanoseconds after `epoch` until which the plugin is quarantined; 0:
@@ -41,12 +46,19 @@ impl Drop for Permit<'_> {
 
 impl Guard {
     /// A guard allowing `max_in_flight` calls at once, quarantining for
-    /// `quarantine_for` after `quarantine_after` deadlines in a row.
-    pub fn new(max_in_flight: usize, quarantine_after: u32, quarantine_for: Duration) -> Self {
+    /// `quarantine_for` after `quarantine_after` strikes in a row (deadlines,
+    /// or calls longer than `strike_after`).
+    pub fn new(
+        max_in_flight: usize,
+        strike_after: Duration,
+        quarantine_after: u32,
+        quarantine_for: Duration,
+    ) -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
             max_in_flight: max_in_flight.max(1),
             deadlines_in_a_row: AtomicU32::new(0),
+            strike_after,
             quarantine_after: quarantine_after.max(1),
             quarantine_for,
             quarantined_until: AtomicU64::new(0),
@@ -98,9 +110,18 @@ impl Guard {
         Ok(Permit(self))
     }
 
-    /// Notes how a call ended.
-    pub fn record<T>(&self, plugin: &str, result: &Result<T, PluginError>) {
-        if let Err(PluginError::Deadline { .. }) = result {
+    /// Notes how a call that took `elapsed` ended.
+    pub fn record<T>(&self, plugin: &str, result: &Result<T, PluginError>, elapsed: Duration) {
+        let slow = elapsed > self.strike_after;
+        let strike = match result {
+            Err(PluginError::Deadline { .. }) => true,
+            // Cut short by its request's budget: a strike only if it had run
+            // long already; else it says nothing about the plugin.
+            Err(PluginError::BudgetSpent { .. }) if !slow => return,
+            Err(PluginError::NotReached { .. }) => return,
+            _ => slow,
+        };
+        if strike {
             let in_a_row = self.deadlines_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
             if in_a_row >= self.quarantine_after {
                 let until = self.now().saturating_add(
@@ -108,8 +129,13 @@ impl Guard {
                 );
                 let previous = self.quarantined_until.swap(until, Ordering::AcqRel);
                 if previous == 0 {
-                    warn!(plugin, deadlines_in_a_row = in_a_row, quarantine = ?self.quarantine_for,
-                          "plugin quarantined: its evaluations answer an error without running until the cool-down ends");
+                    warn!(
+                        plugin,
+                        strikes_in_a_row = in_a_row,
+                        quarantine_ms = self.quarantine_for.as_millis() as u64,
+                        last_call_us = elapsed.as_micros() as u64,
+                        "plugin quarantined after repeated slow calls: its evaluations answer an error without running until the cool-down ends"
+                    );
                 }
             }
         } else {
@@ -137,6 +163,8 @@ impl Guard {
 mod tests {
     use super::*;
 
+    const QUICK: Duration = Duration::from_micros(1);
+
     fn deadline() -> Result<(), PluginError> {
         Err(PluginError::Deadline {
             plugin: "p".into(),
@@ -146,12 +174,12 @@ mod tests {
 
     #[test]
     fn repeated_deadlines_quarantine_then_a_success_ends_it() {
-        let guard = Guard::new(4, 3, Duration::from_millis(50));
+        let guard = Guard::new(4, Duration::from_millis(5), 3, Duration::from_millis(50));
         for _ in 0..2 {
             let _permit = guard.enter("p").expect("runs");
-            guard.record("p", &deadline());
+            guard.record("p", &deadline(), QUICK);
         }
-        guard.record("p", &deadline());
+        guard.record("p", &deadline(), QUICK);
         let Err(PluginError::Quarantined { remaining, .. }) = guard.enter("p") else {
             panic!("quarantined after 3 deadlines in a row");
         };
@@ -160,7 +188,7 @@ mod tests {
         let trial = guard.enter("p").expect("retried after the cool-down");
         assert!(guard.enter("p").is_err(), "one trial at a time");
         drop(trial);
-        guard.record("p", &deadline());
+        guard.record("p", &deadline(), QUICK);
         assert!(
             guard.enter("p").is_err(),
             "another deadline: quarantined at once"
@@ -168,14 +196,14 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let trial = guard.enter("p").expect("the next trial");
         drop(trial);
-        guard.record("p", &Ok::<(), PluginError>(()));
+        guard.record("p", &Ok::<(), PluginError>(()), QUICK);
         assert!(guard.enter("p").is_ok(), "a success ends it");
         assert!(guard.enter("p").is_ok(), "for every caller");
     }
 
     #[test]
     fn calls_in_flight_are_bounded() {
-        let guard = Guard::new(2, 3, Duration::from_secs(1));
+        let guard = Guard::new(2, Duration::from_millis(5), 3, Duration::from_secs(1));
         let a = guard.enter("p").expect("first");
         let _b = guard.enter("p").expect("second");
         assert!(matches!(
@@ -184,5 +212,24 @@ mod tests {
         ));
         drop(a);
         guard.enter("p").expect("a slot came back");
+    }
+
+    #[test]
+    fn slow_answers_are_strikes_and_quick_budget_cuts_are_neither() {
+        let guard = Guard::new(4, Duration::from_millis(5), 3, Duration::from_secs(1));
+        let slow = Duration::from_millis(8);
+        let budget = Err::<(), _>(PluginError::BudgetSpent {
+            plugin: "p".into(),
+            budget: Duration::from_millis(10),
+        });
+        guard.record("p", &Ok::<(), PluginError>(()), slow);
+        guard.record("p", &budget, QUICK);
+        guard.record("p", &Ok::<(), PluginError>(()), slow);
+        assert!(guard.enter("p").is_ok(), "two strikes: not yet");
+        guard.record("p", &Ok::<(), PluginError>(()), slow);
+        assert!(
+            matches!(guard.enter("p"), Err(PluginError::Quarantined { .. })),
+            "three answers over the strike share in a row quarantine"
+        );
     }
 }

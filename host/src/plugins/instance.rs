@@ -10,12 +10,13 @@
 
 use std::cell::RefCell;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use wasmtime::component::ResourceAny;
 use wasmtime::{Store, Trap};
 
 use super::bindings::v0_1::TargetingRule as Bindings;
-use super::limits::HostState;
+use super::limits::{CONFIG_CHECK_INSTANCES, HostState};
 use super::{EPOCH_TICK, Isolation, Plugin, PluginError, PluginRule};
 use crate::flags::FastMap as HashMap;
 use crate::rules::EvaluationContext;
@@ -38,26 +39,58 @@ thread_local! {
     static WARM: RefCell<HashMap<u64, Warm>> = RefCell::new(HashMap::default());
 }
 
+/// How long each guest call of an evaluation may run: its deadline, or less
+/// when the request's plugin budget has less left.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CallLimit {
+    ticks: u64,
+    /// The request's budget, when it (not the deadline) bounds the call: an
+    /// interrupt is then the budget running out, not the plugin's fault.
+    budget: Option<Duration>,
+}
+
+impl CallLimit {
+    /// The plugin's own deadline.
+    pub(super) fn deadline(plugin: &Plugin) -> Self {
+        Self {
+            ticks: ticks(plugin.limits.deadline),
+            budget: None,
+        }
+    }
+
+    /// The deadline, or `left` of a request budget of `total` if shorter.
+    pub(super) fn within(plugin: &Plugin, left: Duration, total: Duration) -> Self {
+        if left >= plugin.limits.deadline {
+            return Self::deadline(plugin);
+        }
+        Self {
+            ticks: ticks(left),
+            budget: Some(total),
+        }
+    }
+}
+
 /// Evaluates `rule` for `context` under the plugin's limits.
 pub(super) fn evaluate(
     rule: &PluginRule,
     context: &EvaluationContext,
+    limit: CallLimit,
 ) -> Result<Option<String>, PluginError> {
     let plugin = &rule.plugin;
     match plugin.limits.isolation {
         Isolation::Fresh => {
-            let (mut store, bindings) = instantiate(plugin)?;
+            let (mut store, bindings) = instantiate(plugin, limit)?;
             store.data_mut().context = Some(context.clone());
             // NB: each guest call gets the whole deadline; instantiating and
             // parsing the configuration must not eat into the evaluation's.
-            store.set_epoch_deadline(deadline_ticks(plugin));
-            let handle = create(plugin, &mut store, &bindings, rule)?;
-            store.set_epoch_deadline(deadline_ticks(plugin));
-            call(plugin, &mut store, &bindings, handle)
+            store.set_epoch_deadline(limit.ticks);
+            let handle = create(plugin, &mut store, &bindings, rule, limit)?;
+            store.set_epoch_deadline(limit.ticks);
+            call(plugin, &mut store, &bindings, handle, limit)
         }
         Isolation::Reuse => WARM.with(|warm| {
             let mut warm = warm.borrow_mut();
-            let result = evaluate_warm(&mut warm, rule, context);
+            let result = evaluate_warm(&mut warm, rule, context, limit);
             if let Err(e) = &result
                 && !matches!(e, PluginError::Guest { .. })
             {
@@ -73,6 +106,7 @@ fn evaluate_warm(
     warm: &mut HashMap<u64, Warm>,
     rule: &PluginRule,
     context: &EvaluationContext,
+    limit: CallLimit,
 ) -> Result<Option<String>, PluginError> {
     let plugin = &rule.plugin;
     let reusable = warm
@@ -84,7 +118,7 @@ fn evaluate_warm(
         // before taking a slot, so a reload never needs twice the pool.
         sweep(warm);
         warm.remove(&plugin.id);
-        let (store, bindings) = instantiate(plugin)?;
+        let (store, bindings) = instantiate(plugin, limit)?;
         warm.insert(
             plugin.id,
             Warm {
@@ -98,18 +132,18 @@ fn evaluate_warm(
     let Some(slot) = warm.get_mut(&plugin.id) else {
         unreachable!("the instance was found or inserted just above");
     };
-    slot.store.set_epoch_deadline(deadline_ticks(plugin));
+    slot.store.set_epoch_deadline(limit.ticks);
     slot.store.data_mut().context = Some(context.clone());
     let handle = match slot.rules.get(&rule.id) {
         Some(handle) => *handle,
         None => {
-            let handle = create(plugin, &mut slot.store, &slot.bindings, rule)?;
+            let handle = create(plugin, &mut slot.store, &slot.bindings, rule, limit)?;
             slot.rules.insert(rule.id, handle);
-            slot.store.set_epoch_deadline(deadline_ticks(plugin));
+            slot.store.set_epoch_deadline(limit.ticks);
             handle
         }
     };
-    let result = call(plugin, &mut slot.store, &slot.bindings, handle);
+    let result = call(plugin, &mut slot.store, &slot.bindings, handle, limit);
     slot.store.data_mut().context = None;
     result
 }
@@ -119,6 +153,12 @@ fn sweep(warm: &mut HashMap<u64, Warm>) {
     warm.retain(|_, w| w.plugin.strong_count() > 0);
 }
 
+/// Drops this thread's warm instances of plugins that no longer exist: an
+/// idle pool thread gives their pool slots back.
+pub(super) fn sweep_this_thread() {
+    WARM.with(|warm| sweep(&mut warm.borrow_mut()));
+}
+
 /// Runs the plugin's configuration check on a fresh instance.
 pub(super) fn check_config(
     plugin: &Plugin,
@@ -126,30 +166,57 @@ pub(super) fn check_config(
     variants: &[String],
     config: &str,
 ) -> Result<(), PluginError> {
-    let (mut store, bindings) = instantiate(plugin)?;
+    let limit = CallLimit::deadline(plugin);
+    // NB: checks wait for a turn rather than fail: see `Gate`.
+    let _turn = plugin.checks.enter();
+    let (mut store, bindings) = instantiate_with(plugin, limit, CONFIG_CHECK_INSTANCES)?;
     let answer = bindings
         .flaghost_rules_rule()
         .call_check_config(&mut store, flag_key, variants, config)
-        .map_err(|e| classify(plugin, &store, e))?;
-    answer.map_err(|message| PluginError::Guest {
-        plugin: plugin.name.clone(),
-        message,
-    })
+        .map_err(|e| classify(plugin, &store, e, limit))?;
+    answer.map_err(|message| guest_error(plugin, message, ""))
 }
 
-fn deadline_ticks(plugin: &Plugin) -> u64 {
-    let ticks = plugin.limits.deadline.as_micros() / EPOCH_TICK.as_micros().max(1);
+/// `d` in epoch ticks, at least one.
+fn ticks(d: Duration) -> u64 {
+    let ticks = d.as_micros() / EPOCH_TICK.as_micros().max(1);
     u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
 }
 
-fn instantiate(plugin: &Plugin) -> Result<(Store<HostState>, Bindings), PluginError> {
-    let mut store = Store::new(&plugin.engine, HostState::new(&plugin.limits));
+/// A new instance of `plugin` for evaluations: one of its slots, up to one
+/// per plugin thread.
+fn instantiate(
+    plugin: &Plugin,
+    limit: CallLimit,
+) -> Result<(Store<HostState>, Bindings), PluginError> {
+    instantiate_with(plugin, limit, 0)
+}
+
+/// A new instance, from `plugin`'s slots for evaluations plus `extra`.
+fn instantiate_with(
+    plugin: &Plugin,
+    limit: CallLimit,
+    extra: usize,
+) -> Result<(Store<HostState>, Bindings), PluginError> {
+    let max = plugin.limits.pool_threads + extra;
+    let slot = plugin
+        .instances
+        .take(max)
+        .ok_or_else(|| PluginError::Slots {
+            plugin: plugin.name.clone(),
+            reason: format!(
+                "all {max} of its instances are in use (one per plugin thread, and {CONFIG_CHECK_INSTANCES} for configuration checks)"
+            ),
+        })?;
+    let mut state = HostState::new(&plugin.limits);
+    state.slot = Some(slot);
+    let mut store = Store::new(&plugin.engine, state);
     store.limiter(|state| state);
-    store.set_epoch_deadline(deadline_ticks(plugin));
+    store.set_epoch_deadline(limit.ticks);
     let bindings = plugin
         .pre
         .instantiate(&mut store)
-        .map_err(|e| classify(plugin, &store, e))?;
+        .map_err(|e| classify(plugin, &store, e, limit))?;
     Ok((store, bindings))
 }
 
@@ -159,16 +226,14 @@ fn create(
     store: &mut Store<HostState>,
     bindings: &Bindings,
     rule: &PluginRule,
+    limit: CallLimit,
 ) -> Result<ResourceAny, PluginError> {
     let answer = bindings
         .flaghost_rules_rule()
         .targeting()
         .call_create(&mut *store, &rule.flag_key, &rule.variants, &rule.config)
-        .map_err(|e| classify(plugin, store, e))?;
-    answer.map_err(|message| PluginError::Guest {
-        plugin: plugin.name.clone(),
-        message: format!("refused its configuration: {message}"),
-    })
+        .map_err(|e| classify(plugin, store, e, limit))?;
+    answer.map_err(|message| guest_error(plugin, message, "refused its configuration: "))
 }
 
 /// Calls `evaluate` on a rule resource.
@@ -177,38 +242,58 @@ fn call(
     store: &mut Store<HostState>,
     bindings: &Bindings,
     handle: ResourceAny,
+    limit: CallLimit,
 ) -> Result<Option<String>, PluginError> {
     store.data_mut().begin_call();
     let answer = bindings
         .flaghost_rules_rule()
         .targeting()
         .call_evaluate(&mut *store, handle)
-        .map_err(|e| classify(plugin, store, e))?;
+        .map_err(|e| classify(plugin, store, e, limit))?;
     if store.data().context_exceeded {
         return Err(PluginError::Input {
             plugin: plugin.name.clone(),
             cap: plugin.limits.max_context_bytes,
         });
     }
-    let bytes = match &answer {
-        Ok(variant) => variant.as_ref().map_or(0, String::len),
-        Err(message) => message.len(),
-    };
-    if bytes > plugin.limits.max_answer_bytes {
-        return Err(PluginError::Output {
-            plugin: plugin.name.clone(),
-            bytes,
-            cap: plugin.limits.max_answer_bytes,
-        });
+    match answer {
+        Ok(Some(variant)) if variant.len() > plugin.limits.max_answer_bytes => {
+            Err(PluginError::Output {
+                plugin: plugin.name.clone(),
+                bytes: variant.len(),
+                cap: plugin.limits.max_answer_bytes,
+            })
+        }
+        Ok(variant) => Ok(variant),
+        Err(message) => Err(guest_error(plugin, message, "")),
     }
-    answer.map_err(|message| PluginError::Guest {
+}
+
+/// The guest's own error, `context` before its message, or an answer-cap
+/// error when the message is over the cap: the cap holds for every text a
+/// plugin returns (`create`, `check-config`, `evaluate`), wherever it goes.
+fn guest_error(plugin: &Plugin, message: String, context: &str) -> PluginError {
+    let cap = plugin.limits.max_answer_bytes;
+    if message.len() > cap {
+        return PluginError::Output {
+            plugin: plugin.name.clone(),
+            bytes: message.len(),
+            cap,
+        };
+    }
+    PluginError::Guest {
         plugin: plugin.name.clone(),
-        message,
-    })
+        message: format!("{context}{message}"),
+    }
 }
 
 /// What a failed call means, from the error and what the store saw.
-fn classify(plugin: &Plugin, store: &Store<HostState>, err: wasmtime::Error) -> PluginError {
+fn classify(
+    plugin: &Plugin,
+    store: &Store<HostState>,
+    err: wasmtime::Error,
+    limit: CallLimit,
+) -> PluginError {
     let name = plugin.name.clone();
     if store.data().memory_exceeded {
         return PluginError::Memory {
@@ -217,9 +302,15 @@ fn classify(plugin: &Plugin, store: &Store<HostState>, err: wasmtime::Error) -> 
         };
     }
     match err.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PluginError::Deadline {
-            plugin: name,
-            deadline: plugin.limits.deadline,
+        Some(Trap::Interrupt) => match limit.budget {
+            Some(budget) => PluginError::BudgetSpent {
+                plugin: name,
+                budget,
+            },
+            None => PluginError::Deadline {
+                plugin: name,
+                deadline: plugin.limits.deadline,
+            },
         },
         Some(trap) => PluginError::Trap {
             plugin: name,

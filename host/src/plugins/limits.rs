@@ -14,21 +14,49 @@ pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
 pub const DEFAULT_WASM_STACK_BYTES: usize = 512 << 10;
 /// Largest component file flaghost will compile.
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 << 20;
-/// Default number of plugin instances that can exist at once.
-pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Default number of plugins loaded at once.
+pub const DEFAULT_MAX_PLUGINS: usize = 64;
+
+/// Core wasm instances one component may declare. A `wasm32-wasip2` Rust
+/// component has about 4 (the rule, the WASI adapter, two shims); a Python
+/// one (componentize-py) one per linked library, a dozen or two.
+pub const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 48;
+/// Linear memories one component may declare (they usually share one).
+pub const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// Tables one component may declare (shims declare one each).
+pub const MAX_TABLES_PER_COMPONENT: u32 = 48;
+/// Instances of one plugin that may exist for configuration checks at once,
+/// beside one per plugin thread: checks wait for one of these.
+pub const CONFIG_CHECK_INSTANCES: usize = 2;
+/// Bytes a table element counts toward the memory cap (a pointer).
+pub const TABLE_ELEMENT_BYTES: usize = 8;
 /// Default number of deadlines in a row that quarantine a plugin.
 pub const DEFAULT_QUARANTINE_AFTER: u32 = 3;
 /// Default length of a quarantine.
 pub const DEFAULT_QUARANTINE_FOR: Duration = Duration::from_secs(5);
 
-/// Default calls of one plugin at once: the cores. Calls run on the worker
-/// threads (one per core), so this refuses nothing a well-behaved plugin
-/// does; set it lower to keep a plugin that runs to its deadline from holding
-/// every worker at once (its refused calls answer an error at once). The
-/// quarantine is what stops such a plugin by default.
-pub fn default_max_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Default share of a call's deadline past which the call is a strike toward
+/// quarantine, as a deadline is: a plugin spinning just under its deadline
+/// is stopped as one running past it is.
+pub const DEFAULT_STRIKE_FRACTION: f64 = 0.5;
+
+/// Default threads of the plugin pool: the cores, at least two (so one
+/// plugin's share always leaves a thread to the others) and at most 16 (the
+/// pool of instances grows with them: see [`Limits::pool_component_instances`]).
+pub fn default_pool_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(2, 16)
 }
+
+/// Default calls of one plugin at once: half the pool's threads, so a
+/// plugin that spins holds at most half of the plugin capacity.
+pub fn default_max_concurrency() -> usize {
+    (default_pool_threads() / 2).max(1)
+}
+
+/// Default bound of one plugin's queue of evaluations waiting for a thread.
+pub const DEFAULT_QUEUE: usize = 64;
 
 /// Default cap on the context bytes one call reads (Shopify Functions allows
 /// 128 KB of input per run).
@@ -57,7 +85,8 @@ pub enum Isolation {
 pub struct Limits {
     /// Wall-clock budget of one call (epoch interruption).
     pub deadline: Duration,
-    /// Cap on an instance's linear memory, in bytes.
+    /// Cap on an instance's linear memories and tables together, in bytes
+    /// (a table element counts [`TABLE_ELEMENT_BYTES`]).
     pub memory_bytes: usize,
     /// Cap on the wasm stack, in bytes.
     pub wasm_stack_bytes: usize,
@@ -71,18 +100,30 @@ pub struct Limits {
     pub max_context_bytes: usize,
     /// How evaluations are isolated.
     pub isolation: Isolation,
-    /// Calls of one plugin that may run at once (each holds a worker thread
-    /// while it runs); more are refused at once.
+    /// Calls of one plugin that may run at once: threads of the plugin
+    /// pool it may hold (its share); more wait in its queue.
     pub max_concurrency: usize,
-    /// Deadlines in a row after which a plugin is quarantined.
+    /// Threads of the plugin pool, the only threads guest code runs on.
+    pub pool_threads: usize,
+    /// Evaluations of one plugin that may wait for a pool thread; more are
+    /// refused at once.
+    pub queue: usize,
+    /// Wall-clock budget of all the plugin calls one request makes (a bulk
+    /// request makes many), counted from when the request hands them to the
+    /// pool; flags it does not reach answer an error saying so. `None`: one
+    /// deadline (see [`Limits::request_budget`]).
+    pub request_budget: Option<Duration>,
+    /// A call that takes longer than this share of the deadline is a strike
+    /// toward quarantine, as a deadline is.
+    pub strike_fraction: f64,
+    /// Strikes (deadlines, or calls past the strike fraction) in a row after
+    /// which a plugin is quarantined.
     pub quarantine_after: u32,
     /// How long a quarantine lasts before the plugin is tried again.
     pub quarantine_for: Duration,
-    /// Plugin instances that can exist at once, across all plugins and
-    /// threads (the pooling allocator's size). With [`Isolation::Reuse`] each
-    /// worker thread holds one per plugin; with [`Isolation::Fresh`] one per
-    /// evaluation in flight.
-    pub max_instances: u32,
+    /// Plugins that can be loaded at once (the pooling allocator is sized
+    /// for them: see [`Limits::instances_per_plugin`]).
+    pub max_plugins: usize,
 }
 
 impl Default for Limits {
@@ -95,23 +136,63 @@ impl Default for Limits {
             max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
             max_context_bytes: DEFAULT_MAX_CONTEXT_BYTES,
             max_concurrency: default_max_concurrency(),
+            pool_threads: default_pool_threads(),
+            queue: DEFAULT_QUEUE,
+            request_budget: None,
+            strike_fraction: DEFAULT_STRIKE_FRACTION,
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             quarantine_for: DEFAULT_QUARANTINE_FOR,
             isolation: Isolation::default(),
-            max_instances: DEFAULT_MAX_INSTANCES,
+            max_plugins: DEFAULT_MAX_PLUGINS,
         }
     }
 }
 
-/// Tables may hold this many elements: generous for any rule, small enough
-/// that a table cannot stand in for unbounded memory.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
+impl Limits {
+    /// The budget of one request's plugin calls.
+    pub fn request_budget(&self) -> Duration {
+        self.request_budget.unwrap_or(self.deadline)
+    }
+
+    /// How long a call may take before it is a strike toward quarantine.
+    pub fn strike_after(&self) -> Duration {
+        self.deadline.mul_f64(self.strike_fraction.clamp(0.0, 1.0))
+    }
+
+    /// Instances one plugin may have at once: one per plugin thread (a warm
+    /// one with [`Isolation::Reuse`], the call in flight with
+    /// [`Isolation::Fresh`]) and [`CONFIG_CHECK_INSTANCES`] for checks.
+    pub fn instances_per_plugin(&self) -> usize {
+        self.pool_threads + CONFIG_CHECK_INSTANCES
+    }
+
+    /// Plugins that may be alive at once: those loaded, and the versions
+    /// they replaced while flag sets bound to them still finish evaluations.
+    pub fn max_live_plugins(&self) -> usize {
+        self.max_plugins.saturating_mul(2)
+    }
+
+    /// Component instances the pooling allocator holds: every live plugin
+    /// can have all its instances at once, so none can take another's slot.
+    /// NB: each also takes up to the per-component maxima of core
+    /// instances, memories and tables, and the pool holds that many of each
+    /// per component instance.
+    pub fn pool_component_instances(&self) -> u32 {
+        let slots = self
+            .max_live_plugins()
+            .saturating_mul(self.instances_per_plugin());
+        u32::try_from(slots).unwrap_or(u32::MAX)
+    }
+}
 
 /// What a plugin's `Store` holds.
 pub(super) struct HostState {
     /// The context of the evaluation in progress; `None` between calls.
     pub context: Option<EvaluationContext>,
+    /// The cap on the instance's memories and tables together, in bytes.
     memory_bytes: usize,
+    /// Bytes of every memory and table of the instance so far.
+    used_bytes: usize,
     /// Set when the guest asked for more memory than the cap, so the trap that
     /// follows is reported as a memory overrun rather than a bare trap.
     pub memory_exceeded: bool,
@@ -120,6 +201,8 @@ pub(super) struct HostState {
     max_context_bytes: usize,
     /// Set when the call in progress read past the context cap.
     pub context_exceeded: bool,
+    /// The plugin's instance slot this store holds, given back with it.
+    pub slot: Option<super::slots::Slot>,
 }
 
 impl HostState {
@@ -127,10 +210,12 @@ impl HostState {
         Self {
             context: None,
             memory_bytes: limits.memory_bytes,
+            used_bytes: 0,
             memory_exceeded: false,
             context_read: 0,
             max_context_bytes: limits.max_context_bytes,
             context_exceeded: false,
+            slot: None,
         }
     }
 
@@ -150,29 +235,54 @@ impl HostState {
     }
 }
 
-impl ResourceLimiter for HostState {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+impl HostState {
+    /// Counts `more` bytes of memory or table toward the instance's cap.
+    fn grow(&mut self, what: &str, more: usize) -> wasmtime::Result<bool> {
+        let after = self.used_bytes.saturating_add(more);
+        if after > self.memory_bytes {
             self.memory_exceeded = true;
             wasmtime::bail!(
-                "memory cap exceeded: asked for {desired} bytes, the cap is {}",
+                "memory cap exceeded: {what} would bring the instance's memories and tables to {after} bytes, the cap is {}",
                 self.memory_bytes
             );
         }
+        self.used_bytes = after;
         Ok(true)
+    }
+}
+
+/// NB: wasmtime asks here for every memory and table an instance creates
+/// (`current` 0) and for every growth, so `used_bytes` is the instance's
+/// whole footprint: many small memories cannot add up past the cap.
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.grow("a memory", desired.saturating_sub(current))
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        let elements = desired.saturating_sub(current);
+        self.grow("a table", elements.saturating_mul(TABLE_ELEMENT_BYTES))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES_PER_COMPONENT as usize
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES_PER_COMPONENT as usize
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES_PER_COMPONENT as usize
     }
 }

@@ -11,8 +11,13 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::artifacts::{self, Origin};
 use super::bindings::v0_1;
-use super::limits::{HostState, Limits};
+use super::limits::{
+    CONFIG_CHECK_INSTANCES, HostState, Limits, MAX_CORE_INSTANCES_PER_COMPONENT,
+    MAX_MEMORIES_PER_COMPONENT, MAX_TABLES_PER_COMPONENT,
+};
+use super::pool::{PluginPool, PoolSize};
 use super::registry::PluginSet;
+use super::slots::{Gate, Slot, Slots};
 use super::stats::{self, StatsSnapshot};
 use super::{CONTRACT_VERSIONS, EPOCH_TICK, PluginError, guard, instance};
 
@@ -24,6 +29,12 @@ pub struct PluginRuntime {
     limits: Arc<Limits>,
     /// Where compiled components are cached, if anywhere.
     artifacts: Option<artifacts::Artifacts>,
+    /// The threads plugin evaluations run on.
+    pool: PluginPool,
+    /// Plugins alive now (loaded, or replaced but still bound to flag sets).
+    live: Arc<Slots>,
+    /// Configuration checks running now, across plugins.
+    checks: Arc<Gate>,
 }
 
 impl PluginRuntime {
@@ -45,11 +56,19 @@ impl PluginRuntime {
             &mut linker,
             |state| state,
         )?;
+        let pool = PluginPool::new(PoolSize {
+            threads: limits.pool_threads,
+            share: limits.max_concurrency,
+            queue: limits.queue,
+        })?;
         Ok(Self {
             engine,
             linker,
             limits: Arc::new(limits),
             artifacts: None,
+            pool,
+            live: Arc::default(),
+            checks: Arc::new(Gate::new(CONFIG_CHECK_INSTANCES)),
         })
     }
 
@@ -59,6 +78,11 @@ impl PluginRuntime {
     pub fn cache_compiled_in(mut self, dir: &Path) -> std::io::Result<Self> {
         self.artifacts = Some(artifacts::Artifacts::new(dir, &self.engine)?);
         Ok(self)
+    }
+
+    /// The threads plugin evaluations run on (never the HTTP workers).
+    pub fn pool(&self) -> &PluginPool {
+        &self.pool
     }
 
     /// The limits plugin calls run under.
@@ -74,6 +98,14 @@ impl PluginRuntime {
             reason,
         };
         check_header(bytes, self.limits.max_component_bytes).map_err(invalid)?;
+        let max_live = self.limits.max_live_plugins();
+        let live = self.live.take(max_live).ok_or_else(|| PluginError::Slots {
+            plugin: name.to_owned(),
+            reason: format!(
+                "flaghost already holds {max_live} plugins (those loaded, and versions they replaced that flag sets still use), \
+                 twice --plugin-max-plugins; remove plugins, or raise it"
+            ),
+        })?;
         let digest = crate::sha256_hex(bytes);
         let (component, origin) = match &self.artifacts {
             Some(artifacts) => artifacts.component(&self.engine, &digest, bytes),
@@ -124,6 +156,7 @@ impl PluginRuntime {
             stats: stats::Stats::default(),
             guard: guard::Guard::new(
                 self.limits.max_concurrency,
+                self.limits.strike_after(),
                 self.limits.quarantine_after,
                 self.limits.quarantine_for,
             ),
@@ -132,6 +165,9 @@ impl PluginRuntime {
             pre,
             limits: self.limits.clone(),
             engine: self.engine.clone(),
+            instances: Arc::default(),
+            checks: self.checks.clone(),
+            _live: live,
         }))
     }
 
@@ -183,17 +219,36 @@ impl PluginRuntime {
 }
 
 /// The pooling allocator's sizes: slots reserved up front, so instantiation is
-/// a few microseconds (it matters for [`Isolation::Fresh`], which instantiates
-/// per call). A `wasm32-wasip2` component holds a handful of core instances and
-/// two memories; the ratios leave room for that.
+/// a few microseconds (it matters for [`super::Isolation::Fresh`], which
+/// instantiates per call).
+///
+/// No plugin can take another's slots:
+///
+/// ```text
+/// component instances = live plugins (≤ 2 × max plugins: loaded ones and the
+///                       versions they replace, see `Limits::max_live_plugins`)
+///                     × instances per plugin (plugin threads + config checks)
+/// core instances      = component instances × MAX_CORE_INSTANCES_PER_COMPONENT
+/// memories            = component instances × MAX_MEMORIES_PER_COMPONENT
+/// tables              = component instances × MAX_TABLES_PER_COMPONENT
+/// ```
+///
+/// A component declaring more than the per-component maxima is refused when
+/// it is compiled; a plugin past its instances, or a load past the live
+/// plugins, is refused naming the plugin ([`PluginError::Slots`]).
 fn pooling(limits: &Limits) -> PoolingAllocationConfig {
-    let components = limits.max_instances;
+    let components = limits.pool_component_instances();
     let mut pooling = PoolingAllocationConfig::default();
     pooling
         .total_component_instances(components)
-        .total_core_instances(components.saturating_mul(8))
-        .total_memories(components.saturating_mul(2))
-        .total_tables(components.saturating_mul(4))
+        .total_core_instances(components.saturating_mul(MAX_CORE_INSTANCES_PER_COMPONENT))
+        .total_memories(components.saturating_mul(MAX_MEMORIES_PER_COMPONENT))
+        .total_tables(components.saturating_mul(MAX_TABLES_PER_COMPONENT))
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
+        .max_memories_per_module(MAX_MEMORIES_PER_COMPONENT)
+        .max_tables_per_module(MAX_TABLES_PER_COMPONENT)
         .max_memory_size(limits.memory_bytes);
     pooling
 }
@@ -300,6 +355,12 @@ pub struct Plugin {
     pub(super) pre: v0_1::TargetingRulePre<HostState>,
     pub(super) limits: Arc<Limits>,
     pub(super) engine: Engine,
+    /// Its instances now: at most [`Limits::instances_per_plugin`].
+    pub(super) instances: Arc<Slots>,
+    /// The runtime's bound on configuration checks at once.
+    pub(super) checks: Arc<Gate>,
+    /// Its place among the live plugins, given back when it goes.
+    pub(super) _live: Slot,
 }
 
 impl std::fmt::Debug for Plugin {

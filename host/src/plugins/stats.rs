@@ -94,7 +94,7 @@ impl Stats {
         self.latency[bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
         let kind = match result {
             Ok(_) => return,
-            Err(PluginError::Deadline { .. }) => &self.deadline,
+            Err(PluginError::Deadline { .. } | PluginError::BudgetSpent { .. }) => &self.deadline,
             Err(PluginError::Memory { .. }) => &self.memory,
             Err(PluginError::Guest { .. }) => &self.guest,
             Err(PluginError::Output { .. } | PluginError::Input { .. }) => &self.output,

@@ -15,14 +15,20 @@ use crate::sha256_hex;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlagFiles(Vec<(String, String)>);
 
-/// Reads flag files from a directory; rules are bound to `plugins`.
+/// The last set parsed per environment, with the plugin generation it was
+/// bound under.
+type Parsed = HashMap<String, (u64, Arc<FlagSet>)>;
+
+/// Reads flag files from a directory; rules are bound to `plugins`. Cloning
+/// shares it.
+#[derive(Clone)]
 pub struct DirStore {
     dir: PathBuf,
     plugins: PluginRegistry,
     /// The last set parsed per environment, with the plugin generation it
     /// was bound under: a file whose bytes did not change is not parsed (nor
     /// its plugin configurations checked) again while the plugins stay.
-    parsed: Mutex<HashMap<String, (u64, Arc<FlagSet>)>>,
+    parsed: Arc<Mutex<Parsed>>,
 }
 
 impl DirStore {
@@ -31,7 +37,7 @@ impl DirStore {
         Self {
             dir: dir.into(),
             plugins: plugins.into(),
-            parsed: Mutex::new(HashMap::new()),
+            parsed: Arc::default(),
         }
     }
 
@@ -131,7 +137,7 @@ impl DirStore {
         Ok(names)
     }
 
-    fn parsed(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Arc<FlagSet>)>> {
+    fn parsed(&self) -> std::sync::MutexGuard<'_, Parsed> {
         // The map is only ever replaced entry by entry: a panic elsewhere
         // cannot leave it half-written.
         self.parsed.lock().unwrap_or_else(PoisonError::into_inner)
@@ -141,10 +147,17 @@ impl DirStore {
 #[async_trait]
 impl FlagStore for DirStore {
     async fn load(&self, environment: &str) -> Result<Arc<FlagSet>, StoreError> {
-        // NB: synchronous on purpose. It runs when a cached set expires, reads
-        // one small file, and re-parses only when the file's bytes changed;
-        // `block_in_place` would panic on a current-thread runtime.
-        self.load_sync(environment)
+        // NB: parsing binds plugin rules, which runs guest code (their
+        // configuration checks): off the async workers.
+        let (store, env) = (self.clone(), environment.to_owned());
+        tokio::task::spawn_blocking(move || store.load_sync(&env))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Io {
+                    path: self.dir.display().to_string(),
+                    reason: format!("loading {environment} panicked; see the logs"),
+                })
+            })
     }
 
     async fn environments(&self) -> Result<Vec<String>, StoreError> {

@@ -11,8 +11,9 @@ use flaghost::plugins::{Limits, PluginRuntime};
 use flaghost_tests::{Dirs, Flaghost, answer_limits, fixture, plugin, spin_iterations};
 use serde_json::{Value, json};
 
-/// Held by the tests that time a static flag under attack: run alone, they
-/// measure the attack, not the other tests of this binary.
+/// Held by every test here: each runs alone, so the ones that time a static
+/// flag under attack (with the default 10 ms deadline) measure the attack,
+/// not the other tests of this binary.
 static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The good plugin flag: on for country NL (allow-list).
@@ -239,6 +240,7 @@ fn dirs_with_extra(bytes: &[u8]) -> Dirs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_memory_of_an_instance_counts_toward_one_cap() {
+    let _alone = ALONE.lock().await;
     // The default 32 MiB cap; a deadline that leaves instantiating 22 MiB
     // of memories to the cap alone.
     let limits = answer_limits();
@@ -266,6 +268,7 @@ async fn every_memory_of_an_instance_counts_toward_one_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_count_toward_the_memory_cap_at_8_bytes_an_element() {
+    let _alone = ALONE.lock().await;
     // A 4 MiB cap: allow-list's own memory fits; eight tables of 20,000
     // elements (160 KB each at 8 bytes) on top of it do not.
     let limits = Limits {
@@ -287,6 +290,7 @@ async fn tables_count_toward_the_memory_cap_at_8_bytes_an_element() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn components_declaring_more_than_their_share_of_the_pool_are_refused_at_load() {
+    let _alone = ALONE.lock().await;
     let hogs = [
         (
             "memories",
@@ -322,6 +326,7 @@ async fn components_declaring_more_than_their_share_of_the_pool_are_refused_at_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn megabytes_of_error_text_from_check_config_or_create_are_capped() {
+    let _alone = ALONE.lock().await;
     // A deadline the guest's 8 MiB answer fits in: only the cap stops it.
     let limits = answer_limits();
     let cap = limits.max_answer_bytes;

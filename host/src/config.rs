@@ -102,9 +102,10 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_QUEUE", default_value_t = limits::DEFAULT_QUEUE)]
     pub plugin_queue: usize,
 
-    /// Wall-clock budget of all the plugin calls of one request (a bulk
-    /// evaluation makes one per plugin flag), in milliseconds; flags it does
-    /// not reach answer an error saying so. Default: one deadline.
+    /// Running time all the calls of one plugin in one request may spend
+    /// together (a bulk evaluation makes one per flag of that plugin), in
+    /// milliseconds; waiting for a plugin thread is not counted. Flags it
+    /// does not reach answer an error saying so. Default: one deadline.
     #[arg(long, env = "FLAGHOST_PLUGIN_REQUEST_BUDGET_MS")]
     pub plugin_request_budget_ms: Option<u64>,
 
@@ -125,7 +126,7 @@ pub struct LimitArgs {
     pub plugin_quarantine_ms: u64,
 
     /// How plugin evaluations are isolated: `reuse` keeps one instance per
-    /// plugin per worker thread (fast; a trapped instance is discarded),
+    /// plugin per plugin thread (fast; a trapped instance is discarded),
     /// `fresh` instantiates for every evaluation (nothing survives a call).
     #[arg(long, env = "FLAGHOST_PLUGIN_ISOLATION", value_enum, default_value_t = Isolation::Reuse)]
     pub plugin_isolation: Isolation,

@@ -8,7 +8,8 @@
 //! - A [`PluginSet`] is the plugins of one plugin directory; it binds flags'
 //!   `{"plugin": [name, config]}` rules to plugins ([`crate::flags::RuleBinder`]).
 //! - A [`PluginRule`] is one flag's bound rule; evaluating it runs the plugin
-//!   under the limits ([`limits`]), on an instance reused per worker thread or
+//!   under the limits ([`limits`]), on the plugin pool ([`PluginPool`]: never an
+//!   HTTP worker), on an instance reused per plugin thread or
 //!   fresh per call ([`Isolation`]).
 //!
 //! Every failure of a plugin call becomes a [`PluginError`] at this boundary;

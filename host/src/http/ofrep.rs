@@ -38,6 +38,7 @@ pub async fn evaluate_one(
     let answer = match set
         .flags
         .get(&key)
+        .filter(|flag| flag.state == FlagState::Enabled)
         .and_then(|flag| Some((flag, flag.plugin()?)))
     {
         // NB: guest code runs on the plugin pool, never on this worker.
@@ -265,7 +266,8 @@ fn failure<'a>(key: &'a str, e: &'a EvaluationError) -> Failure<'a> {
 ///
 /// Flags that run no plugin are evaluated here; those that do go to the
 /// plugin pool, one job per plugin (so each waits in its own plugin's
-/// lane), all under one request budget.
+/// lane), each job under the request budget: the flags of one plugin share
+/// one budget.
 async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -> Vec<u8> {
     let set: &FlagSet = &served.set;
     let mut flags: Vec<(&String, &Flag)> = set

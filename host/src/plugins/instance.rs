@@ -2,7 +2,7 @@
 //! what a failure becomes.
 //!
 //! In [`Isolation::Reuse`] each thread keeps one warm instance per plugin, in a
-//! thread-local, so evaluations on different tokio workers never share an
+//! thread-local, so evaluations on different plugin threads never share an
 //! instance and never take a lock. A warm instance also keeps each rule's
 //! parsed configuration (a `targeting` resource) so it is parsed once. An
 //! instance whose call trapped is dropped: its state cannot leak into a later
@@ -16,7 +16,8 @@ use wasmtime::component::ResourceAny;
 use wasmtime::{Store, Trap};
 
 use super::bindings::v0_1::TargetingRule as Bindings;
-use super::limits::{CONFIG_CHECK_INSTANCES, HostState};
+use super::limits::HostState;
+use super::slots::Slot;
 use super::{EPOCH_TICK, Isolation, Plugin, PluginError, PluginRule};
 use crate::flags::FastMap as HashMap;
 use crate::rules::EvaluationContext;
@@ -169,7 +170,7 @@ pub(super) fn check_config(
     let limit = CallLimit::deadline(plugin);
     // NB: checks wait for a turn rather than fail: see `Gate`.
     let _turn = plugin.checks.enter();
-    let (mut store, bindings) = instantiate_with(plugin, limit, CONFIG_CHECK_INSTANCES)?;
+    let (mut store, bindings) = instantiate_with(plugin, limit, None)?;
     let answer = bindings
         .flaghost_rules_rule()
         .call_check_config(&mut store, flag_key, variants, config)
@@ -189,27 +190,28 @@ fn instantiate(
     plugin: &Plugin,
     limit: CallLimit,
 ) -> Result<(Store<HostState>, Bindings), PluginError> {
-    instantiate_with(plugin, limit, 0)
-}
-
-/// A new instance, from `plugin`'s slots for evaluations plus `extra`.
-fn instantiate_with(
-    plugin: &Plugin,
-    limit: CallLimit,
-    extra: usize,
-) -> Result<(Store<HostState>, Bindings), PluginError> {
-    let max = plugin.limits.pool_threads + extra;
+    let max = plugin.limits.pool_threads;
     let slot = plugin
         .instances
         .take(max)
         .ok_or_else(|| PluginError::Slots {
             plugin: plugin.name.clone(),
             reason: format!(
-                "all {max} of its instances are in use (one per plugin thread, and {CONFIG_CHECK_INSTANCES} for configuration checks)"
+                "all {max} of its instances for evaluations are in use (one per plugin thread)"
             ),
         })?;
+    instantiate_with(plugin, limit, Some(slot))
+}
+
+/// A new instance holding `slot` (evaluations), or none: a configuration
+/// check, whose instances the plugin's check gate bounds.
+fn instantiate_with(
+    plugin: &Plugin,
+    limit: CallLimit,
+    slot: Option<Slot>,
+) -> Result<(Store<HostState>, Bindings), PluginError> {
     let mut state = HostState::new(&plugin.limits);
-    state.slot = Some(slot);
+    state.slot = slot;
     let mut store = Store::new(&plugin.engine, state);
     store.limiter(|state| state);
     store.set_epoch_deadline(limit.ticks);

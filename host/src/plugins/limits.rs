@@ -69,7 +69,7 @@ pub const DEFAULT_MAX_ANSWER_BYTES: usize = 16 << 10;
 /// How evaluations are isolated from one another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Isolation {
-    /// Each worker thread keeps one instance per plugin and reuses it; an
+    /// Each plugin thread keeps one instance per plugin and reuses it; an
     /// instance that traps is thrown away. A rule may keep state between
     /// evaluations on the same thread (it cannot see other plugins', nor
     /// anything outside its sandbox). The fast default.
@@ -108,10 +108,11 @@ pub struct Limits {
     /// Evaluations of one plugin that may wait for a pool thread; more are
     /// refused at once.
     pub queue: usize,
-    /// Wall-clock budget of all the plugin calls one request makes (a bulk
-    /// request makes many), counted from when the request hands them to the
-    /// pool; flags it does not reach answer an error saying so. `None`: one
-    /// deadline (see [`Limits::request_budget`]).
+    /// Running time all the calls of one plugin in one request may spend
+    /// together (a bulk request makes one per flag of that plugin); time
+    /// waiting for a plugin thread is not counted. Flags it does not reach
+    /// answer an error saying so. `None`: one deadline (see
+    /// [`Limits::request_budget`]).
     pub request_budget: Option<Duration>,
     /// A call that takes longer than this share of the deadline is a strike
     /// toward quarantine, as a deadline is.

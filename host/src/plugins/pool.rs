@@ -221,7 +221,11 @@ fn work(shared: &Shared) {
                     .unwrap_or_else(PoisonError::into_inner);
                 queues = guard;
                 if waited.timed_out() {
+                    // NB: outside the lock: dropping stores gives pooled
+                    // memory back, and callers must not wait for that.
+                    drop(queues);
                     super::instance::sweep_this_thread();
+                    queues = shared.lock();
                 }
             }
         };

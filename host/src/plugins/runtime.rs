@@ -33,8 +33,6 @@ pub struct PluginRuntime {
     pool: PluginPool,
     /// Plugins alive now (loaded, or replaced but still bound to flag sets).
     live: Arc<Slots>,
-    /// Configuration checks running now, across plugins.
-    checks: Arc<Gate>,
 }
 
 impl PluginRuntime {
@@ -68,7 +66,6 @@ impl PluginRuntime {
             artifacts: None,
             pool,
             live: Arc::default(),
-            checks: Arc::new(Gate::new(CONFIG_CHECK_INSTANCES)),
         })
     }
 
@@ -166,7 +163,7 @@ impl PluginRuntime {
             limits: self.limits.clone(),
             engine: self.engine.clone(),
             instances: Arc::default(),
-            checks: self.checks.clone(),
+            checks: Gate::new(CONFIG_CHECK_INSTANCES),
             _live: live,
         }))
     }
@@ -355,10 +352,11 @@ pub struct Plugin {
     pub(super) pre: v0_1::TargetingRulePre<HostState>,
     pub(super) limits: Arc<Limits>,
     pub(super) engine: Engine,
-    /// Its instances now: at most [`Limits::instances_per_plugin`].
+    /// Its instances for evaluations now: at most one per plugin thread.
     pub(super) instances: Arc<Slots>,
-    /// The runtime's bound on configuration checks at once.
-    pub(super) checks: Arc<Gate>,
+    /// Its configuration checks at once (each holds an instance): at most
+    /// [`CONFIG_CHECK_INSTANCES`]; more wait their turn.
+    pub(super) checks: Gate,
     /// Its place among the live plugins, given back when it goes.
     pub(super) _live: Slot,
 }

@@ -102,9 +102,8 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_QUEUE", default_value_t = limits::DEFAULT_QUEUE)]
     pub plugin_queue: usize,
 
-    /// Running time all the calls of one plugin in one request may spend
-    /// together (a bulk evaluation makes one per flag of that plugin), in
-    /// milliseconds; waiting for a plugin thread is not counted. Flags it
+    /// Running time all the plugin calls of one request may spend together
+    /// (a bulk evaluation makes one per plugin flag), in milliseconds; waiting for a plugin thread is not counted. Flags it
     /// does not reach answer an error saying so. Default: one deadline.
     #[arg(long, env = "FLAGHOST_PLUGIN_REQUEST_BUDGET_MS")]
     pub plugin_request_budget_ms: Option<u64>,
@@ -284,7 +283,7 @@ impl LimitArgs {
             .plugin_threads
             .unwrap_or_else(limits::default_pool_threads)
             .clamp(1, 256);
-        Ok(Limits {
+        let limits = Limits {
             deadline,
             memory_bytes: self.plugin_memory_mib << 20,
             max_component_bytes: self.plugin_max_file_mib << 20,
@@ -305,7 +304,21 @@ impl LimitArgs {
             quarantine_for: Duration::from_millis(self.plugin_quarantine_ms.min(MAX_INTERVAL_MS)),
             isolation: self.plugin_isolation,
             ..Limits::default()
-        })
+        };
+        let memories = u64::from(limits.pool_component_instances())
+            * u64::from(limits::MAX_MEMORIES_PER_COMPONENT);
+        if memories > limits::MAX_POOL_MEMORIES {
+            return Err(ConfigError {
+                option: "--plugin-max-plugins (FLAGHOST_PLUGIN_MAX_PLUGINS) with --plugin-threads",
+                reason: format!(
+                    "the instance pool would hold {memories} memory slots (2 × plugins × (threads + 2) × {}), \
+                     over {} (each reserves about 4 GiB of address space): lower either",
+                    limits::MAX_MEMORIES_PER_COMPONENT,
+                    limits::MAX_POOL_MEMORIES
+                ),
+            });
+        }
+        Ok(limits)
     }
 }
 
@@ -500,6 +513,27 @@ mod tests {
         };
         let err = args.validate().expect_err("refused");
         assert!(err.option.contains("FLAGHOST_DEFAULT_ENVIRONMENT"), "{err}");
+    }
+
+    #[test]
+    fn an_instance_pool_past_the_address_space_is_refused_naming_its_options() {
+        let refused = |args: &[&str]| {
+            let Command::Serve(serve) = parse(args).command else {
+                panic!("expected serve");
+            };
+            serve.validate().err()
+        };
+        let err = refused(&[
+            "serve",
+            "--plugin-threads",
+            "16",
+            "--plugin-max-plugins",
+            "1024",
+        ])
+        .expect("refused");
+        assert!(err.option.contains("--plugin-max-plugins"), "{err}");
+        assert!(err.reason.contains("memory slots"), "{err}");
+        assert!(refused(&["serve", "--plugin-threads", "16"]).is_none());
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub async fn evaluate_one(
         // NB: guest code runs on the plugin pool, never on this worker.
         Some((flag, plugin)) => {
             let keys = vec![key.clone()];
-            let mut verdicts = on_plugin_pool(&state, plugin, &served, keys, context).await;
+            let budget = Budget::new(state.plugin_budget);
+            let mut verdicts = on_plugin_pool(&state, plugin, &served, keys, context, budget).await;
             match verdicts.pop() {
                 Some(Ok(verdict)) => Ok(verdict.resolve(flag)),
                 Some(Err(error)) => Err(EvaluationError {
@@ -66,16 +67,16 @@ pub async fn evaluate_one(
 }
 
 /// Evaluates flags `keys` of `served`, all in `plugin`'s lane, on the
-/// plugin pool under the request's plugin budget (counted from now). A
-/// refusal of the pool (the plugin's queue is full) answers every key.
+/// plugin pool under the request's plugin `budget`. A refusal of the pool
+/// (the plugin's queue is full) answers every key.
 async fn on_plugin_pool(
     state: &AppState,
     plugin: &str,
     served: &Snapshot,
     keys: Vec<String>,
     context: EvaluationContext,
+    budget: Budget,
 ) -> Vec<Result<Verdict, EvaluationError>> {
-    let budget = Budget::new(state.plugin_budget);
     let set = served.set.clone();
     let count = keys.len();
     let job = move || {
@@ -266,8 +267,7 @@ fn failure<'a>(key: &'a str, e: &'a EvaluationError) -> Failure<'a> {
 ///
 /// Flags that run no plugin are evaluated here; those that do go to the
 /// plugin pool, one job per plugin (so each waits in its own plugin's
-/// lane), each job under the request budget: the flags of one plugin share
-/// one budget.
+/// lane), all drawing on one request budget.
 async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -> Vec<u8> {
     let set: &FlagSet = &served.set;
     let mut flags: Vec<(&String, &Flag)> = set
@@ -289,9 +289,10 @@ async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -
         };
         results.push((key.as_str(), result));
     }
+    let budget = Budget::new(state.plugin_budget);
     let jobs = by_plugin.iter().map(|(plugin, at)| {
         let keys = at.iter().map(|&i| flags[i].0.clone()).collect();
-        on_plugin_pool(state, plugin, served, keys, context.clone())
+        on_plugin_pool(state, plugin, served, keys, context.clone(), budget.clone())
     });
     let answers = futures_util::future::join_all(jobs).await;
     for (at, verdicts) in by_plugin.values().zip(answers) {

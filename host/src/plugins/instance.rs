@@ -90,16 +90,29 @@ pub(super) fn evaluate(
             call(plugin, &mut store, &bindings, handle, limit)
         }
         Isolation::Reuse => WARM.with(|warm| {
-            let mut warm = warm.borrow_mut();
-            let result = evaluate_warm(&mut warm, rule, context, limit);
+            let mut warm = ForgetOnUnwind(warm.borrow_mut(), plugin.id);
+            let result = evaluate_warm(&mut warm.0, rule, context, limit);
             if let Err(e) = &result
                 && !matches!(e, PluginError::Guest { .. })
             {
                 // NB: a trapped instance is never used again.
-                warm.remove(&plugin.id);
+                warm.0.remove(&plugin.id);
             }
             result
         }),
+    }
+}
+
+/// This thread's warm instances, borrowed for a call into plugin `.1`: if
+/// the call panics (a flaghost bug; the pool catches it and the thread lives
+/// on), that plugin's instance is dropped, since its store may be mid-call.
+struct ForgetOnUnwind<'a>(std::cell::RefMut<'a, HashMap<u64, Warm>>, u64);
+
+impl Drop for ForgetOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.remove(&self.1);
+        }
     }
 }
 

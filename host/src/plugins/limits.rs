@@ -28,6 +28,10 @@ pub const MAX_TABLES_PER_COMPONENT: u32 = 48;
 /// Instances of one plugin that may exist for configuration checks at once,
 /// beside one per plugin thread: checks wait for one of these.
 pub const CONFIG_CHECK_INSTANCES: usize = 2;
+/// Memory slots the instance pool may hold: each reserves about 4 GiB of
+/// address space (wasmtime's default reservation, which lets compiled code
+/// skip bounds checks), so 16,384 is 64 TiB of the 128 TiB a process has.
+pub const MAX_POOL_MEMORIES: u64 = 16_384;
 /// Bytes a table element counts toward the memory cap (a pointer).
 pub const TABLE_ELEMENT_BYTES: usize = 8;
 /// Default number of deadlines in a row that quarantine a plugin.
@@ -108,9 +112,9 @@ pub struct Limits {
     /// Evaluations of one plugin that may wait for a pool thread; more are
     /// refused at once.
     pub queue: usize,
-    /// Running time all the calls of one plugin in one request may spend
-    /// together (a bulk request makes one per flag of that plugin); time
-    /// waiting for a plugin thread is not counted. Flags it does not reach
+    /// Running time all the plugin calls of one request may spend together
+    /// (a bulk request makes one per plugin flag); time waiting for a
+    /// plugin thread is not counted. Flags it does not reach
     /// answer an error saying so. `None`: one deadline (see
     /// [`Limits::request_budget`]).
     pub request_budget: Option<Duration>,

@@ -1,8 +1,9 @@
 //! [`PluginRule`]: one flag's rule bound to a plugin, and what running it
 //! goes through (the guard, the counters).
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::instance::{self, CallLimit};
@@ -10,39 +11,61 @@ use super::{Plugin, PluginError};
 use crate::rules::{EvaluationContext, RuleError, TargetingRule};
 
 /// The budget of the plugin calls one request makes: the time they may
-/// spend running, together. Time a request waits for a plugin thread is not
-/// counted (its queue is bounded), so a single call always gets its whole
-/// deadline, and a deadline is the plugin's fault, not the request's.
-#[derive(Debug, Clone, Copy)]
+/// spend running, together. Clones share it, so the jobs a bulk request
+/// hands to several plugins' lanes draw on one budget (calls running at the
+/// same moment on different threads each get what was left when they
+/// started). Time a request waits for a plugin thread is not counted (queues
+/// are bounded), so a single call always gets its whole deadline, and a
+/// deadline is the plugin's fault, not the request's.
+#[derive(Debug, Clone)]
 pub struct Budget {
-    left: Duration,
+    /// Nanoseconds left.
+    left: Arc<AtomicU64>,
     total: Duration,
 }
 
 impl Budget {
     /// A budget of `total`.
     pub fn new(total: Duration) -> Self {
-        Self { left: total, total }
+        let nanos = u64::try_from(total.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            left: Arc::new(AtomicU64::new(nanos)),
+            total,
+        }
+    }
+
+    fn left(&self) -> Duration {
+        Duration::from_nanos(self.left.load(Ordering::Acquire))
+    }
+
+    fn spend(&self, spent: Duration) {
+        let spent = u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX);
+        // NB: never fails: the closure always answers.
+        let _ = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                Some(left.saturating_sub(spent))
+            });
     }
 
     /// Runs `f` with every plugin call in it bounded by this budget (on this
     /// thread): a call gets what is left of it when less than its deadline,
     /// and none once it is spent.
-    pub fn run<T>(self, f: impl FnOnce() -> T) -> T {
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
         struct Restore(Option<Budget>);
         impl Drop for Restore {
             fn drop(&mut self) {
-                BUDGET.set(self.0);
+                BUDGET.with_borrow_mut(|b| *b = self.0.take());
             }
         }
-        let _restore = Restore(BUDGET.replace(Some(self)));
+        let _restore = Restore(BUDGET.with_borrow_mut(|b| b.replace(self.clone())));
         f()
     }
 }
 
 thread_local! {
     /// The budget of the request whose evaluations run on this thread now.
-    static BUDGET: Cell<Option<Budget>> = const { Cell::new(None) };
+    static BUDGET: RefCell<Option<Budget>> = const { RefCell::new(None) };
 }
 
 /// One flag's rule, bound to a plugin with its configuration.
@@ -60,17 +83,17 @@ impl PluginRule {
     /// Runs the rule for `context`.
     pub fn run(&self, context: &EvaluationContext) -> Result<Option<String>, PluginError> {
         let plugin = &self.plugin;
-        let budget = BUDGET.get();
-        let limit = match budget {
+        let budget = BUDGET.with_borrow(Clone::clone);
+        let limit = match &budget {
             None => CallLimit::deadline(plugin),
-            Some(Budget { left, total }) if left.is_zero() => {
+            Some(budget) if budget.left().is_zero() => {
                 plugin.stats.refused();
                 return Err(PluginError::NotReached {
                     plugin: plugin.name.clone(),
-                    budget: total,
+                    budget: budget.total,
                 });
             }
-            Some(Budget { left, total }) => CallLimit::within(plugin, left, total),
+            Some(budget) => CallLimit::within(plugin, budget.left(), budget.total),
         };
         let permit = match plugin.guard.enter(&plugin.name) {
             Ok(permit) => permit,
@@ -84,10 +107,7 @@ impl PluginRule {
         drop(permit);
         let elapsed = started.elapsed();
         if let Some(budget) = budget {
-            BUDGET.set(Some(Budget {
-                left: budget.left.saturating_sub(elapsed),
-                ..budget
-            }));
+            budget.spend(elapsed);
         }
         plugin.stats.record(elapsed, &result);
         plugin.guard.record(&plugin.name, &result, elapsed);

@@ -113,9 +113,10 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_STRIKE_FRACTION", default_value_t = limits::DEFAULT_STRIKE_FRACTION)]
     pub plugin_strike_fraction: f64,
 
-    /// Strikes in a row (deadlines, or calls past the strike fraction of the
-    /// deadline) after which a plugin is quarantined: its evaluations answer
-    /// an error at once, without running.
+    /// Strikes (deadlines, or calls past the strike fraction of the
+    /// deadline) close together after which a plugin is quarantined: its
+    /// evaluations answer an error at once, without running. Strikes fill a
+    /// bucket that drains one every 500 ms; quick answers do not empty it.
     #[arg(long, env = "FLAGHOST_PLUGIN_QUARANTINE_AFTER", default_value_t = limits::DEFAULT_QUARANTINE_AFTER)]
     pub plugin_quarantine_after: u32,
 

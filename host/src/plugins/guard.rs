@@ -3,29 +3,47 @@
 //!
 //! A *strike* is a call that ran into its deadline, or that took longer than
 //! `strike_after` (by default half the deadline: a plugin spinning just under
-//! its deadline is as costly as one running past it). After
-//! `quarantine_after` strikes in a row the plugin is quarantined for
-//! `quarantine_for`: its evaluations answer an error at once, without
-//! running. The first call after the cool-down runs; another strike
-//! quarantines it again at once, a quick answer ends it. A call cut short by
-//! its request's budget says nothing about the plugin: neither a strike nor
-//! a quick answer. The bound on calls in flight backs the plugin pool's
+//! its deadline is as costly as one running past it). Strikes fill a leaky
+//! bucket that drains one strike every [`STRIKE_LEAK`]; when it holds
+//! `quarantine_after`, the plugin is quarantined for `quarantine_for`: its
+//! evaluations answer an error at once, without running. Quick answers in
+//! between do not empty the bucket, so a plugin cannot dodge by answering
+//! quickly every other call (strikes "in a row" could be dodged so). The
+//! first call after the cool-down runs; another strike quarantines it again
+//! at once, a quick answer ends it and empties the bucket. A call cut short
+//! by its request's budget before it was slow says nothing about the
+//! plugin. The bound on calls in flight backs the plugin pool's
 //! share for calls made outside the plugin's own lane (a JsonLogic rule
 //! calling a second plugin).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::PluginError;
 
+/// How often the strike bucket drains one strike: three strikes within about
+/// a second quarantine, and so does a steady two or more a second.
+pub const STRIKE_LEAK: Duration = Duration::from_millis(500);
+
+/// The strike bucket: strikes held, and when it last drained (nanoseconds
+/// after the guard's epoch).
+#[derive(Debug, Default)]
+struct Bucket {
+    strikes: u32,
+    drained_at: u64,
+}
+
 /// One plugin's guard.
 #[derive(Debug)]
 pub struct Guard {
     in_flight: AtomicUsize,
     max_in_flight: usize,
-    deadlines_in_a_row: AtomicU32,
+    /// Touched only by slow calls and by the end of a quarantine: a healthy
+    /// plugin's calls take no lock.
+    bucket: Mutex<Bucket>,
     strike_after: Duration,
     quarantine_after: u32,
     quarantine_for: Duration,
@@ -46,8 +64,8 @@ impl Drop for Permit<'_> {
 
 impl Guard {
     /// A guard allowing `max_in_flight` calls at once, quarantining for
-    /// `quarantine_for` after `quarantine_after` strikes in a row (deadlines,
-    /// or calls longer than `strike_after`).
+    /// `quarantine_for` once its bucket holds `quarantine_after` strikes
+    /// (deadlines, or calls longer than `strike_after`).
     pub fn new(
         max_in_flight: usize,
         strike_after: Duration,
@@ -57,7 +75,7 @@ impl Guard {
         Self {
             in_flight: AtomicUsize::new(0),
             max_in_flight: max_in_flight.max(1),
-            deadlines_in_a_row: AtomicU32::new(0),
+            bucket: Mutex::default(),
             strike_after,
             quarantine_after: quarantine_after.max(1),
             quarantine_for,
@@ -122,8 +140,8 @@ impl Guard {
             _ => slow,
         };
         if strike {
-            let in_a_row = self.deadlines_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
-            if in_a_row >= self.quarantine_after {
+            let held = self.strike();
+            if held >= self.quarantine_after {
                 let until = self.now().saturating_add(
                     u64::try_from(self.quarantine_for.as_nanos()).unwrap_or(u64::MAX),
                 );
@@ -131,31 +149,55 @@ impl Guard {
                 if previous == 0 {
                     warn!(
                         plugin,
-                        strikes_in_a_row = in_a_row,
+                        strikes = held,
                         quarantine_ms = self.quarantine_for.as_millis() as u64,
                         last_call_us = elapsed.as_micros() as u64,
                         "plugin quarantined after repeated slow calls: its evaluations answer an error without running until the cool-down ends"
                     );
                 }
             }
-        } else {
-            // NB: each loaded first, so a healthy plugin's calls do not all
-            // write to these shared cache lines. The quarantine is cleared on
-            // its own value, not the count's: a success racing the deadline
-            // that quarantines may reset the count before the quarantine is
-            // set, and the next success must still end it.
-            if self.deadlines_in_a_row.load(Ordering::Relaxed) > 0 {
-                self.deadlines_in_a_row.store(0, Ordering::Release);
-            }
-            if self.quarantined_until.load(Ordering::Relaxed) != 0
-                && self.quarantined_until.swap(0, Ordering::AcqRel) != 0
-            {
-                info!(
-                    plugin,
-                    "plugin answers within its deadline again: quarantine over"
-                );
-            }
+        } else if self.quarantined_until.load(Ordering::Relaxed) != 0
+            && self.quarantined_until.swap(0, Ordering::AcqRel) != 0
+        {
+            // NB: loaded first, so a healthy plugin's calls do not all write
+            // to this shared cache line. The trial after a cool-down answered
+            // quickly: the quarantine and the bucket are over.
+            *self.bucket() = Bucket::default();
+            info!(
+                plugin,
+                "plugin answers within its deadline again: quarantine over"
+            );
         }
+    }
+
+    /// Adds a strike to the bucket (drained for the time since it last
+    /// was); the strikes it holds now.
+    fn strike(&self) -> u32 {
+        self.strike_at(self.now())
+    }
+
+    /// [`Guard::strike`] at `now` (nanoseconds after the epoch).
+    fn strike_at(&self, now: u64) -> u32 {
+        let leak = u64::try_from(STRIKE_LEAK.as_nanos()).unwrap_or(u64::MAX);
+        let mut bucket = self.bucket();
+        let drained = now.saturating_sub(bucket.drained_at) / leak;
+        if drained > 0 {
+            bucket.strikes = bucket
+                .strikes
+                .saturating_sub(u32::try_from(drained).unwrap_or(u32::MAX));
+            bucket.drained_at = if bucket.strikes == 0 {
+                now
+            } else {
+                bucket.drained_at + drained * leak
+            };
+        }
+        bucket.strikes = bucket.strikes.saturating_add(1);
+        bucket.strikes
+    }
+
+    fn bucket(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        // A bucket is two integers changed together: a panic cannot tear it.
+        self.bucket.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -231,5 +273,38 @@ mod tests {
             matches!(guard.enter("p"), Err(PluginError::Quarantined { .. })),
             "three answers over the strike share in a row quarantine"
         );
+    }
+
+    #[test]
+    fn quick_answers_between_slow_ones_do_not_dodge_the_quarantine() {
+        let guard = Guard::new(4, Duration::from_millis(5), 3, Duration::from_secs(1));
+        let slow = Duration::from_millis(8);
+        for _ in 0..3 {
+            assert!(guard.enter("p").is_ok(), "not quarantined yet");
+            guard.record("p", &Ok::<(), PluginError>(()), QUICK);
+            guard.record("p", &Ok::<(), PluginError>(()), QUICK);
+            guard.record("p", &Ok::<(), PluginError>(()), slow);
+        }
+        assert!(
+            matches!(guard.enter("p"), Err(PluginError::Quarantined { .. })),
+            "three slow calls close together quarantine, quick ones between or not"
+        );
+    }
+
+    #[test]
+    fn the_strike_bucket_drains_one_strike_each_leak() {
+        let guard = Guard::new(4, Duration::from_millis(5), 3, Duration::from_secs(1));
+        let leak = u64::try_from(STRIKE_LEAK.as_nanos()).expect("fits");
+        // One strike a leak: the bucket never holds more than one.
+        for n in 1..10 {
+            assert_eq!(guard.strike_at(n * leak), 1);
+        }
+        // Three within one leak: three.
+        let t = 20 * leak;
+        assert_eq!(guard.strike_at(t), 1);
+        assert_eq!(guard.strike_at(t + leak / 3), 2);
+        assert_eq!(guard.strike_at(t + leak / 2), 3);
+        // Two leaks later, two have drained.
+        assert_eq!(guard.strike_at(t + 2 * leak + leak / 2), 2);
     }
 }

@@ -34,7 +34,7 @@ pub const CONFIG_CHECK_INSTANCES: usize = 2;
 pub const MAX_POOL_MEMORIES: u64 = 16_384;
 /// Bytes a table element counts toward the memory cap (a pointer).
 pub const TABLE_ELEMENT_BYTES: usize = 8;
-/// Default number of deadlines in a row that quarantine a plugin.
+/// Default number of strikes close together that quarantine a plugin.
 pub const DEFAULT_QUARANTINE_AFTER: u32 = 3;
 /// Default length of a quarantine.
 pub const DEFAULT_QUARANTINE_FOR: Duration = Duration::from_secs(5);
@@ -121,8 +121,9 @@ pub struct Limits {
     /// A call that takes longer than this share of the deadline is a strike
     /// toward quarantine, as a deadline is.
     pub strike_fraction: f64,
-    /// Strikes (deadlines, or calls past the strike fraction) in a row after
-    /// which a plugin is quarantined.
+    /// Strikes (deadlines, or calls past the strike fraction) its bucket
+    /// holds when a plugin is quarantined (the bucket drains one strike
+    /// every `guard::STRIKE_LEAK`).
     pub quarantine_after: u32,
     /// How long a quarantine lasts before the plugin is tried again.
     pub quarantine_for: Duration,

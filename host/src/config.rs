@@ -86,6 +86,12 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_THREADS")]
     pub plugin_threads: Option<usize>,
 
+    /// The plugin threads' `nice` value (0–19): above 0 they yield the CPU
+    /// to the HTTP workers when both want it. Deadlines are wall-clock, so a
+    /// higher value turns CPU contention into plugin deadlines.
+    #[arg(long, env = "FLAGHOST_PLUGIN_NICE", default_value_t = limits::DEFAULT_POOL_NICE)]
+    pub plugin_nice: i32,
+
     /// Plugins that may be loaded at once; the pool of plugin instances is
     /// sized for them (twice this many live plugins, counting replaced
     /// versions still finishing, times plugin threads + 2 instances each).
@@ -108,8 +114,9 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_REQUEST_BUDGET_MS")]
     pub plugin_request_budget_ms: Option<u64>,
 
-    /// Share of the deadline past which a call is a strike toward
-    /// quarantine, as a deadline is (0.5: a call over half its deadline).
+    /// Share of the deadline in CPU time past which a call is a strike
+    /// toward quarantine (0.5: a call using over half its deadline; a
+    /// deadline reached with less CPU is the machine's doing).
     #[arg(long, env = "FLAGHOST_PLUGIN_STRIKE_FRACTION", default_value_t = limits::DEFAULT_STRIKE_FRACTION)]
     pub plugin_strike_fraction: f64,
 
@@ -297,6 +304,7 @@ impl LimitArgs {
             pool_threads,
             max_plugins: self.plugin_max_plugins.clamp(1, 4096),
             queue: self.plugin_queue.clamp(1, 1 << 16),
+            pool_nice: self.plugin_nice.clamp(0, 19),
             request_budget: self
                 .plugin_request_budget_ms
                 .map(|ms| Duration::from_millis(ms.clamp(1, MAX_INTERVAL_MS))),

@@ -1,9 +1,11 @@
 //! Keeps one plugin from hurting the others: a bound on its calls in flight,
 //! and a quarantine after repeated slow calls.
 //!
-//! A *strike* is a call that ran into its deadline, or that took longer than
-//! `strike_after` (by default half the deadline: a plugin spinning just under
-//! its deadline is as costly as one running past it). Strikes fill a leaky
+//! A *strike* is a call that cost more than `strike_after` (by default half
+//! the deadline: a plugin spinning just under its deadline is as costly as
+//! one running past it, and one stopped at its deadline used about all of
+//! it). The cost is CPU time where the call ran under a request budget (on
+//! the plugin pool), else wall time. Strikes fill a leaky
 //! bucket that drains one strike every [`STRIKE_LEAK`]; when it holds
 //! `quarantine_after`, the plugin is quarantined for `quarantine_for`: its
 //! evaluations answer an error at once, without running. Quick answers in
@@ -128,15 +130,27 @@ impl Guard {
         Ok(Permit(self))
     }
 
-    /// Notes how a call that took `elapsed` ended.
-    pub fn record<T>(&self, plugin: &str, result: &Result<T, PluginError>, elapsed: Duration) {
-        let slow = elapsed > self.strike_after;
+    /// How long a call may cost before it is a strike.
+    pub fn strike_after(&self) -> Duration {
+        self.strike_after
+    }
+
+    /// Notes how a call that cost `cpu` ended: its CPU time, or its wall
+    /// time where CPU time is not known (see `PluginRule::run`).
+    ///
+    /// NB: cost, not wall time alone, decides a strike, a deadline
+    /// included: a call stopped at its (wall-clock) deadline after little
+    /// CPU was starved by the machine, not slow by itself.
+    pub fn record<T>(&self, plugin: &str, result: &Result<T, PluginError>, cpu: Duration) {
+        let slow = cpu > self.strike_after;
         let strike = match result {
-            Err(PluginError::Deadline { .. }) => true,
-            // Cut short by its request's budget: a strike only if it had run
-            // long already; else it says nothing about the plugin.
-            Err(PluginError::BudgetSpent { .. }) if !slow => return,
-            Err(PluginError::NotReached { .. }) => return,
+            // Stopped, by its deadline or its request's budget: a strike if
+            // it had run long already; else it says nothing about the plugin.
+            Err(
+                PluginError::Deadline { .. }
+                | PluginError::BudgetSpent { .. }
+                | PluginError::NotReached { .. },
+            ) if !slow => return,
             _ => slow,
         };
         if strike {
@@ -151,7 +165,7 @@ impl Guard {
                         plugin,
                         strikes = held,
                         quarantine_ms = self.quarantine_for.as_millis() as u64,
-                        last_call_us = elapsed.as_micros() as u64,
+                        last_call_cpu_us = cpu.as_micros() as u64,
                         "plugin quarantined after repeated slow calls: its evaluations answer an error without running until the cool-down ends"
                     );
                 }
@@ -206,6 +220,8 @@ mod tests {
     use super::*;
 
     const QUICK: Duration = Duration::from_micros(1);
+    /// The CPU a call stopped at its 10 ms deadline used.
+    const SPENT: Duration = Duration::from_millis(10);
 
     fn deadline() -> Result<(), PluginError> {
         Err(PluginError::Deadline {
@@ -219,9 +235,9 @@ mod tests {
         let guard = Guard::new(4, Duration::from_millis(5), 3, Duration::from_millis(50));
         for _ in 0..2 {
             let _permit = guard.enter("p").expect("runs");
-            guard.record("p", &deadline(), QUICK);
+            guard.record("p", &deadline(), SPENT);
         }
-        guard.record("p", &deadline(), QUICK);
+        guard.record("p", &deadline(), SPENT);
         let Err(PluginError::Quarantined { remaining, .. }) = guard.enter("p") else {
             panic!("quarantined after 3 deadlines in a row");
         };
@@ -230,7 +246,7 @@ mod tests {
         let trial = guard.enter("p").expect("retried after the cool-down");
         assert!(guard.enter("p").is_err(), "one trial at a time");
         drop(trial);
-        guard.record("p", &deadline(), QUICK);
+        guard.record("p", &deadline(), SPENT);
         assert!(
             guard.enter("p").is_err(),
             "another deadline: quarantined at once"
@@ -306,5 +322,15 @@ mod tests {
         assert_eq!(guard.strike_at(t + leak / 2), 3);
         // Two leaks later, two have drained.
         assert_eq!(guard.strike_at(t + 2 * leak + leak / 2), 2);
+    }
+
+    #[test]
+    fn a_deadline_reached_with_little_cpu_is_not_the_plugins_fault() {
+        let guard = Guard::new(4, Duration::from_millis(5), 3, Duration::from_secs(1));
+        for _ in 0..10 {
+            // Starved: 10 ms of wall clock, 1 µs of CPU.
+            guard.record("p", &deadline(), QUICK);
+        }
+        assert!(guard.enter("p").is_ok(), "not quarantined");
     }
 }

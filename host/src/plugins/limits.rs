@@ -59,6 +59,14 @@ pub fn default_max_concurrency() -> usize {
     (default_pool_threads() / 2).max(1)
 }
 
+/// Default `nice` of the plugin threads (see [`Limits::pool_nice`]): 0.
+/// Measured (`noisy_neighbour`, 2026-12-02): with a plugin spinning or
+/// looping at its share, a static flag's p99 was the same at nice 10 and 0
+/// (2.3 vs 2.3 ms, 1.8 vs 2.1 ms), since the share already leaves a core to
+/// the HTTP workers; but niced threads turned CPU contention (a build
+/// beside the tests) into wall-clock deadlines of well-behaved plugins.
+pub const DEFAULT_POOL_NICE: i32 = 0;
+
 /// Default bound of one plugin's queue of evaluations waiting for a thread.
 pub const DEFAULT_QUEUE: usize = 64;
 
@@ -112,6 +120,10 @@ pub struct Limits {
     /// Evaluations of one plugin that may wait for a pool thread; more are
     /// refused at once.
     pub queue: usize,
+    /// The plugin threads' `nice` value: above 0 they yield the CPU to the
+    /// HTTP workers. NB: deadlines are wall-clock, so a high value turns CPU
+    /// contention into plugin deadlines.
+    pub pool_nice: i32,
     /// Running time all the plugin calls of one request may spend together
     /// (a bulk request makes one per plugin flag); time waiting for a
     /// plugin thread is not counted. Flags it does not reach
@@ -144,6 +156,7 @@ impl Default for Limits {
             max_concurrency: default_max_concurrency(),
             pool_threads: default_pool_threads(),
             queue: DEFAULT_QUEUE,
+            pool_nice: DEFAULT_POOL_NICE,
             request_budget: None,
             strike_fraction: DEFAULT_STRIKE_FRACTION,
             quarantine_after: DEFAULT_QUARANTINE_AFTER,

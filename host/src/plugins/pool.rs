@@ -8,8 +8,9 @@
 //! evaluation is synchronous, and a plugin can be one JsonLogic operator
 //! called from inside datalogic's evaluator, which cannot await. And a guest
 //! that yields still spends the worker's CPU between yields; here it spends
-//! a pool thread's, and pool threads run at a lower priority (`nice`), so
-//! the kernel prefers the HTTP workers when both want a core.
+//! a pool thread's, and the share below leaves threads, and cores, to the
+//! rest. (Pool threads can also run niced, `Limits::pool_nice`; measured,
+//! it bought nothing over the share and cost deadlines under contention.)
 //!
 //! Fair share: work is queued per *lane* (the plugin a flag runs), and the
 //! threads take lanes in turn (round robin), each lane at most `share`
@@ -19,6 +20,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -55,11 +57,15 @@ pub struct PoolSize {
     pub share: usize,
     /// Evaluations one lane may have waiting; more are refused at once.
     pub queue: usize,
+    /// The threads' `nice` value (0: as the HTTP workers; higher: they yield
+    /// the CPU to the HTTP workers when both want it).
+    pub nice: i32,
 }
 
-/// The `nice` value of pool threads: guest code yields the CPU to the HTTP
-/// workers when both want it.
-const POOL_NICE: i32 = 10;
+/// How long a thread that ran out of work watches for more before it
+/// sleeps: waking a sleeping thread costs a futex round trip and a
+/// reschedule, several microseconds, on every request of a steady stream.
+const SPIN_FOR: Duration = Duration::from_micros(50);
 
 /// How long an idle thread waits before it looks at its warm instances
 /// (drops those of plugins that are gone).
@@ -79,6 +85,12 @@ struct Shared {
     queues: Mutex<Queues>,
     work: Condvar,
     size: PoolSize,
+    /// Jobs submitted so far: an idle thread spins on it before it sleeps.
+    submitted: AtomicU64,
+    /// Threads asleep on `work`. NB: changed only under the queues' lock,
+    /// and read by `submit` after it released it, so a thread about to sleep
+    /// is either seen here or sees the job.
+    sleeping: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -119,11 +131,14 @@ impl PluginPool {
             threads: size.threads.max(1),
             share: size.share.clamp(1, size.threads.max(1)),
             queue: size.queue.max(1),
+            nice: size.nice.clamp(0, 19),
         };
         let shared = Arc::new(Shared {
             queues: Mutex::default(),
             work: Condvar::new(),
             size,
+            submitted: AtomicU64::new(0),
+            sleeping: AtomicUsize::new(0),
         });
         for n in 0..size.threads {
             let shared = shared.clone();
@@ -195,8 +210,11 @@ impl PluginPool {
             queues.turns.push_back(key);
         }
         entry.waiting.push_back(job);
+        self.shared.submitted.fetch_add(1, Ordering::Release);
         drop(guard);
-        self.shared.work.notify_one();
+        if self.shared.sleeping.load(Ordering::Acquire) > 0 {
+            self.shared.work.notify_one();
+        }
         Ok(())
     }
 }
@@ -204,10 +222,11 @@ impl PluginPool {
 /// A pool thread: takes the next lane whose turn it is and that is under
 /// its share, runs one of its jobs, and gives the lane's turn to the next.
 fn work(shared: &Shared) {
-    lower_priority();
+    lower_priority(shared.size.nice);
     loop {
         let (lane, job) = {
             let mut queues = shared.lock();
+            let mut spun = false;
             loop {
                 if queues.stopping {
                     return;
@@ -215,11 +234,22 @@ fn work(shared: &Shared) {
                 if let Some(next) = take(&mut queues, shared.size.share) {
                     break next;
                 }
+                if !spun {
+                    let seen = shared.submitted.load(Ordering::Acquire);
+                    drop(queues);
+                    spin_for_work(shared, seen);
+                    spun = true;
+                    queues = shared.lock();
+                    continue;
+                }
+                spun = false;
+                shared.sleeping.fetch_add(1, Ordering::AcqRel);
                 let (guard, waited) = shared
                     .work
                     .wait_timeout(queues, IDLE_SWEEP)
                     .unwrap_or_else(PoisonError::into_inner);
                 queues = guard;
+                shared.sleeping.fetch_sub(1, Ordering::AcqRel);
                 if waited.timed_out() {
                     // NB: outside the lock: dropping stores gives pooled
                     // memory back, and callers must not wait for that.
@@ -243,7 +273,17 @@ fn work(shared: &Shared) {
         }
         drop(queues);
         // A lane held at its share may now run another of its jobs.
-        shared.work.notify_one();
+        if shared.sleeping.load(Ordering::Acquire) > 0 {
+            shared.work.notify_one();
+        }
+    }
+}
+
+/// Watches for a job submitted after `seen`, up to [`SPIN_FOR`].
+fn spin_for_work(shared: &Shared, seen: u64) {
+    let until = std::time::Instant::now() + SPIN_FOR;
+    while shared.submitted.load(Ordering::Acquire) == seen && std::time::Instant::now() < until {
+        std::hint::spin_loop();
     }
 }
 
@@ -265,11 +305,11 @@ fn take(queues: &mut Queues, share: usize) -> Option<(Arc<str>, Job)> {
 }
 
 /// Lowers this thread's priority (Linux: `nice` is per thread).
-fn lower_priority() {
+fn lower_priority(nice: i32) {
     #[cfg(target_os = "linux")]
-    {
+    if nice > 0 {
         let tid = rustix::thread::gettid();
-        if let Err(e) = rustix::process::setpriority_process(Some(tid), POOL_NICE) {
+        if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
             debug!(error = %e, "cannot lower the plugin thread's priority");
         }
     }
@@ -278,13 +318,13 @@ fn lower_priority() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn pool(threads: usize, share: usize, queue: usize) -> PluginPool {
         PluginPool::new(PoolSize {
             threads,
             share,
             queue,
+            nice: 0,
         })
         .expect("threads start")
     }

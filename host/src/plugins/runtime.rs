@@ -58,6 +58,7 @@ impl PluginRuntime {
             threads: limits.pool_threads,
             share: limits.max_concurrency,
             queue: limits.queue,
+            nice: limits.pool_nice,
         })?;
         Ok(Self {
             engine,

@@ -10,7 +10,9 @@
 //! back to back. Scenarios: quiet; a plugin spinning just under its
 //! deadline (defaults: quarantined after three strikes); the same with the
 //! quarantine off (the pool's share is all that holds it); a plugin
-//! looping to its deadline. Goal: static p99 under attack at most 2x quiet.
+//! looping to its deadline; the no-quarantine runs again with the plugin
+//! threads niced; a flood of a static flag by the same connections, the
+//! floor of any attack answered at once. Goal: static p99 under attack at most 2x quiet.
 //!
 //! `cargo bench -p flaghost-benches --bench noisy_neighbour`
 
@@ -44,6 +46,8 @@ fn dirs(spin: u64) -> Dirs {
             &json!({"flags": {
                 "static": {"state": "ENABLED", "variants": {"a": "A", "b": "B"},
                            "defaultVariant": "a"},
+                "static2": {"state": "ENABLED", "variants": {"a": "A", "b": "B"},
+                            "defaultVariant": "b"},
                 "good": plugin_flag("allow-list",
                     json!({"attribute": "country", "values": ["NL"], "variant": "on"})),
                 "spinner": plugin_flag("spin", json!({ "iterations": spin })),
@@ -56,7 +60,45 @@ fn percentile(sorted: &[u64], q: f64) -> u64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
-/// The child: loads `base` and prints `p50 p99 sent late attacks`.
+/// Sends `body` to `url` at `rate` a second for `RUN`, open loop (each
+/// request on its own task, so a slow answer delays no other request); each
+/// latency in µs from when the request was sent, and how many did not
+/// answer 200. (Timed from the send, not from the tick: tokio's timer has a
+/// millisecond grain that would otherwise show as server latency.)
+async fn open_loop(url: String, body: &'static str, rate: u64) -> (Vec<u64>, u64) {
+    let client = reqwest::Client::new();
+    let period = Duration::from_micros(1_000_000 / rate);
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    while started.elapsed() < RUN {
+        ticks.tick().await;
+        let (client, url) = (client.clone(), url.clone());
+        sent.push(tokio::spawn(async move {
+            let sent_at = Instant::now();
+            let response = client.post(&url).body(body).send().await;
+            let ok = matches!(&response, Ok(r) if r.status().is_success());
+            if let Ok(r) = response {
+                let _ = r.bytes().await;
+            }
+            (sent_at.elapsed().as_micros() as u64, ok)
+        }));
+    }
+    let (mut latencies, mut failed) = (Vec::with_capacity(sent.len()), 0);
+    for s in sent {
+        let (latency, ok) = s.await.expect("request task");
+        latencies.push(latency);
+        failed += u64::from(!ok);
+    }
+    latencies.sort_unstable();
+    (latencies, failed)
+}
+
+/// The child: loads `base`, the attack on `attacked` beside a static flag
+/// at `RATE` and the neighbour plugin flag at a tenth of it; prints
+/// `static-p50 static-p99 static-sent static-failed good-p50 good-p99
+/// good-sent good-failed attacks`.
 async fn generate(base: String, attacked: Option<String>) {
     let stop = Arc::new(AtomicBool::new(false));
     let attacks = Arc::new(AtomicU64::new(0));
@@ -78,41 +120,25 @@ async fn generate(base: String, attacked: Option<String>) {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = reqwest::Client::new();
-    let url = format!("{base}/ofrep/v1/evaluate/flags/static");
-    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let mut sent = Vec::new();
-    let mut due = started;
-    while started.elapsed() < RUN {
-        ticks.tick().await;
-        let (client, url) = (client.clone(), url.clone());
-        sent.push(tokio::spawn(async move {
-            let response = client.post(&url).body(r#"{"context":{}}"#).send().await;
-            let ok = matches!(&response, Ok(r) if r.status().is_success());
-            if let Ok(r) = response {
-                let _ = r.bytes().await;
-            }
-            assert!(ok, "the static flag answers");
-            due.elapsed().as_micros() as u64
-        }));
-        due += Duration::from_micros(1_000_000 / RATE);
-    }
-    let mut latencies = Vec::with_capacity(sent.len());
-    for s in sent {
-        latencies.push(s.await.expect("request task"));
-    }
+    let flag = |key: &str| format!("{base}/ofrep/v1/evaluate/flags/{key}");
+    let ((statics, static_failed), (goods, good_failed)) = tokio::join!(
+        open_loop(flag("static"), r#"{"context":{}}"#, RATE),
+        open_loop(flag("good"), r#"{"context":{"country":"NL"}}"#, RATE / 10),
+    );
     stop.store(true, Ordering::Relaxed);
     for a in attackers {
         let _ = a.await;
     }
-    latencies.sort_unstable();
     println!(
-        "{} {} {} {}",
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-        latencies.len(),
+        "{} {} {} {} {} {} {} {} {}",
+        percentile(&statics, 0.50),
+        percentile(&statics, 0.99),
+        statics.len(),
+        static_failed,
+        percentile(&goods, 0.50),
+        percentile(&goods, 0.99),
+        goods.len(),
+        good_failed,
         attacks.load(Ordering::Relaxed)
     );
 }
@@ -140,8 +166,22 @@ fn main() {
         quarantine_after: u32::MAX,
         ..Limits::default()
     };
+    // The plugin threads' priority, side by side: as the HTTP workers (the
+    // default) and niced below them.
+    let niced = |limits: &Limits| Limits {
+        pool_nice: 10,
+        ..limits.clone()
+    };
     let scenarios = [
         ("quiet", "-", Limits::default()),
+        // The same 64 connections on a static flag: what any flood of cheap
+        // answers costs here (the generator shares the two cores), the
+        // floor for attacks answered at once (a quarantined plugin).
+        (
+            "64 connections on a static flag",
+            "static2",
+            Limits::default(),
+        ),
         (
             "spinning at 80% of its deadline",
             "spinner",
@@ -152,8 +192,20 @@ fn main() {
             "spinner",
             no_quarantine.clone(),
         ),
+        (
+            "spinning at 80%, no quarantine, nice 10",
+            "spinner",
+            niced(&no_quarantine),
+        ),
         ("looping to its deadline", "looper", Limits::default()),
-        ("looping, no quarantine", "looper", no_quarantine),
+        ("looping, no quarantine", "looper", no_quarantine.clone()),
+        (
+            "looping, no quarantine, nice 10",
+            "looper",
+            niced(&no_quarantine),
+        ),
+        // The first run also warms up: quiet again, to bracket the rest.
+        ("quiet (again)", "-", Limits::default()),
     ];
     for (name, attacked, limits) in scenarios {
         let fh = rt
@@ -173,11 +225,24 @@ fn main() {
             .split_whitespace()
             .filter_map(|f| f.parse().ok())
             .collect();
-        let [p50, p99, sent, attacks] = figures[..] else {
+        let [
+            p50,
+            p99,
+            sent,
+            failed,
+            g50,
+            g99,
+            good_sent,
+            good_failed,
+            attacks,
+        ] = figures[..]
+        else {
             panic!("generator said {line:?}");
         };
         println!(
-            "noisy_neighbour/{name}: static p50 {p50} µs, p99 {p99} µs ({sent} requests at {RATE}/s; {attacks} attacking requests from {ATTACKERS} connections; deadline {deadline:?})"
+            "noisy_neighbour/{name}: static p50 {p50} µs, p99 {p99} µs ({sent} at {RATE}/s, {failed} failed); \
+             neighbour plugin flag p50 {g50} µs, p99 {g99} µs ({good_sent}, {good_failed} failed); \
+             {attacks} attacking requests from {ATTACKERS} connections; deadline {deadline:?}"
         );
         rt.block_on(fh.stop()).expect("stops");
     }

@@ -312,6 +312,9 @@ async fn redis_down_at_start_up_then_started_moves_flaghost_onto_it() {
     assert_eq!(greeting(&fh).await.1["value"], "hello");
 
     let redis = RedisServer::start_on(port);
+    // NB: flaghost's attempts meanwhile are refused (its AUTH finds no
+    // password set): a refusal must not leave it stuck on that connection.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     redis.query::<()>(&["CONFIG", "SET", "requirepass", "secret-password"]);
     assert!(
         eventually(Duration::from_secs(10), || async {

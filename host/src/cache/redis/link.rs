@@ -267,7 +267,13 @@ impl Link {
             let ping = command.query_async::<String>(&mut conn);
             match tokio::time::timeout(limit, ping).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Err(e)) => {
+                    // NB: a connection whose set-up was refused (AUTH before
+                    // the password was set, a LOADING server) keeps
+                    // answering that refusal; the next probe starts anew.
+                    self.renew();
+                    return Err(e.to_string());
+                }
                 Err(_) => {
                     // NB: a connection that swallowed a request may be
                     // half-open; the next probe starts on a new one.

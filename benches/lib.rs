@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use flaghost::evaluation::EvaluationContext;
 use flaghost::flags::FlagSet;
-use flaghost::plugins::{Limits, PluginRuntime};
+use flaghost::plugins::{Compiler, Limits, PluginRuntime};
 use flaghost::store::DirStore;
 use flaghost_tests::{build_plugins, root};
 
@@ -13,7 +13,7 @@ use flaghost_tests::{build_plugins, root};
 /// Keep the runtime alive as long as the set is used.
 pub fn example_flags(limits: Limits) -> (Arc<PluginRuntime>, Arc<FlagSet>) {
     build_plugins();
-    let runtime = Arc::new(PluginRuntime::new(limits).expect("engine"));
+    let runtime = Arc::new(PluginRuntime::new(limits, Compiler::InProcess).expect("engine"));
     let (plugins, errors) = runtime
         .load_dir(&root().join("target/plugins"))
         .expect("plugin dir");

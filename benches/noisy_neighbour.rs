@@ -208,9 +208,10 @@ fn main() {
         ("quiet (again)", "-", Limits::default()),
     ];
     for (name, attacked, limits) in scenarios {
-        let fh = rt
-            .block_on(Flaghost::start(&dirs.config("prod", limits)))
-            .expect("starts");
+        let mut config = dirs.config("prod", limits);
+        // NB: `cargo bench` builds no flaghost binary to compile in.
+        config.compiler = flaghost::plugins::Compiler::InProcess;
+        let fh = rt.block_on(Flaghost::start(&config)).expect("starts");
         let output = Command::new(std::env::current_exe().expect("this binary"))
             .args(["--generate", &fh.base, attacked])
             .output()

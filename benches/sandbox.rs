@@ -24,7 +24,7 @@ use std::hint::black_box;
 use ::flaghost::evaluation::EvaluationContext;
 use criterion::{Criterion, criterion_group, criterion_main};
 use flaghost::flags::RuleBinder;
-use flaghost::plugins::{Limits, PluginRuntime};
+use flaghost::plugins::{Compiler, Limits, PluginRuntime};
 use flaghost_benches::typical_context;
 use flaghost_tests::plugin;
 use serde_json::{Value as Json, json};
@@ -128,7 +128,7 @@ fn sandbox(c: &mut Criterion) {
         });
     }
 
-    let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let runtime = PluginRuntime::new(Limits::default(), Compiler::InProcess).expect("engine");
     let bytes = std::fs::read(plugin("allow-list")).expect("plugin");
     let mut plugins = flaghost::plugins::PluginSet::default();
     plugins.insert(runtime.load("allow-list", &bytes).expect("loads"));

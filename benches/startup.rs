@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use flaghost::plugins::{Limits, PluginRuntime};
+use flaghost::plugins::{Compiler, Limits, PluginRuntime};
 use flaghost_tests::{config_for, fixture, plugin, root};
 
 /// A plugin directory of 4 distinct components (the example flags use the
@@ -37,7 +37,7 @@ fn four_plugins() -> tempfile::TempDir {
 }
 
 fn load(plugins: &Path, cache: Option<&Path>) {
-    let mut runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let mut runtime = PluginRuntime::new(Limits::default(), Compiler::InProcess).expect("engine");
     if let Some(cache) = cache {
         runtime = runtime.cache_compiled_in(cache).expect("cache dir");
     }
@@ -81,6 +81,9 @@ fn startup(c: &mut Criterion) {
         );
         config.plugin_cache_dir = cache.map(Path::to_path_buf);
         config.watch_interval = None;
+        // NB: in process: `cargo bench` builds no flaghost binary to run as
+        // the child compiler; a child adds its start (a few ms) per plugin.
+        config.compiler = Compiler::InProcess;
         group.bench_function(name, |b| {
             b.iter(|| {
                 let service = rt

@@ -18,7 +18,7 @@ use flaghost::environments::{Environments, Timing};
 use flaghost::evaluation::{EvaluationContext, evaluate};
 use flaghost::flags::parse_flag_file;
 use flaghost::http::{AppState, HttpOptions, app};
-use flaghost::plugins::{Limits, PluginRuntime};
+use flaghost::plugins::{Compiler, Limits, PluginRuntime};
 use flaghost::store::{DirStore, FlagStore};
 use flaghost_tests::{build_plugins, root};
 use serde_json::{Value as Json, json};
@@ -82,7 +82,7 @@ fn context() -> EvaluationContext {
 
 fn targeting(c: &mut Criterion) {
     build_plugins();
-    let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let runtime = PluginRuntime::new(Limits::default(), Compiler::InProcess).expect("engine");
     let (plugins, errors) = runtime
         .load_dir(&root().join("target/plugins"))
         .expect("plugins");
@@ -153,7 +153,7 @@ fn bulk(c: &mut Criterion) {
     }
     let dir = tempfile_dir();
     std::fs::write(dir.join("bulk.json"), json!({"flags": flags}).to_string()).expect("write");
-    let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let runtime = PluginRuntime::new(Limits::default(), Compiler::InProcess).expect("engine");
     let (plugins, _) = runtime
         .load_dir(&root().join("target/plugins"))
         .expect("plugins");

@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use flaghost::plugins::{Origin, PluginRuntime, PluginSet};
-use flaghost_tests::{Dirs, Flaghost, answer_limits, examples_config, plugin};
+use flaghost_tests::{Dirs, Flaghost, answer_limits, compiler, examples_config, plugin};
 use serde_json::json;
 
 fn load(cache: &Path, plugins: &Path) -> PluginSet {
-    let runtime = PluginRuntime::new(answer_limits())
+    let runtime = PluginRuntime::new(answer_limits(), compiler())
         .expect("engine")
         .cache_compiled_in(cache)
         .expect("cache dir");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flaghost::plugins::{Limits, PluginRuntime};
-use flaghost_tests::{Dirs, Flaghost, answer_limits, fixture, plugin, spin_iterations};
+use flaghost_tests::{Dirs, Flaghost, answer_limits, compiler, fixture, plugin, spin_iterations};
 use serde_json::{Value, json};
 
 /// Held by every test here: each runs alone, so the ones that time a static
@@ -345,7 +345,7 @@ async fn components_declaring_more_than_their_share_of_the_pool_are_refused_at_l
     for (what, items, says) in hogs {
         let bytes = with_extra(&plugin("allow-list"), &items);
         let dirs = dirs_with_extra(&bytes);
-        let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+        let runtime = PluginRuntime::new(Limits::default(), compiler()).expect("engine");
         let (set, errors) = runtime.load_dir(&dirs.plugins()).expect("plugin dir");
         assert!(set.get("allow-list").is_some(), "the neighbour loads");
         assert_eq!(errors.len(), 1, "{what}: {errors:?}");

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flaghost::plugins::{Limits, PluginError, PluginRuntime};
-use flaghost_tests::{Dirs, Flaghost, fixture, plugin};
+use flaghost_tests::{Dirs, Flaghost, compiler, fixture, plugin};
 use serde_json::{Value, json};
 
 /// The good flag beside every bad one: on for country NL (allow-list).
@@ -239,7 +239,7 @@ fn files_that_are_not_components_are_refused_and_the_rest_load() {
             "truncated",
             &std::fs::read(plugin("allow-list")).expect("read")[..4096],
         );
-    let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let runtime = PluginRuntime::new(Limits::default(), compiler()).expect("engine");
     let (plugins, errors) = runtime.load_dir(&dirs.plugins()).expect("dir");
     assert_eq!(
         plugins.iter().map(|p| p.name()).collect::<Vec<_>>(),
@@ -270,7 +270,7 @@ fn files_that_are_not_components_are_refused_and_the_rest_load() {
 #[test]
 fn a_component_of_another_world_is_refused_naming_what_is_missing() {
     let dirs = Dirs::new().plugin("crossing", &fixture("context-crossing"));
-    let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let runtime = PluginRuntime::new(Limits::default(), compiler()).expect("engine");
     let (plugins, errors) = runtime.load_dir(&dirs.plugins()).expect("dir");
     assert!(plugins.is_empty());
     let message = errors[0].to_string();
@@ -289,7 +289,7 @@ fn a_component_built_for_another_contract_version_is_refused_naming_it_and_the_r
     let dirs = Dirs::new()
         .plugin("future", &fixture("future-contract"))
         .plugin("allow-list", &plugin("allow-list"));
-    let runtime = PluginRuntime::new(Limits::default()).expect("engine");
+    let runtime = PluginRuntime::new(Limits::default(), compiler()).expect("engine");
     let (plugins, errors) = runtime.load_dir(&dirs.plugins()).expect("dir");
     let loaded: Vec<&str> = plugins.iter().map(|p| p.name()).collect();
     assert_eq!(loaded, ["allow-list"]);

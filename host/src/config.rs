@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::RedisOptions;
 use crate::http::{Cors, HttpOptions};
-use crate::plugins::{Isolation, Limits, limits};
+use crate::plugins::{Compiler, Isolation, Limits, limits};
 
 /// flaghost: feature-flag evaluation over OFREP, with targeting rules as
 /// sandboxed WebAssembly components.
@@ -29,6 +29,10 @@ pub enum Command {
     /// Check flag files and plugins without serving: exit 0 when all load,
     /// else list every problem (file, flag, reason) and exit 1.
     Validate(SourceArgs),
+    /// Internal: compiles one plugin component from stdin under a bound, for
+    /// a running flaghost (see `plugins::compiler`).
+    #[command(name = "compile-worker", hide = true)]
+    CompileWorker(crate::plugins::compiler::WorkerArgs),
 }
 
 /// Where flags and plugins come from.
@@ -131,6 +135,16 @@ pub struct LimitArgs {
     /// milliseconds.
     #[arg(long, env = "FLAGHOST_PLUGIN_QUARANTINE_MS", default_value_t = limits::DEFAULT_QUARANTINE_FOR.as_millis() as u64)]
     pub plugin_quarantine_ms: u64,
+
+    /// CPU time compiling one plugin may use, in seconds. Each compile runs
+    /// in a child process of its own; one that needs more is stopped and
+    /// the plugin refused.
+    #[arg(long, env = "FLAGHOST_PLUGIN_COMPILE_CPU_SECS", default_value_t = crate::plugins::compiler::DEFAULT_CPU.as_secs())]
+    pub plugin_compile_cpu_secs: u64,
+
+    /// Memory (address space) compiling one plugin may use, in MiB.
+    #[arg(long, env = "FLAGHOST_PLUGIN_COMPILE_MEMORY_MIB", default_value_t = crate::plugins::compiler::DEFAULT_MEMORY_BYTES >> 20)]
+    pub plugin_compile_memory_mib: u64,
 
     /// How plugin evaluations are isolated: `reuse` keeps one instance per
     /// plugin per plugin thread (fast; a trapped instance is discarded),
@@ -257,6 +271,9 @@ pub struct ServeConfig {
     pub http: HttpOptions,
     /// Plugin limits.
     pub limits: Limits,
+    /// Where plugins are compiled: a child process of this binary, under
+    /// the compile bound of `limits`.
+    pub compiler: Compiler,
 }
 
 impl LimitArgs {
@@ -286,6 +303,18 @@ impl LimitArgs {
                 reason: "must be more than 0 and at most 1".into(),
             });
         }
+        if self.plugin_compile_cpu_secs == 0 || self.plugin_compile_cpu_secs > 3600 {
+            return Err(ConfigError {
+                option: "--plugin-compile-cpu-secs (FLAGHOST_PLUGIN_COMPILE_CPU_SECS)",
+                reason: "must be between 1 and 3600".into(),
+            });
+        }
+        if !(256..=(1 << 20)).contains(&self.plugin_compile_memory_mib) {
+            return Err(ConfigError {
+                option: "--plugin-compile-memory-mib (FLAGHOST_PLUGIN_COMPILE_MEMORY_MIB)",
+                reason: "must be between 256 and 1048576 (the compiler itself needs about 100 MiB of address space)".into(),
+            });
+        }
         let deadline = Duration::from_millis(self.plugin_deadline_ms);
         let pool_threads = self
             .plugin_threads
@@ -312,6 +341,8 @@ impl LimitArgs {
             quarantine_after: self.plugin_quarantine_after.max(1),
             quarantine_for: Duration::from_millis(self.plugin_quarantine_ms.min(MAX_INTERVAL_MS)),
             isolation: self.plugin_isolation,
+            compile_cpu: Duration::from_secs(self.plugin_compile_cpu_secs),
+            compile_memory_bytes: self.plugin_compile_memory_mib << 20,
             ..Limits::default()
         };
         let memories = u64::from(limits.pool_component_instances())
@@ -421,6 +452,10 @@ impl ServeArgs {
                 body_limit: self.body_limit,
                 cors: parse_cors(&self.cors_allowed_origins)?,
             },
+            compiler: Compiler::this_binary().map_err(|e| ConfigError {
+                option: "(the flaghost binary, which compiles plugins in child processes)",
+                reason: format!("cannot find it: {e}"),
+            })?,
         })
     }
 }

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::CompileWorker(args) => flaghost::plugins::compiler::worker(&args),
         Command::Validate(source) => {
             telemetry::init(LogFormat::Text);
             match server::validate(&source) {

@@ -229,13 +229,20 @@ impl PluginChanges {
         if !valid_plugin_name(name) {
             return Err(ChangeError::InvalidName(name.to_owned()));
         }
-        let mut seen = self.seen.lock().await;
-        let current = self.registry().current();
         let path = self.path(name);
         let digest = sha256_hex(&bytes);
-        if let Some(loaded) = current.get(name)
-            && loaded.digest() == digest
-        {
+        // NB: compiled before the lock is taken: a plugin that is slow to
+        // compile (up to the compile bound) holds up no other change. Only
+        // checking the flag files and swapping the set are one at a time.
+        let unchanged = |set: &PluginSet| set.get(name).is_some_and(|p| p.digest() == digest);
+        let compiled = if unchanged(&self.registry().current()) {
+            None
+        } else {
+            Some(self.compile(name, bytes.clone()).await)
+        };
+        let mut seen = self.seen.lock().await;
+        let current = self.registry().current();
+        if let Some(loaded) = current.get(name).filter(|_| unchanged(&current)) {
             // NB: the file may be gone (kept after removal) or hold a refused
             // version: the upload puts the loaded one back on disk.
             let on_disk = tokio::fs::read(&path).await.ok().map(|b| sha256_hex(&b));
@@ -247,7 +254,13 @@ impl PluginChanges {
             self.registry().set_report(seen.report());
             return Ok((Upload::Unchanged, loaded.clone()));
         }
-        let plugin = match self.compile(name, bytes.clone()).await {
+        // (Compiled under the lock only if another change replaced these
+        // very bytes while this one waited.)
+        let compiled = match compiled {
+            Some(compiled) => compiled,
+            None => self.compile(name, bytes.clone()).await,
+        };
+        let plugin = match compiled {
             Ok(plugin) => plugin,
             Err(Compile::Refused(e)) => {
                 warn!(plugin = %name, digest = %digest, error = %e, "plugin upload refused");
@@ -414,41 +427,52 @@ impl PluginChanges {
     }
 
     /// One look at the plugin directory: applies what changed in it.
+    ///
+    /// The files that changed are compiled side by side, without the lock:
+    /// uploads go on meanwhile. The lock is taken again to decide, against
+    /// the plugins in force by then.
     async fn look(&self) {
-        let mut seen = self.seen.lock().await;
-        let seen = &mut *seen;
-        let (dir, reader) = (self.dir.clone(), self.runtime.clone());
-        let mut oversized = std::mem::take(&mut seen.oversized);
-        let listed = tokio::task::spawn_blocking(move || {
-            let files = files(&dir, &reader, &mut oversized);
-            (files, oversized)
-        })
-        .await;
-        let Ok((files, oversized)) = listed else {
+        let Some(files) = self.list().await else {
             return;
         };
-        seen.oversized = oversized;
-        let files = match files {
-            Ok(files) => files,
-            Err(e) => {
-                warn!(dir = %self.dir.display(), error = %e, "cannot list the plugin directory; plugins unchanged");
-                return;
-            }
+        let to_compile: Vec<(&String, &File)> = {
+            let mut seen = self.seen.lock().await;
+            // Refusals of files no longer on disk are forgotten.
+            seen.refused
+                .retain(|(name, digest), _| files.get(name).is_some_and(|f| &f.digest == digest));
+            let current = self.registry().current();
+            files
+                .iter()
+                .filter(|(name, file)| {
+                    current.get(name).is_none_or(|p| p.digest() != file.digest)
+                        && !seen
+                            .refused
+                            .contains_key(&((*name).clone(), file.digest.clone()))
+                })
+                .collect()
         };
-        // Refusals of files no longer on disk are forgotten.
-        seen.refused
-            .retain(|(name, digest), _| files.get(name).is_some_and(|f| &f.digest == digest));
+        let compiled = futures_util::future::join_all(
+            to_compile
+                .iter()
+                .map(|(name, file)| self.compile(name, file.bytes.clone())),
+        )
+        .await;
+
+        let mut seen = self.seen.lock().await;
+        let seen = &mut *seen;
         let current = self.registry().current();
         let mut candidate = PluginSet::clone(&current);
         let mut changes = Vec::new();
-        for (name, file) in files.iter() {
+        for ((name, file), compiled) in to_compile.into_iter().zip(compiled) {
             let digest = file.digest.clone();
-            if current.get(name).is_some_and(|p| p.digest() == digest)
-                || seen.refused.contains_key(&(name.clone(), digest.clone()))
+            // NB: an upload or a deletion through the admin API may have
+            // come first while this compiled; it wins (the next look sees
+            // the directory as it left it).
+            if current.get(name).is_some_and(|p| p.digest() == digest) || !self.path(name).exists()
             {
                 continue;
             }
-            match self.compile(name, file.bytes.clone()).await {
+            match compiled {
                 Ok(plugin) => {
                     changes.push(match current.get(name) {
                         Some(previous) => {
@@ -482,7 +506,8 @@ impl PluginChanges {
         let removed: Vec<String> = current
             .iter()
             .map(|p| p.name().to_owned())
-            .filter(|name| !files.contains_key(name))
+            // (A file written by an upload since the listing is not gone.)
+            .filter(|name| !files.contains_key(name) && !self.path(name).exists())
             .filter(|name| {
                 seen.kept
                     .get(name)
@@ -548,6 +573,29 @@ impl PluginChanges {
             return;
         }
         self.apply(candidate, changes).await;
+    }
+
+    /// The plugin directory's files, read and hashed off the async workers;
+    /// `None` if it cannot be listed (logged).
+    async fn list(&self) -> Option<HashMap<String, File>> {
+        let (dir, reader) = (self.dir.clone(), self.runtime.clone());
+        let mut oversized = std::mem::take(&mut self.seen.lock().await.oversized);
+        let listed = tokio::task::spawn_blocking(move || {
+            let files = files(&dir, &reader, &mut oversized);
+            (files, oversized)
+        })
+        .await;
+        let Ok((files, oversized)) = listed else {
+            return None;
+        };
+        self.seen.lock().await.oversized = oversized;
+        match files {
+            Ok(files) => Some(files),
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "cannot list the plugin directory; plugins unchanged");
+                None
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 
 mod artifacts;
 mod bindings;
+pub mod compiler;
 mod error;
 mod guard;
 mod host;
@@ -31,6 +32,7 @@ mod slots;
 mod stats;
 
 pub use artifacts::Origin;
+pub use compiler::Compiler;
 pub use error::PluginError;
 pub use limits::{Isolation, Limits};
 pub use pool::{PluginPool, PoolError, PoolSize};

@@ -16,7 +16,7 @@ use crate::config::{ServeConfig, SourceArgs};
 use crate::environments::{Environments, Timing};
 use crate::http::{AdminToken, AppState, HttpOptions, app};
 use crate::plugin_changes::PluginChanges;
-use crate::plugins::{PluginError, PluginRegistry, PluginRuntime, PluginSet};
+use crate::plugins::{Compiler, PluginError, PluginRegistry, PluginRuntime, PluginSet};
 use crate::store::{DirStore, FlagStore, StoreError};
 
 /// A service ready to serve: its router state and what it loaded.
@@ -42,12 +42,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The plugin runtime, caching compiled plugins in `cache_dir` if given.
+/// The plugin runtime, compiling with `compiler`, caching compiled plugins
+/// in `cache_dir` if given.
 fn runtime(
     limits: crate::plugins::Limits,
+    compiler: Compiler,
     cache_dir: Option<&Path>,
 ) -> anyhow::Result<PluginRuntime> {
-    let runtime = PluginRuntime::new(limits)?;
+    let runtime = PluginRuntime::new(limits, compiler)?;
     match cache_dir {
         None => Ok(runtime),
         Some(dir) => runtime.cache_compiled_in(dir).with_context(|| {
@@ -78,6 +80,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
     let started = std::time::Instant::now();
     let runtime = Arc::new(runtime(
         config.limits.clone(),
+        config.compiler.clone(),
         config.plugin_cache_dir.as_deref(),
     )?);
     let (plugins, plugin_errors) = load_plugins(&runtime, config.plugins.as_deref())?;
@@ -223,9 +226,12 @@ pub async fn serve(
 }
 
 /// `flaghost validate`: every problem with the plugins and flag files.
+/// Plugins are compiled by children running this binary (which must be
+/// `flaghost`).
 pub fn validate(source: &SourceArgs) -> anyhow::Result<Vec<String>> {
     let runtime = runtime(
         source.limits.to_limits()?,
+        Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
         source.plugin_cache_dir.as_deref(),
     )?;
     let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;

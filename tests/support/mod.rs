@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use flaghost::config::ServeConfig;
-use flaghost::plugins::Limits;
+use flaghost::plugins::{Compiler, Limits};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -35,6 +35,32 @@ pub fn build_plugins() {
 pub fn plugin(name: &str) -> PathBuf {
     build_plugins();
     root().join("target/plugins").join(format!("{name}.wasm"))
+}
+
+/// The `flaghost` binary `cargo test --workspace` builds beside the test
+/// binaries (`target/<profile>/flaghost`): flaghost compiles plugins in
+/// child processes of it, under the compile bound.
+pub fn flaghost_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test binary");
+            let profile = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("the test binary lives in target/<profile>/deps");
+            // NB: not asserted here (benches build no flaghost binary and
+            // compile in process); a missing one is named by the compile
+            // error: `cargo test --workspace` builds it.
+            profile.join(format!("flaghost{}", std::env::consts::EXE_SUFFIX))
+        })
+        .clone()
+}
+
+/// Compiles plugins as `flaghost serve` does: in children running the
+/// flaghost binary.
+pub fn compiler() -> Compiler {
+    Compiler::Child(flaghost_binary())
 }
 
 /// A purpose-built test component's file.
@@ -87,6 +113,7 @@ pub fn config_for(
         admin_token: None,
         http: Default::default(),
         limits,
+        compiler: compiler(),
     }
 }
 
@@ -301,10 +328,13 @@ impl Drop for Flaghost {
 /// is calibrated from outside).
 pub fn spin_iterations(deadline: Duration, fraction: f64) -> u64 {
     use flaghost::flags::RuleBinder as _;
-    let runtime = flaghost::plugins::PluginRuntime::new(Limits {
-        deadline: Duration::from_secs(30),
-        ..Limits::default()
-    })
+    let runtime = flaghost::plugins::PluginRuntime::new(
+        Limits {
+            deadline: Duration::from_secs(30),
+            ..Limits::default()
+        },
+        compiler(),
+    )
     .expect("engine");
     let dirs = Dirs::new().plugin("spin", &fixture("spin"));
     let (set, errors) = runtime.load_dir(&dirs.plugins()).expect("plugin dir");

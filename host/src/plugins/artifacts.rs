@@ -67,44 +67,44 @@ impl Artifacts {
             .join(format!("{digest}-{}.cwasm", self.engine_hash))
     }
 
-    /// `bytes` (whose hex SHA-256 is `digest`) as a component: from its
-    /// artifact if there is a usable one, else compiled (and its artifact
-    /// written for the next start).
-    pub fn component(
-        &self,
-        engine: &Engine,
-        digest: &str,
-        bytes: &[u8],
-    ) -> wasmtime::Result<(Component, Origin)> {
+    /// The cached artifact of the component whose hex SHA-256 is `digest`,
+    /// if there is a usable one. One that does not deserialize is discarded.
+    pub fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
         let path = self.path(digest);
-        if path.is_file() {
-            match deserialize(engine, &path) {
-                Ok(component) => return Ok((component, Origin::Precompiled)),
-                Err(e) => {
-                    warn!(artifact = %path.display(), error = %e,
-                          "discarding an unusable compiled artifact; recompiling");
-                    let _ = std::fs::remove_file(&path);
-                }
+        if !path.is_file() {
+            return None;
+        }
+        match deserialize(engine, &path) {
+            Ok(component) => Some(component),
+            Err(e) => {
+                warn!(artifact = %path.display(), error = %e,
+                      "discarding an unusable compiled artifact; recompiling");
+                let _ = std::fs::remove_file(&path);
+                None
             }
         }
-        let component = Component::from_binary(engine, bytes)?;
-        if let Err(e) = self.write(&path, &component) {
+    }
+
+    /// Caches `artifact` (`Engine::precompile_component`'s output) for the
+    /// component whose hex SHA-256 is `digest`. A failure is logged: the
+    /// next start compiles again.
+    pub fn store(&self, digest: &str, artifact: &[u8]) {
+        let path = self.path(digest);
+        if let Err(e) = self.write(&path, artifact) {
             warn!(artifact = %path.display(), error = %e,
                   "cannot cache the compiled component; the next start compiles it again");
         }
-        Ok((component, Origin::Compiled))
     }
 
-    fn write(&self, path: &Path, component: &Component) -> wasmtime::Result<()> {
+    fn write(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
         use std::io::Write as _;
-        let bytes = component.serialize()?;
         // NB: a temporary file of a unique name (two processes sharing the
         // directory never write the same one), synced, then renamed into
         // place: a reader sees a whole artifact or none.
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        tmp.write_all(&bytes)?;
+        tmp.write_all(artifact)?;
         tmp.as_file().sync_all()?;
-        tmp.persist(path)?;
+        tmp.persist(path).map_err(|e| e.error)?;
         debug!(artifact = %path.display(), "compiled component cached");
         Ok(())
     }
@@ -120,7 +120,7 @@ fn deserialize(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
     let bytes = std::fs::read(path)?;
     // SAFETY: `Component::deserialize` trusts the bytes to be wasmtime's
     // own serialization. Files in the artifact directory are written only by
-    // `Artifacts::write` above, from components wasmtime compiled, renamed
+    // `Artifacts::write` above, from artifacts wasmtime made (see `compiler`), renamed
     // into place whole; the directory is flaghost's own (documented: writable
     // by flaghost only). wasmtime still checks the header and the engine
     // compatibility, and the name carries the engine hash, so an artifact

@@ -25,6 +25,15 @@ pub enum PluginError {
         /// What is wrong with the file.
         reason: String,
     },
+    /// The component could not be compiled within the compile bound (or the
+    /// compiler failed).
+    #[error("plugin {plugin} was not compiled: {reason}")]
+    Compile {
+        /// The plugin.
+        plugin: String,
+        /// The bound it reached, or how the compiler failed.
+        reason: String,
+    },
     /// The component does not implement the contract.
     #[error("plugin {plugin} does not implement flaghost:rules (served: {}): {reason}", CONTRACT_VERSIONS.join(", "))]
     Contract {

@@ -142,6 +142,12 @@ pub struct Limits {
     /// Plugins that can be loaded at once (the pooling allocator is sized
     /// for them: see [`Limits::instances_per_plugin`]).
     pub max_plugins: usize,
+    /// CPU time one compile may use (`RLIMIT_CPU` of the child compiler);
+    /// a component that needs more is refused.
+    pub compile_cpu: Duration,
+    /// Address space one compile may use (`RLIMIT_AS` of the child
+    /// compiler), in bytes.
+    pub compile_memory_bytes: u64,
 }
 
 impl Default for Limits {
@@ -163,6 +169,8 @@ impl Default for Limits {
             quarantine_for: DEFAULT_QUARANTINE_FOR,
             isolation: Isolation::default(),
             max_plugins: DEFAULT_MAX_PLUGINS,
+            compile_cpu: super::compiler::DEFAULT_CPU,
+            compile_memory_bytes: super::compiler::DEFAULT_MEMORY_BYTES,
         }
     }
 }

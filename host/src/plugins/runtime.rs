@@ -11,6 +11,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::artifacts::{self, Origin};
 use super::bindings::v0_1;
+use super::compiler::{self, Compiler};
 use super::limits::{
     CONFIG_CHECK_INSTANCES, HostState, Limits, MAX_CORE_INSTANCES_PER_COMPONENT,
     MAX_MEMORIES_PER_COMPONENT, MAX_TABLES_PER_COMPONENT,
@@ -29,6 +30,10 @@ pub struct PluginRuntime {
     limits: Arc<Limits>,
     /// Where compiled components are cached, if anywhere.
     artifacts: Option<artifacts::Artifacts>,
+    /// Where components are compiled, and under what bound.
+    compiler: Compiler,
+    /// Compiles running at once (each a process with its own bound).
+    compiles: Gate,
     /// The threads plugin evaluations run on.
     pool: PluginPool,
     /// Plugins alive now (loaded, or replaced but still bound to flag sets).
@@ -36,17 +41,11 @@ pub struct PluginRuntime {
 }
 
 impl PluginRuntime {
-    /// An engine configured for `limits`, with its epoch ticker running.
-    pub fn new(limits: Limits) -> anyhow::Result<Self> {
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            // NB: flaghost calls plugins synchronously; without this, every call
-            // pays for the component-model-async bookkeeping (~0.3 µs measured).
-            .concurrency_support(false)
-            .max_wasm_stack(limits.wasm_stack_bytes)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&limits)));
+    /// An engine configured for `limits`, with its epoch ticker running,
+    /// compiling with `compiler`.
+    pub fn new(limits: Limits, compiler: Compiler) -> anyhow::Result<Self> {
+        let mut config = engine_config(limits.wasm_stack_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&limits)));
         let engine = Engine::new(&config)?;
         spawn_epoch_ticker(&engine);
         let mut linker = Linker::new(&engine);
@@ -65,6 +64,8 @@ impl PluginRuntime {
             linker,
             limits: Arc::new(limits),
             artifacts: None,
+            compiler,
+            compiles: Gate::new(COMPILE_JOBS),
             pool,
             live: Arc::default(),
         })
@@ -105,11 +106,7 @@ impl PluginRuntime {
             ),
         })?;
         let digest = crate::sha256_hex(bytes);
-        let (component, origin) = match &self.artifacts {
-            Some(artifacts) => artifacts.component(&self.engine, &digest, bytes),
-            None => Component::from_binary(&self.engine, bytes).map(|c| (c, Origin::Compiled)),
-        }
-        .map_err(|e| invalid(format!("not a valid component: {e:#}")))?;
+        let (component, origin) = self.component(name, &digest, bytes)?;
 
         // NB: anything the component imports beyond the contract (a
         // wasm32-wasip2 build imports WASI) is linked to a function that traps:
@@ -169,6 +166,54 @@ impl PluginRuntime {
         }))
     }
 
+    /// `bytes` (whose hex SHA-256 is `digest`) compiled: from its cached
+    /// artifact if there is a usable one, else by the compiler, under its
+    /// bound (and cached for the next start).
+    fn component(
+        &self,
+        name: &str,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<(Component, Origin), PluginError> {
+        if let Some(component) = self
+            .artifacts
+            .as_ref()
+            .and_then(|a| a.load(&self.engine, digest))
+        {
+            return Ok((component, Origin::Precompiled));
+        }
+        let settings = compiler::Settings {
+            wasm_stack_bytes: self.limits.wasm_stack_bytes,
+            cpu: self.limits.compile_cpu,
+            memory_bytes: self.limits.compile_memory_bytes,
+        };
+        let artifact = {
+            let _turn = self.compiles.enter();
+            self.compiler.compile(&self.engine, &settings, bytes)
+        }
+        .map_err(|e| match e {
+            compiler::CompileError::Refused(_) => PluginError::Invalid {
+                plugin: name.to_owned(),
+                reason: e.to_string(),
+            },
+            other => PluginError::Compile {
+                plugin: name.to_owned(),
+                reason: other.to_string(),
+            },
+        })?;
+        // NB: the per-component limits of the pooling allocator are checked
+        // here, as the artifact becomes a component of this engine.
+        let component =
+            compiler::component(&self.engine, &artifact).map_err(|e| PluginError::Invalid {
+                plugin: name.to_owned(),
+                reason: format!("not a valid component: {e:#}"),
+            })?;
+        if let Some(artifacts) = &self.artifacts {
+            artifacts.store(digest, &artifact);
+        }
+        Ok((component, Origin::Compiled))
+    }
+
     /// Reads a component file, refusing one over the size limit before
     /// reading it (a 50 MB file is not read into memory to be refused).
     pub fn read_component(&self, name: &str, path: &Path) -> Result<Vec<u8>, PluginError> {
@@ -188,32 +233,73 @@ impl PluginRuntime {
         std::fs::read(path).map_err(read_error)
     }
 
-    /// Loads every `*.wasm` file in `dir` (plugin name = file stem). Returns
-    /// the plugins that loaded and the errors of those that did not.
+    /// Loads every `*.wasm` file in `dir` (plugin name = file stem), the
+    /// compiles side by side (up to [`COMPILE_JOBS`] at once). Returns the
+    /// plugins that loaded and the errors of those that did not.
     pub fn load_dir(&self, dir: &Path) -> Result<(PluginSet, Vec<PluginError>), std::io::Error> {
         let mut paths: Vec<_> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
             .collect();
         paths.sort();
+        let loaded: Vec<Result<Arc<Plugin>, PluginError>> = std::thread::scope(|scope| {
+            let loads: Vec<_> = paths
+                .iter()
+                .filter_map(|path| {
+                    let name = path.file_stem().and_then(|s| s.to_str())?;
+                    let load = scope.spawn(move || {
+                        self.read_component(name, path)
+                            .and_then(|bytes| self.load(name, &bytes))
+                    });
+                    Some((name, load))
+                })
+                .collect();
+            loads
+                .into_iter()
+                .map(|(name, load)| {
+                    load.join().unwrap_or_else(|_| {
+                        Err(PluginError::Compile {
+                            plugin: name.to_owned(),
+                            reason: "loading it panicked; see the logs".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
         let mut plugins = HashMap::new();
         let mut errors = Vec::new();
-        for path in paths {
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
-                continue;
-            };
-            let loaded = self
-                .read_component(name, &path)
-                .and_then(|bytes| self.load(name, &bytes));
-            match loaded {
+        for result in loaded {
+            match result {
                 Ok(plugin) => {
-                    plugins.insert(name.to_owned(), plugin);
+                    plugins.insert(plugin.name().to_owned(), plugin);
                 }
                 Err(e) => errors.push(e),
             }
         }
         Ok((PluginSet { plugins }, errors))
     }
+}
+
+/// Compiles running at once. Each is a child process with its own CPU and
+/// memory bound, so this bounds what compiles take of the machine together
+/// (4 × `--plugin-compile-memory-mib` at most) while an expensive compile
+/// still leaves room for others: compiles of different plugins do not wait
+/// for each other until four run.
+const COMPILE_JOBS: usize = 4;
+
+/// The engine settings that decide how components compile, shared by the
+/// service's engine and the child compiler's (`compiler::worker`): an
+/// artifact made with other settings does not deserialize.
+pub(super) fn engine_config(wasm_stack_bytes: usize) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        // NB: flaghost calls plugins synchronously; without this, every call
+        // pays for the component-model-async bookkeeping (~0.3 µs measured).
+        .concurrency_support(false)
+        .max_wasm_stack(wasm_stack_bytes);
+    config
 }
 
 /// The pooling allocator's sizes: slots reserved up front, so instantiation is

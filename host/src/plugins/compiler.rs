@@ -1,0 +1,418 @@
+//! Compiling components under a bound: in a child process of flaghost, with
+//! CPU-time and address-space limits, off the service's threads.
+//!
+//! Why a process and not a thread with a timeout: Cranelift cannot be
+//! interrupted, and its memory is the process's. A component built to be
+//! expensive to compile (a function that keeps 50,000 values live took 51 s
+//! and grew without bound) would otherwise hold a core and memory of the
+//! service for as long as it likes, and a compiler crash (a stack overflow
+//! on a deeply nested function) would take the service down. A child
+//! (`flaghost compile-worker`, the running binary itself) gets
+//! `RLIMIT_CPU` and `RLIMIT_AS`, runs at a lower priority than the service,
+//! and dies alone; the parent gives up on it past a wall-clock bound too.
+//!
+//! Protocol: the component's bytes on the child's stdin; the serialized
+//! artifact ([`ARTIFACT_MAGIC`] then `Engine::precompile_component`'s output)
+//! on its stdout, exit 0; a component the compiler refuses: its reason on
+//! stderr, exit [`EXIT_REFUSED`]. The parent deserializes the artifact with
+//! an engine of the same compilation settings ([`super::runtime`]'s
+//! `engine_config`); wasmtime checks that they match.
+//!
+//! The child compiles with the default (on-demand) allocator: it never
+//! instantiates, and the parent's pooling allocator would reserve terabytes
+//! of address space that `RLIMIT_AS` would refuse.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+/// The subcommand a child compiler runs (hidden from `--help`).
+pub const WORKER_COMMAND: &str = "compile-worker";
+
+/// First bytes of a child's answer: a binary that is not flaghost (or not
+/// this version of its protocol) is told apart from a compiler that failed.
+const ARTIFACT_MAGIC: &[u8] = b"flaghost-artifact-v1\n";
+
+/// The child's exit code when the compiler refuses the component.
+const EXIT_REFUSED: u8 = 2;
+
+/// Most of a child's stderr kept for a message.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// How the parent waits between looks at a running child.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Priority of a child compiler below the service's threads: compiling is
+/// never as urgent as an evaluation.
+const WORKER_NICE: i32 = 10;
+
+/// Default CPU time one compile may use.
+///
+/// Measured (release, this 2-core machine): a componentize-py component
+/// (18 MB) and a componentize-js one (12 MB) are the largest plugins
+/// expected; see the README's "Containment" section for their figures. The
+/// bound leaves at least 3× headroom over them.
+pub const DEFAULT_CPU: Duration = Duration::from_secs(60);
+
+/// Default address space one compile may use (see [`DEFAULT_CPU`]).
+pub const DEFAULT_MEMORY_BYTES: u64 = 4 << 30;
+
+/// Where and under what bound components are compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compiler {
+    /// In a child process running this flaghost binary's `compile-worker`,
+    /// under the bound of [`super::Limits`] (`compile_cpu`,
+    /// `compile_memory_bytes`).
+    Child(PathBuf),
+    /// In this process, on the calling thread, with no bound. For embedders
+    /// and benches that have no flaghost binary at hand; never the server's
+    /// choice.
+    InProcess,
+}
+
+impl Compiler {
+    /// Children running the binary of this process (which must be
+    /// `flaghost`). On Linux `/proc/self/exe`, which stays this very binary
+    /// even when the file on disk is replaced by an upgrade: a newer binary
+    /// could write artifacts this one refuses.
+    pub fn this_binary() -> std::io::Result<Self> {
+        let proc_exe = PathBuf::from("/proc/self/exe");
+        if proc_exe.exists() {
+            return Ok(Self::Child(proc_exe));
+        }
+        std::env::current_exe().map(Self::Child)
+    }
+
+    /// The serialized artifact of `bytes`, compiled for `engine` under
+    /// `bound`.
+    pub(super) fn compile(
+        &self,
+        engine: &Engine,
+        settings: &Settings,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, CompileError> {
+        match self {
+            Self::InProcess => engine
+                .precompile_component(bytes)
+                .map_err(|e| CompileError::Refused(format!("{e:#}"))),
+            Self::Child(exe) => compile_in_child(exe, settings, bytes),
+        }
+    }
+}
+
+/// What a child needs to compile as the parent's engine does, and its bound.
+#[derive(Debug, Clone)]
+pub(super) struct Settings {
+    /// `Config::max_wasm_stack`.
+    pub wasm_stack_bytes: usize,
+    /// `RLIMIT_CPU`.
+    pub cpu: Duration,
+    /// `RLIMIT_AS`.
+    pub memory_bytes: u64,
+}
+
+impl Settings {
+    /// How long the parent waits for a child in all: its CPU bound is what
+    /// counts, so this only catches a child that is stuck rather than
+    /// working (a starved machine makes a compile slow, not expensive).
+    fn wall(&self) -> Duration {
+        self.cpu * 4 + Duration::from_secs(10)
+    }
+}
+
+/// Why a component was not compiled.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CompileError {
+    /// The compiler refused it (not valid WebAssembly, an unsupported
+    /// feature...).
+    #[error("not a valid component: {0}")]
+    Refused(String),
+    /// Compiling it used all the CPU time it may.
+    #[error(
+        "compiling it used more than its bound of {} s of CPU time (--plugin-compile-cpu-secs); \
+         it was stopped. A plugin this expensive to compile is refused"
+    , .0.as_secs())]
+    Cpu(Duration),
+    /// Compiling it did not finish in time though it had CPU time left.
+    #[error("compiling it did not finish within {} s; it was stopped", .0.as_secs())]
+    Wall(Duration),
+    /// The compiler died: out of its address space, most likely.
+    #[error(
+        "the compiler stopped ({how}), most likely past its bound of {} MiB of memory \
+         (--plugin-compile-memory-mib){}"
+    , .memory_bytes >> 20, detail(.message))]
+    Crashed {
+        /// How the child ended.
+        how: String,
+        /// The bound it ran under.
+        memory_bytes: u64,
+        /// What it printed, if anything.
+        message: String,
+    },
+    /// The child could not be run or did not answer as a compiler.
+    #[error("the compiler process failed: {0}")]
+    Process(String),
+}
+
+fn detail(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+/// Runs one compile in a child and waits for it, within [`Settings::wall`].
+fn compile_in_child(
+    exe: &std::path::Path,
+    settings: &Settings,
+    bytes: &[u8],
+) -> Result<Vec<u8>, CompileError> {
+    let process = |what: &str, e: std::io::Error| {
+        CompileError::Process(format!("{what} {}: {e}", exe.display()))
+    };
+    let mut child = Command::new(exe)
+        .arg(WORKER_COMMAND)
+        .arg("--cpu-secs")
+        .arg(settings.cpu.as_secs().max(1).to_string())
+        .arg("--memory-bytes")
+        .arg(settings.memory_bytes.to_string())
+        .arg("--wasm-stack-bytes")
+        .arg(settings.wasm_stack_bytes.to_string())
+        // NB: nothing of the service's environment (its Redis URL, its admin
+        // token) reaches the process that reads untrusted bytes.
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| process("cannot start", e))?;
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        // NB: stdin, stdout and stderr each on a thread of their own: a child
+        // that fills one pipe while the parent writes another never stalls.
+        scope.spawn(move || {
+            if let Some(mut stdin) = stdin {
+                // A child that died early closes the pipe: its exit says why.
+                let _ = stdin.write_all(bytes);
+            }
+        });
+        let artifact = scope.spawn(move || {
+            let mut out = Vec::new();
+            stdout.map(|mut s| s.read_to_end(&mut out));
+            out
+        });
+        let message = scope.spawn(move || {
+            let mut err = Vec::new();
+            stderr.map(|s| s.take(64 << 10).read_to_end(&mut err));
+            cap(String::from_utf8_lossy(&err).trim())
+        });
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) if started.elapsed() > settings.wall() => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Err(CompileError::Wall(settings.wall()));
+                }
+                Ok(None) => std::thread::sleep(POLL),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Err(process("cannot wait for", e));
+                }
+            }
+        };
+        let artifact = artifact.join().unwrap_or_default();
+        let message = message.join().unwrap_or_default();
+        outcome(status?, artifact, message, settings)
+    })
+}
+
+/// What a child's exit means.
+fn outcome(
+    status: std::process::ExitStatus,
+    artifact: Vec<u8>,
+    message: String,
+    settings: &Settings,
+) -> Result<Vec<u8>, CompileError> {
+    use std::os::unix::process::ExitStatusExt as _;
+    if status.success() {
+        return match artifact.strip_prefix(ARTIFACT_MAGIC) {
+            Some(artifact) => Ok(artifact.to_vec()),
+            None => Err(CompileError::Process(
+                "it exited without an artifact: is the compiler binary flaghost, of this version?"
+                    .into(),
+            )),
+        };
+    }
+    if status.code() == Some(i32::from(EXIT_REFUSED)) {
+        return Err(CompileError::Refused(message));
+    }
+    use rustix::process::Signal;
+    match status.signal() {
+        // RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
+        // (a second later) if SIGXCPU was ignored.
+        Some(s) if s == Signal::XCPU.as_raw() || s == Signal::KILL.as_raw() => {
+            Err(CompileError::Cpu(settings.cpu))
+        }
+        Some(signal) => Err(CompileError::Crashed {
+            how: format!("signal {signal}"),
+            memory_bytes: settings.memory_bytes,
+            message,
+        }),
+        None => Err(CompileError::Crashed {
+            how: format!("exit code {}", status.code().unwrap_or(-1)),
+            memory_bytes: settings.memory_bytes,
+            message,
+        }),
+    }
+}
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary.
+fn cap(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.to_owned();
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
+/// Arguments of `flaghost compile-worker` (internal: run by flaghost itself).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// `RLIMIT_CPU`, in seconds.
+    #[arg(long)]
+    pub cpu_secs: u64,
+    /// `RLIMIT_AS`, in bytes.
+    #[arg(long)]
+    pub memory_bytes: u64,
+    /// The parent engine's `max_wasm_stack`.
+    #[arg(long)]
+    pub wasm_stack_bytes: usize,
+}
+
+/// `flaghost compile-worker`: bounds itself, reads a component on stdin,
+/// writes its artifact on stdout.
+pub fn worker(args: &WorkerArgs) -> ExitCode {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    // NB: the bound first, before anything reads the untrusted bytes; then a
+    // lower priority, inherited by the compiler's threads started later.
+    let bounded = setrlimit(
+        Resource::Cpu,
+        Rlimit {
+            current: Some(args.cpu_secs),
+            maximum: Some(args.cpu_secs + 1),
+        },
+    )
+    .and_then(|()| {
+        setrlimit(
+            Resource::As,
+            Rlimit {
+                current: Some(args.memory_bytes),
+                maximum: Some(args.memory_bytes),
+            },
+        )
+    })
+    .and_then(|()| {
+        setrlimit(
+            Resource::Core,
+            Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        )
+    });
+    if let Err(e) = bounded {
+        eprintln!("cannot set the compile bound: {e}");
+        return ExitCode::FAILURE;
+    }
+    let _ = rustix::process::setpriority_process(None, WORKER_NICE);
+
+    let mut bytes = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut bytes) {
+        eprintln!("cannot read the component: {e}");
+        return ExitCode::FAILURE;
+    }
+    let engine = match Engine::new(&super::runtime::engine_config(args.wasm_stack_bytes)) {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("cannot build the engine: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let artifact = match engine.precompile_component(&bytes) {
+        Ok(artifact) => artifact,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(ARTIFACT_MAGIC)
+        .and_then(|()| stdout.write_all(&artifact))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot write the artifact: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A component from an artifact [`Compiler::compile`] made.
+#[allow(unsafe_code)]
+pub(super) fn component(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: `Component::deserialize` trusts the bytes to be wasmtime's own
+    // serialization. They are: `Engine::precompile_component`'s output,
+    // made in this process or by a child running this very binary
+    // (`/proc/self/exe`), passed through a pipe only the two hold. The
+    // untrusted component went into the compiler, not into these bytes;
+    // wasmtime still checks the header and that the compilation settings
+    // match this engine's.
+    unsafe { Component::deserialize(engine, artifact) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let message = "é".repeat(MAX_MESSAGE_BYTES);
+        let cut = cap(&message);
+        assert!(cut.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        assert!(cut.ends_with('…'));
+        assert_eq!(cap("short"), "short");
+    }
+
+    #[test]
+    fn a_binary_that_is_not_a_compiler_is_named_as_such() {
+        // `true` exits 0 with nothing on stdout.
+        let settings = Settings {
+            wasm_stack_bytes: 512 << 10,
+            cpu: Duration::from_secs(5),
+            memory_bytes: 1 << 30,
+        };
+        let err = compile_in_child(std::path::Path::new("true"), &settings, b"\0asm")
+            .expect_err("no artifact");
+        assert!(err.to_string().contains("without an artifact"), "{err}");
+        let err = compile_in_child(
+            std::path::Path::new("/nonexistent/flaghost"),
+            &settings,
+            b"",
+        )
+        .expect_err("no binary");
+        assert!(err.to_string().contains("cannot start"), "{err}");
+    }
+}

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flaghost::plugins::{Limits, PluginRuntime};
-use flaghost_tests::{Dirs, Flaghost, answer_limits, compiler, fixture, plugin, spin_iterations};
+use flaghost_tests::{
+    Dirs, Flaghost, answer_limits, compiler, eventually, fixture, plugin, spin_iterations,
+};
 use serde_json::{Value, json};
 
 /// Held by every test here: each runs alone, so the ones that time a static
@@ -416,4 +418,184 @@ async fn megabytes_of_error_text_from_check_config_or_create_are_capped() {
     );
     neighbour_answers_right(&fh).await;
     fh.stop().await.expect("clean stop");
+}
+
+const TOKEN: &str = "containment-admin-token-0123456789";
+
+/// A core module whose one function keeps `n` call results live until it
+/// sums them: the register allocator's work grows with n². Measured
+/// (2026-12-02, this 2-core machine): n = 10,000 takes 2.1 s of CPU to
+/// compile in a release build and 42 s in a debug one; 20,000 takes 7.9 s
+/// (release), 50,000 about 50 s.
+fn compile_bomb(n: usize) -> String {
+    let mut body = "call $f\n".repeat(n);
+    body.push_str(&"i32.add\n".repeat(n - 1));
+    format!(
+        "(core module $flaghost_test_bomb (import \"h\" \"f\" (func $f (result i32)))\n\
+         (func (export \"bomb\") (result i32)\n{body}))"
+    )
+}
+
+/// `PUT /admin/v1/plugins/{name}`: the status and body, and when it answered.
+async fn upload(
+    client: reqwest::Client,
+    base: String,
+    name: &str,
+    bytes: Vec<u8>,
+) -> (u16, Value, Instant) {
+    let response = client
+        .put(format!("{base}/admin/v1/plugins/{name}"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/wasm")
+        .body(bytes)
+        .send()
+        .await
+        .expect("answers");
+    let status = response.status().as_u16();
+    let body = response.json().await.expect("JSON");
+    (status, body, Instant::now())
+}
+
+/// Static flag latencies (and the neighbour, and health, now and then)
+/// until `done` is finished.
+async fn static_latency_while<T>(fh: &Flaghost, done: &tokio::task::JoinHandle<T>) -> Duration {
+    let mut latencies = Vec::new();
+    while !done.is_finished() {
+        let started = Instant::now();
+        let (status, body) = fh.evaluate("static", json!({})).await;
+        latencies.push(started.elapsed());
+        assert_eq!((status, &body["value"]), (200, &json!("A")), "{body}");
+        if latencies.len() % 50 == 0 {
+            neighbour_answers_right(fh).await;
+            assert_eq!(fh.get("/healthz").await.0, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    latencies.sort();
+    quantile(&latencies, 0.99)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_bomb_is_stopped_at_its_bound_and_holds_up_no_other_plugin_change() {
+    let _alone = ALONE.lock().await;
+    // A bound a debug build compiles allow-list well within (about 3 s of
+    // CPU) and the bomb (about 42 s) is far over.
+    let limits = Limits {
+        compile_cpu: Duration::from_secs(8),
+        ..Limits::default()
+    };
+    let dirs = Dirs::new()
+        .plugin("allow-list", &plugin("allow-list"))
+        .flag_file(
+            "prod",
+            &json!({"flags": {"static": static_flag(), "neighbour": neighbour_flag()}}),
+        );
+    let mut config = dirs.config("prod", limits);
+    config.admin_token = Some(TOKEN.into());
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let bomb = with_extra(&plugin("allow-list"), &compile_bomb(10_000));
+    let ordinary = std::fs::read(plugin("percentage-rollout")).expect("component");
+
+    // Through the admin API: the bomb, then an ordinary upload while the
+    // bomb compiles.
+    let bomb_upload = tokio::spawn(upload(
+        fh.client.clone(),
+        fh.base.clone(),
+        "bomb",
+        bomb.clone(),
+    ));
+    let (client, base) = (fh.client.clone(), fh.base.clone());
+    let ordinary_upload = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        upload(client, base, "rollout", ordinary).await
+    });
+    let p99 = static_latency_while(&fh, &bomb_upload).await;
+    let (status, body, bomb_answered) = bomb_upload.await.expect("bomb upload");
+    let (ordinary_status, ordinary_body, ordinary_answered) =
+        ordinary_upload.await.expect("ordinary upload");
+    assert_eq!(ordinary_status, 201, "{ordinary_body}");
+    assert!(
+        ordinary_answered < bomb_answered,
+        "the ordinary upload did not wait for the bomb's compile"
+    );
+    assert_eq!(status, 422, "{body}");
+    let message = body.to_string();
+    assert!(
+        message.contains("plugin bomb")
+            && message.contains("8 s of CPU time")
+            && message.contains("--plugin-compile-cpu-secs"),
+        "names the plugin and the bound: {message}"
+    );
+    assert!(
+        p99 < Duration::from_millis(20),
+        "static flag p99 {p99:?} while a compile bomb compiled"
+    );
+    let loaded: Vec<String> = fh
+        .loaded_plugins(TOKEN)
+        .await
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(loaded, ["allow-list", "rollout"]);
+
+    // Through the plugin directory: the watcher compiles the bomb without
+    // the lock, so an upload meanwhile goes through; then it reports the
+    // bomb refused with the reason.
+    std::fs::write(dirs.plugins().join("dropped-bomb.wasm"), &bomb).expect("write");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let (status, body, _) = upload(
+        fh.client.clone(),
+        fh.base.clone(),
+        "rollout-too",
+        std::fs::read(plugin("percentage-rollout")).expect("component"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let refused_reason = || async {
+        let listing = fh.plugin_listing(TOKEN).await;
+        listing["reload"]["refused"]
+            .as_array()
+            .and_then(|r| r.iter().find(|f| f["name"] == "dropped-bomb"))
+            .map(|f| f["reason"].as_str().unwrap_or_default().to_owned())
+    };
+    assert!(
+        refused_reason().await.is_none(),
+        "the upload answered ({:?}) while the watcher still compiled the bomb",
+        started.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            refused_reason()
+                .await
+                .is_some_and(|r| r.contains("--plugin-compile-cpu-secs"))
+        })
+        .await,
+        "the watcher refuses the bomb, naming the bound: {:?}",
+        refused_reason().await
+    );
+    neighbour_answers_right(&fh).await;
+    fh.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_over_its_memory_bound_is_refused_naming_the_bound() {
+    let _alone = ALONE.lock().await;
+    // Less address space than any compiler needs: every compile fails, and
+    // says it is the bound.
+    let limits = Limits {
+        compile_memory_bytes: 32 << 20,
+        ..answer_limits()
+    };
+    let runtime = PluginRuntime::new(limits, compiler()).expect("engine");
+    let dirs = Dirs::new().plugin("allow-list", &plugin("allow-list"));
+    let (set, errors) = runtime.load_dir(&dirs.plugins()).expect("plugin dir");
+    assert!(set.get("allow-list").is_none());
+    let message = errors[0].to_string();
+    assert!(
+        message.contains("plugin allow-list")
+            && message.contains("32 MiB")
+            && message.contains("--plugin-compile-memory-mib"),
+        "{message}"
+    );
 }

@@ -152,8 +152,9 @@ struct File {
 enum Compile {
     /// It is not one flaghost can run.
     Refused(PluginError),
-    /// The compiler panicked.
-    Panicked,
+    /// flaghost failed (the compiler panicked, or its process could not be
+    /// run): not the component's fault.
+    Failed(String),
 }
 
 /// Problems of flag files, by file and flag (`None`: the file as a whole).
@@ -266,11 +267,7 @@ impl PluginChanges {
                 warn!(plugin = %name, digest = %digest, error = %e, "plugin upload refused");
                 return Err(ChangeError::Refused(e));
             }
-            Err(Compile::Panicked) => {
-                return Err(ChangeError::Internal(format!(
-                    "compiling plugin {name} panicked; see the logs"
-                )));
-            }
+            Err(Compile::Failed(why)) => return Err(ChangeError::Internal(why)),
         };
         let mut candidate = PluginSet::clone(&current);
         candidate.insert(plugin.clone());
@@ -366,8 +363,12 @@ impl PluginChanges {
     async fn compile(&self, name: &str, bytes: Arc<[u8]>) -> Result<Arc<Plugin>, Compile> {
         let (runtime, plugin_name) = (self.runtime.clone(), name.to_owned());
         match tokio::task::spawn_blocking(move || runtime.load(&plugin_name, &bytes)).await {
-            Ok(loaded) => loaded.map_err(Compile::Refused),
-            Err(_) => Err(Compile::Panicked),
+            Ok(Ok(plugin)) => Ok(plugin),
+            Ok(Err(e @ PluginError::Compiler { .. })) => Err(Compile::Failed(e.to_string())),
+            Ok(Err(e)) => Err(Compile::Refused(e)),
+            Err(_) => Err(Compile::Failed(format!(
+                "compiling plugin {name} panicked; see the logs"
+            ))),
         }
     }
 
@@ -487,11 +488,10 @@ impl PluginChanges {
                           "plugin file refused; the previous version (if any) keeps serving");
                     seen.refused.insert((name.clone(), digest), e.to_string());
                 }
-                Err(Compile::Panicked) => {
+                Err(Compile::Failed(why)) => {
                     // Remembered, or it would be compiled at every look.
-                    warn!(plugin = %name, digest = %digest, "compiling a plugin file panicked; refused");
-                    seen.refused
-                        .insert((name.clone(), digest), "compiling it panicked".into());
+                    warn!(plugin = %name, digest = %digest, error = %why, "compiling a plugin file failed; refused");
+                    seen.refused.insert((name.clone(), digest), why);
                 }
             }
         }

@@ -52,14 +52,17 @@ const WORKER_NICE: i32 = 10;
 
 /// Default CPU time one compile may use.
 ///
-/// Measured (release, this 2-core machine): a componentize-py component
-/// (18 MB) and a componentize-js one (12 MB) are the largest plugins
-/// expected; see the README's "Containment" section for their figures. The
-/// bound leaves at least 3× headroom over them.
+/// Measured (release build, this 2-core machine, 2026-12-02, `/usr/bin/time`
+/// around `flaghost compile-worker`): the largest plugins expected are
+/// runtimes built by componentize-js (12.0 MB: 16.3 s of CPU, 8.7 s wall)
+/// and componentize-py (18.4 MB: 12.1 s of CPU, 6.6 s wall). 60 s leaves
+/// 3.7× over the larger.
 pub const DEFAULT_CPU: Duration = Duration::from_secs(60);
 
-/// Default address space one compile may use (see [`DEFAULT_CPU`]).
-pub const DEFAULT_MEMORY_BYTES: u64 = 4 << 30;
+/// Default address space one compile may use: the same two components
+/// compile in 448 MiB and not in 384 MiB (peak RSS 340–366 MB); 2 GiB
+/// leaves 4.5× over that.
+pub const DEFAULT_MEMORY_BYTES: u64 = 2 << 30;
 
 /// Where and under what bound components are compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,16 +143,22 @@ pub enum CompileError {
     /// Compiling it did not finish in time though it had CPU time left.
     #[error("compiling it did not finish within {} s; it was stopped", .0.as_secs())]
     Wall(Duration),
-    /// The compiler died: out of its address space, most likely.
+    /// Compiling it needed more memory than it may use.
     #[error(
-        "the compiler stopped ({how}), most likely past its bound of {} MiB of memory \
-         (--plugin-compile-memory-mib){}"
-    , .memory_bytes >> 20, detail(.message))]
+        "compiling it needed more than its bound of {} MiB of memory (--plugin-compile-memory-mib); \
+         it was stopped ({message})"
+    , .memory_bytes >> 20)]
+    Memory {
+        /// The bound.
+        memory_bytes: u64,
+        /// What the compiler said.
+        message: String,
+    },
+    /// The compiler died otherwise (a crash on this input).
+    #[error("the compiler stopped ({how}) on this component{}", detail(.message))]
     Crashed {
         /// How the child ended.
         how: String,
-        /// The bound it ran under.
-        memory_bytes: u64,
         /// What it printed, if anything.
         message: String,
     },
@@ -184,8 +193,12 @@ fn compile_in_child(
         .arg("--wasm-stack-bytes")
         .arg(settings.wasm_stack_bytes.to_string())
         // NB: nothing of the service's environment (its Redis URL, its admin
-        // token) reaches the process that reads untrusted bytes.
+        // token) reaches the process that reads untrusted bytes. Two malloc
+        // arenas: each arena reserves 64 MiB of address space per thread,
+        // which would count toward RLIMIT_AS without being used (measured:
+        // the bound then failed or passed by thread timing).
         .env_clear()
+        .env("MALLOC_ARENA_MAX", "2")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -255,23 +268,39 @@ fn outcome(
         return Err(CompileError::Refused(message));
     }
     use rustix::process::Signal;
-    match status.signal() {
-        // RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
-        // (a second later) if SIGXCPU was ignored.
-        Some(s) if s == Signal::XCPU.as_raw() || s == Signal::KILL.as_raw() => {
-            Err(CompileError::Cpu(settings.cpu))
-        }
-        Some(signal) => Err(CompileError::Crashed {
-            how: format!("signal {signal}"),
-            memory_bytes: settings.memory_bytes,
-            message,
-        }),
-        None => Err(CompileError::Crashed {
-            how: format!("exit code {}", status.code().unwrap_or(-1)),
-            memory_bytes: settings.memory_bytes,
-            message,
-        }),
+    // RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one (a
+    // second later) if SIGXCPU was ignored.
+    if let Some(s) = status.signal()
+        && (s == Signal::XCPU.as_raw() || s == Signal::KILL.as_raw())
+    {
+        return Err(CompileError::Cpu(settings.cpu));
     }
+    // RLIMIT_AS: an allocation fails. Rust aborts ("memory allocation of N
+    // bytes failed"); an I/O or mmap error says "out of memory" or
+    // "Cannot allocate memory". The first line says which.
+    let first = message.lines().next().unwrap_or_default().to_owned();
+    let lowered = first.to_lowercase();
+    if [
+        "memory allocation of",
+        "out of memory",
+        "cannot allocate memory",
+    ]
+    .iter()
+    .any(|m| lowered.contains(m))
+    {
+        return Err(CompileError::Memory {
+            memory_bytes: settings.memory_bytes,
+            message: first,
+        });
+    }
+    let how = match status.signal() {
+        Some(signal) => format!("signal {signal}"),
+        None => format!("exit code {}", status.code().unwrap_or(-1)),
+    };
+    Err(CompileError::Crashed {
+        how,
+        message: first,
+    })
 }
 
 /// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary.
@@ -396,14 +425,61 @@ mod tests {
         assert_eq!(cap("short"), "short");
     }
 
-    #[test]
-    fn a_binary_that_is_not_a_compiler_is_named_as_such() {
-        // `true` exits 0 with nothing on stdout.
-        let settings = Settings {
+    fn settings() -> Settings {
+        Settings {
             wasm_stack_bytes: 512 << 10,
             cpu: Duration::from_secs(5),
             memory_bytes: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn a_child_s_end_says_which_bound_it_reached() {
+        use std::os::unix::process::ExitStatusExt as _;
+        use std::process::ExitStatus;
+        let end = |raw: i32, message: &str| {
+            outcome(
+                ExitStatus::from_raw(raw),
+                Vec::new(),
+                message.into(),
+                &settings(),
+            )
+            .expect_err("not compiled")
+            .to_string()
         };
+        // Wait statuses: a signal in the low bits, an exit code shifted by 8.
+        let cpu = end(24, "");
+        assert!(cpu.contains("5 s of CPU time") && cpu.contains("--plugin-compile-cpu-secs"));
+        let memory = end(
+            6,
+            "memory allocation of 2228240 bytes failed\nnote: run with RUST_BACKTRACE=1",
+        );
+        assert!(
+            memory.contains("1024 MiB") && memory.contains("--plugin-compile-memory-mib"),
+            "{memory}"
+        );
+        assert!(
+            !memory.contains("RUST_BACKTRACE"),
+            "first line only: {memory}"
+        );
+        let memory = end(1 << 8, "cannot read the component: out of memory");
+        assert!(memory.contains("--plugin-compile-memory-mib"), "{memory}");
+        let refused = end(i32::from(EXIT_REFUSED) << 8, "failed to parse WebAssembly");
+        assert!(
+            refused.starts_with("not a valid component: failed to parse"),
+            "{refused}"
+        );
+        let crashed = end(11, "thread 'main' has overflowed its stack");
+        assert!(
+            crashed.contains("signal 11") && crashed.contains("overflowed"),
+            "{crashed}"
+        );
+    }
+
+    #[test]
+    fn a_binary_that_is_not_a_compiler_is_named_as_such() {
+        // `true` exits 0 with nothing on stdout.
+        let settings = settings();
         let err = compile_in_child(std::path::Path::new("true"), &settings, b"\0asm")
             .expect_err("no artifact");
         assert!(err.to_string().contains("without an artifact"), "{err}");

@@ -34,6 +34,14 @@ pub enum PluginError {
         /// The bound it reached, or how the compiler failed.
         reason: String,
     },
+    /// flaghost could not run its compiler (not the component's fault).
+    #[error("flaghost could not compile plugin {plugin}: {reason}")]
+    Compiler {
+        /// The plugin.
+        plugin: String,
+        /// What failed.
+        reason: String,
+    },
     /// The component does not implement the contract.
     #[error("plugin {plugin} does not implement flaghost:rules (served: {}): {reason}", CONTRACT_VERSIONS.join(", "))]
     Contract {

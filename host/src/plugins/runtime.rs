@@ -196,6 +196,10 @@ impl PluginRuntime {
                 plugin: name.to_owned(),
                 reason: e.to_string(),
             },
+            compiler::CompileError::Process(_) => PluginError::Compiler {
+                plugin: name.to_owned(),
+                reason: e.to_string(),
+            },
             other => PluginError::Compile {
                 plugin: name.to_owned(),
                 reason: other.to_string(),

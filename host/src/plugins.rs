@@ -2,7 +2,9 @@
 //!
 //! - [`PluginRuntime`] owns the wasmtime engine (built once: component model,
 //!   epoch interruption, `concurrency_support(false)`) and the ticker that
-//!   advances its epoch, and compiles components into [`Plugin`]s.
+//!   advances its epoch, and turns components into [`Plugin`]s. The
+//!   compiling itself is done by a [`Compiler`]: a child process of
+//!   flaghost with CPU-time and memory bounds ([`compiler`]).
 //! - A [`Plugin`] is one compiled component checked against the contract, with
 //!   an `InstancePre` ready to instantiate.
 //! - A [`PluginSet`] is the plugins of one plugin directory; it binds flags'

@@ -12,9 +12,9 @@
 //! and dies alone; the parent gives up on it past a wall-clock bound too.
 //!
 //! Protocol: the component's bytes on the child's stdin; the serialized
-//! artifact ([`ARTIFACT_MAGIC`] then `Engine::precompile_component`'s output)
+//! artifact (`ARTIFACT_MAGIC` then `Engine::precompile_component`'s output)
 //! on its stdout, exit 0; a component the compiler refuses: its reason on
-//! stderr, exit [`EXIT_REFUSED`]. The parent deserializes the artifact with
+//! stderr, exit `EXIT_REFUSED`. The parent deserializes the artifact with
 //! an engine of the same compilation settings ([`super::runtime`]'s
 //! `engine_config`); wasmtime checks that they match.
 //!

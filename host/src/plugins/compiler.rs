@@ -15,7 +15,7 @@
 //! artifact (`ARTIFACT_MAGIC` then `Engine::precompile_component`'s output)
 //! on its stdout, exit 0; a component the compiler refuses: its reason on
 //! stderr, exit `EXIT_REFUSED`. The parent deserializes the artifact with
-//! an engine of the same compilation settings ([`super::runtime`]'s
+//! an engine of the same compilation settings (`runtime`'s
 //! `engine_config`); wasmtime checks that they match.
 //!
 //! The child compiles with the default (on-demand) allocator: it never

@@ -163,11 +163,11 @@ pub struct Flag {
 }
 
 impl Flag {
-    /// The plugin the flag's rule runs first, if it runs one: its
-    /// evaluations belong on the plugin pool, in that plugin's lane.
-    pub fn plugin(&self) -> Option<&str> {
+    /// The lane of the plugin pool the flag's evaluations wait in, if its
+    /// rule runs guest code (see [`crate::rules::TargetingRule::lane`]).
+    pub fn lane(&self) -> Option<&str> {
         match &self.targeting {
-            Targeting::Rule(rule) => rule.plugin(),
+            Targeting::Rule(rule) => rule.lane(),
             Targeting::None | Targeting::Unparsable(_) => None,
         }
     }

@@ -20,12 +20,27 @@ pub trait TargetingRule: Send + Sync {
     /// What the rule is, for logs (`plugin percentage-rollout`).
     fn describe(&self) -> String;
 
-    /// The plugin this rule runs first, if it runs any. NB: a rule that runs
-    /// a plugin is evaluated on the plugin pool (in that plugin's lane), never
-    /// on the HTTP workers; one that answers `None` here runs no guest code.
-    fn plugin(&self) -> Option<&str> {
+    /// The lane of the plugin pool this rule's evaluations wait in, if it
+    /// runs guest code: the plugin's name, or for a rule that runs several,
+    /// their names joined by `+` (a lane of its own: see [`lane_of`]). NB: a
+    /// rule that answers `None` here runs no guest code and is evaluated on
+    /// the HTTP workers; any other, on the plugin pool.
+    fn lane(&self) -> Option<&str> {
         None
     }
+}
+
+/// The lane of a rule that runs `plugins`: its one plugin's, or, for
+/// several, a lane of their own named by them all (sorted, joined by `+`,
+/// which no plugin name holds). Why not the first plugin's: a rule naming a
+/// neighbour's plugin first, then a slow one of its own, would take the
+/// neighbour's place in the pool. Each plugin's calls at once stay bounded
+/// by its own share across lanes (its guard).
+pub fn lane_of<'a>(plugins: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let mut names: Vec<&str> = plugins.into_iter().collect();
+    names.sort_unstable();
+    names.dedup();
+    (!names.is_empty()).then(|| names.join("+"))
 }
 
 /// A rule failed to answer; the evaluation is an ERROR with reason GENERAL.
@@ -64,4 +79,25 @@ pub enum BindError {
     /// The plugin refused the configuration, or failed checking it.
     #[error("{0}")]
     Refused(String),
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::lane_of;
+
+    #[test]
+    fn a_rule_with_several_plugins_has_a_lane_of_its_own() {
+        assert_eq!(lane_of([]), None);
+        assert_eq!(lane_of(["spin"]).as_deref(), Some("spin"));
+        // Named by all, whatever their order or repetition: the same set is
+        // the same lane, and never one plugin's own.
+        assert_eq!(
+            lane_of(["spin", "allow-list", "spin"]).as_deref(),
+            Some("allow-list+spin")
+        );
+        assert_eq!(
+            lane_of(["allow-list", "spin"]),
+            lane_of(["spin", "allow-list"])
+        );
+    }
 }

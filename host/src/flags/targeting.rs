@@ -318,6 +318,8 @@ pub struct JsonLogicRule {
     logic: Logic,
     /// The plugins its `plugin` operators call, by index (see [`bind_plugins`]).
     plugins: Arc<[Arc<dyn TargetingRule>]>,
+    /// Its lane of the plugin pool ([`crate::rules::lane_of`] its plugins).
+    lane: Option<String>,
 }
 
 impl JsonLogicRule {
@@ -332,10 +334,12 @@ impl JsonLogicRule {
         let logic = engine()
             .compile(&rule)
             .map_err(|e| format!("invalid JsonLogic: {e}"))?;
+        let lane = crate::rules::lane_of(plugins.iter().filter_map(|p| p.lane()));
         Ok(Self {
             flag_key: flag_key.to_owned(),
             logic,
             plugins: plugins.into(),
+            lane,
         })
     }
 }
@@ -426,8 +430,8 @@ impl TargetingRule for JsonLogicRule {
         "the targeting rule".into()
     }
 
-    fn plugin(&self) -> Option<&str> {
-        self.plugins.iter().find_map(|p| p.plugin())
+    fn lane(&self) -> Option<&str> {
+        self.lane.as_deref()
     }
 }
 

@@ -39,13 +39,13 @@ pub async fn evaluate_one(
         .flags
         .get(&key)
         .filter(|flag| flag.state == FlagState::Enabled)
-        .and_then(|flag| Some((flag, flag.plugin()?)))
+        .and_then(|flag| Some((flag, flag.lane()?)))
     {
         // NB: guest code runs on the plugin pool, never on this worker.
-        Some((flag, plugin)) => {
+        Some((flag, lane)) => {
             let keys = vec![key.clone()];
             let budget = Budget::new(state.plugin_budget);
-            let mut verdicts = on_plugin_pool(&state, plugin, &served, keys, context, budget).await;
+            let mut verdicts = on_plugin_pool(&state, lane, &served, keys, context, budget).await;
             match verdicts.pop() {
                 Some(Ok(verdict)) => Ok(verdict.resolve(flag)),
                 Some(Err(error)) => Err(EvaluationError {
@@ -66,12 +66,12 @@ pub async fn evaluate_one(
     }
 }
 
-/// Evaluates flags `keys` of `served`, all in `plugin`'s lane, on the
+/// Evaluates flags `keys` of `served`, all in `lane`, on the
 /// plugin pool under the request's plugin `budget`. A refusal of the pool
 /// (the plugin's queue is full) answers every key.
 async fn on_plugin_pool(
     state: &AppState,
-    plugin: &str,
+    lane: &str,
     served: &Snapshot,
     keys: Vec<String>,
     context: EvaluationContext,
@@ -86,7 +86,7 @@ async fn on_plugin_pool(
                 .collect::<Vec<_>>()
         })
     };
-    match state.plugin_pool.run(plugin, job).await {
+    match state.plugin_pool.run(lane, job).await {
         Ok(verdicts) => verdicts,
         Err(refused) => (0..count)
             .map(|_| {
@@ -278,11 +278,11 @@ async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -
     flags.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut results: Vec<(&str, Result<Resolution<'_>, EvaluationError>)> =
         Vec::with_capacity(flags.len());
-    let mut by_plugin: HashMap<&str, Vec<usize>> = HashMap::default();
+    let mut by_lane: HashMap<&str, Vec<usize>> = HashMap::default();
     for (at, (key, flag)) in flags.iter().enumerate() {
-        let result = match flag.plugin() {
-            Some(plugin) => {
-                by_plugin.entry(plugin).or_default().push(at);
+        let result = match flag.lane() {
+            Some(lane) => {
+                by_lane.entry(lane).or_default().push(at);
                 Err(not_evaluated())
             }
             None => evaluation::evaluate(set, key, &context, None),
@@ -290,12 +290,12 @@ async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -
         results.push((key.as_str(), result));
     }
     let budget = Budget::new(state.plugin_budget);
-    let jobs = by_plugin.iter().map(|(plugin, at)| {
+    let jobs = by_lane.iter().map(|(lane, at)| {
         let keys = at.iter().map(|&i| flags[i].0.clone()).collect();
-        on_plugin_pool(state, plugin, served, keys, context.clone(), budget.clone())
+        on_plugin_pool(state, lane, served, keys, context.clone(), budget.clone())
     });
     let answers = futures_util::future::join_all(jobs).await;
-    for (at, verdicts) in by_plugin.values().zip(answers) {
+    for (at, verdicts) in by_lane.values().zip(answers) {
         for (&i, verdict) in at.iter().zip(verdicts) {
             let flag = flags[i].1;
             results[i].1 = verdict

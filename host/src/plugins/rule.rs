@@ -152,7 +152,7 @@ impl TargetingRule for PluginRule {
         format!("plugin {}", self.plugin.name)
     }
 
-    fn plugin(&self) -> Option<&str> {
+    fn lane(&self) -> Option<&str> {
         Some(&self.plugin.name)
     }
 }

@@ -39,7 +39,9 @@ fn four_plugins() -> tempfile::TempDir {
 fn load(plugins: &Path, cache: Option<&Path>) {
     let mut runtime = PluginRuntime::new(Limits::default(), Compiler::InProcess).expect("engine");
     if let Some(cache) = cache {
-        runtime = runtime.cache_compiled_in(cache).expect("cache dir");
+        let key = flaghost::signing::SigningKey::load_or_create(&cache.with_extension("key"))
+            .expect("key");
+        runtime = runtime.cache_compiled_in(cache, key).expect("cache dir");
     }
     let (set, errors) = runtime.load_dir(plugins).expect("plugin dir");
     assert!(errors.is_empty() && set.len() == 4, "{errors:?}");
@@ -47,8 +49,11 @@ fn load(plugins: &Path, cache: Option<&Path>) {
 
 fn startup(c: &mut Criterion) {
     let plugins = four_plugins();
-    let warm = tempfile::tempdir().expect("cache dir");
-    load(plugins.path(), Some(warm.path()));
+    // NB: the key file goes beside the cache directory (flaghost's
+    // default), inside a temporary directory of its own.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let warm = tmp.path().join("cache");
+    load(plugins.path(), Some(warm.as_path()));
 
     let mut group = c.benchmark_group("startup/plugins");
     group
@@ -63,7 +68,7 @@ fn startup(c: &mut Criterion) {
         )
     });
     group.bench_function("precompiled-warm", |b| {
-        b.iter(|| load(plugins.path(), Some(warm.path())))
+        b.iter(|| load(plugins.path(), Some(warm.as_path())))
     });
     group.finish();
 
@@ -72,7 +77,10 @@ fn startup(c: &mut Criterion) {
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(10));
-    for (name, cache) in [("compiled", None), ("precompiled-warm", Some(warm.path()))] {
+    for (name, cache) in [
+        ("compiled", None),
+        ("precompiled-warm", Some(warm.as_path())),
+    ] {
         let mut config = config_for(
             root().join("examples/flags"),
             Some(plugins.path().to_path_buf()),

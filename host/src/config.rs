@@ -54,6 +54,12 @@ pub struct SourceArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_CACHE_DIR")]
     pub plugin_cache_dir: Option<PathBuf>,
 
+    /// File holding the key that authenticates the compiled plugins in
+    /// `--plugin-cache-dir` (created, mode 0600, at the first start; it must
+    /// stay flaghost's own). Default: `<cache dir>.key`, beside the directory.
+    #[arg(long, env = "FLAGHOST_PLUGIN_CACHE_KEY")]
+    pub plugin_cache_key: Option<PathBuf>,
+
     /// Sandbox limits for plugin calls.
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -255,6 +261,8 @@ pub struct ServeConfig {
     pub plugins: Option<PathBuf>,
     /// Where compiled plugins are cached, if anywhere.
     pub plugin_cache_dir: Option<PathBuf>,
+    /// The key file authenticating them (`None`: `<cache dir>.key`).
+    pub plugin_cache_key: Option<PathBuf>,
     /// Default environment.
     pub default_environment: String,
     /// Cache TTL.
@@ -447,6 +455,7 @@ impl ServeArgs {
             flags: self.source.flags,
             plugins: self.source.plugins,
             plugin_cache_dir: self.source.plugin_cache_dir,
+            plugin_cache_key: self.source.plugin_cache_key,
             default_environment: self.default_environment,
             http: HttpOptions {
                 body_limit: self.body_limit,

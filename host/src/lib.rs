@@ -25,6 +25,8 @@
 //! - [`plugin_changes`]: the one way the plugins in force change (the plugin
 //!   directory's watcher, the admin API's uploads and deletions).
 //! - [`config`] and [`server`]: command line, start-up and shutdown.
+//! - [`signing`]: HMAC-SHA-256 under flaghost's own key, for what it reads
+//!   back from places others might write (compiled plugin artifacts).
 
 pub mod cache;
 pub mod config;
@@ -36,6 +38,7 @@ pub mod plugin_changes;
 pub mod plugins;
 pub mod rules;
 pub mod server;
+pub mod signing;
 pub mod store;
 pub mod telemetry;
 

@@ -17,6 +17,7 @@ use crate::environments::{Environments, Timing};
 use crate::http::{AdminToken, AppState, HttpOptions, app};
 use crate::plugin_changes::PluginChanges;
 use crate::plugins::{Compiler, PluginError, PluginRegistry, PluginRuntime, PluginSet};
+use crate::signing::SigningKey;
 use crate::store::{DirStore, FlagStore, StoreError};
 
 /// A service ready to serve: its router state and what it loaded.
@@ -43,22 +44,48 @@ impl Drop for AbortOnDrop {
 }
 
 /// The plugin runtime, compiling with `compiler`, caching compiled plugins
-/// in `cache_dir` if given.
+/// in `cache_dir` if given, authenticated with the key in `key_file` (by
+/// default beside the directory: `<dir>.key`).
 fn runtime(
     limits: crate::plugins::Limits,
     compiler: Compiler,
     cache_dir: Option<&Path>,
+    key_file: Option<&Path>,
 ) -> anyhow::Result<PluginRuntime> {
     let runtime = PluginRuntime::new(limits, compiler)?;
-    match cache_dir {
-        None => Ok(runtime),
-        Some(dir) => runtime.cache_compiled_in(dir).with_context(|| {
+    let Some(dir) = cache_dir else {
+        return Ok(runtime);
+    };
+    let key_file = match key_file {
+        Some(file) => file.to_path_buf(),
+        None => default_key_file(dir).with_context(|| {
             format!(
-                "--plugin-cache-dir (FLAGHOST_PLUGIN_CACHE_DIR): cannot use {}",
+                "--plugin-cache-key (FLAGHOST_PLUGIN_CACHE_KEY): needed, since {} has no name to put the key beside",
                 dir.display()
             )
-        }),
+        })?,
+    };
+    if std::path::absolute(&key_file)?.starts_with(std::path::absolute(dir)?) {
+        anyhow::bail!(
+            "--plugin-cache-key (FLAGHOST_PLUGIN_CACHE_KEY): {} is inside the cache directory; keep the key outside it",
+            key_file.display()
+        );
     }
+    let key = SigningKey::load_or_create(&key_file)
+        .context("--plugin-cache-key (FLAGHOST_PLUGIN_CACHE_KEY)")?;
+    runtime.cache_compiled_in(dir, key).with_context(|| {
+        format!(
+            "--plugin-cache-dir (FLAGHOST_PLUGIN_CACHE_DIR): cannot use {}",
+            dir.display()
+        )
+    })
+}
+
+/// `<dir>.key`, beside the cache directory `dir`.
+fn default_key_file(dir: &Path) -> Option<std::path::PathBuf> {
+    let absolute = std::path::absolute(dir).ok()?;
+    let name = absolute.file_name()?.to_str()?;
+    Some(absolute.with_file_name(format!("{name}.key")))
 }
 
 /// Loads plugins from `dir` (if any), refusing to go on if one fails.
@@ -82,6 +109,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         config.limits.clone(),
         config.compiler.clone(),
         config.plugin_cache_dir.as_deref(),
+        config.plugin_cache_key.as_deref(),
     )?);
     let (plugins, plugin_errors) = load_plugins(&runtime, config.plugins.as_deref())?;
     if !plugin_errors.is_empty() {
@@ -233,6 +261,7 @@ pub fn validate(source: &SourceArgs) -> anyhow::Result<Vec<String>> {
         source.limits.to_limits()?,
         Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
         source.plugin_cache_dir.as_deref(),
+        source.plugin_cache_key.as_deref(),
     )?;
     let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;
     let mut problems: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();

@@ -105,6 +105,7 @@ pub fn config_for(
         flags,
         plugins,
         plugin_cache_dir: None,
+        plugin_cache_key: None,
         default_environment: default_environment.to_owned(),
         cache_ttl: flaghost::cache::DEFAULT_TTL,
         redis: None,

@@ -71,11 +71,16 @@ impl PluginRuntime {
         })
     }
 
-    /// Caches compiled components in `dir`, so later starts load them without
-    /// compiling. The directory must be writable by flaghost only: its files
-    /// are loaded as machine code.
-    pub fn cache_compiled_in(mut self, dir: &Path) -> std::io::Result<Self> {
-        self.artifacts = Some(artifacts::Artifacts::new(dir, &self.engine)?);
+    /// Caches compiled components in `dir`, each authenticated with `key`,
+    /// so later starts load them without compiling. The directory must be
+    /// flaghost's own and writable by no one else (refused otherwise): its
+    /// files are loaded as machine code.
+    pub fn cache_compiled_in(
+        mut self,
+        dir: &Path,
+        key: crate::signing::SigningKey,
+    ) -> std::io::Result<Self> {
+        self.artifacts = Some(artifacts::Artifacts::new(dir, &self.engine, key)?);
         Ok(self)
     }
 

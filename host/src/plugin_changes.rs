@@ -246,8 +246,7 @@ impl PluginChanges {
         if let Some(loaded) = current.get(name).filter(|_| unchanged(&current)) {
             // NB: the file may be gone (kept after removal) or hold a refused
             // version: the upload puts the loaded one back on disk.
-            let on_disk = tokio::fs::read(&path).await.ok().map(|b| sha256_hex(&b));
-            if on_disk.as_deref() != Some(digest.as_str()) {
+            if on_disk_digest(&path).await.as_deref() != Some(digest.as_str()) {
                 write_atomically(&self.dir, &path, bytes).await?;
                 info!(plugin = %name, digest = %digest, "plugin file restored through the admin API");
             }
@@ -467,9 +466,11 @@ impl PluginChanges {
         for ((name, file), compiled) in to_compile.into_iter().zip(compiled) {
             let digest = file.digest.clone();
             // NB: an upload or a deletion through the admin API may have
-            // come first while this compiled; it wins (the next look sees
-            // the directory as it left it).
-            if current.get(name).is_some_and(|p| p.digest() == digest) || !self.path(name).exists()
+            // come first while this compiled (or before the listing was
+            // taken): what is on disk now wins, so a file that no longer
+            // holds these bytes is left to the next look.
+            if current.get(name).is_some_and(|p| p.digest() == digest)
+                || on_disk_digest(&self.path(name)).await.as_deref() != Some(digest.as_str())
             {
                 continue;
             }
@@ -489,9 +490,12 @@ impl PluginChanges {
                     seen.refused.insert((name.clone(), digest), e.to_string());
                 }
                 Err(Compile::Failed(why)) => {
-                    // Remembered, or it would be compiled at every look.
-                    warn!(plugin = %name, digest = %digest, error = %why, "compiling a plugin file failed; refused");
-                    seen.refused.insert((name.clone(), digest), why);
+                    // NB: not remembered as a refusal: flaghost's failure
+                    // (no process could be started, a compile out of
+                    // wall-clock time on a busy machine), not the file's;
+                    // the next look tries again.
+                    warn!(plugin = %name, digest = %digest, error = %why,
+                          "compiling a plugin file failed inside flaghost; trying again at the next look");
                 }
             }
         }
@@ -641,6 +645,11 @@ fn files(
         }
     }
     Ok(files)
+}
+
+/// The digest of the file at `path` now, if it can be read.
+async fn on_disk_digest(path: &Path) -> Option<String> {
+    tokio::fs::read(path).await.ok().map(|b| sha256_hex(&b))
 }
 
 /// Writes `path` whole or not at all: a temporary file in the same

@@ -22,7 +22,7 @@ pub trait TargetingRule: Send + Sync {
 
     /// The lane of the plugin pool this rule's evaluations wait in, if it
     /// runs guest code: the plugin's name, or for a rule that runs several,
-    /// their names joined by `+` (a lane of its own: see [`lane_of`]). NB: a
+    /// their names joined by `/` (a lane of its own: see [`lane_of`]). NB: a
     /// rule that answers `None` here runs no guest code and is evaluated on
     /// the HTTP workers; any other, on the plugin pool.
     fn lane(&self) -> Option<&str> {
@@ -31,8 +31,8 @@ pub trait TargetingRule: Send + Sync {
 }
 
 /// The lane of a rule that runs `plugins`: its one plugin's, or, for
-/// several, a lane of their own named by them all (sorted, joined by `+`,
-/// which no plugin name holds). Why not the first plugin's: a rule naming a
+/// several, a lane of their own named by them all (sorted, joined by `/`,
+/// which no plugin name holds: names are file stems). Why not the first plugin's: a rule naming a
 /// neighbour's plugin first, then a slow one of its own, would take the
 /// neighbour's place in the pool. Each plugin's calls at once stay bounded
 /// by its own share across lanes (its guard).
@@ -40,7 +40,7 @@ pub fn lane_of<'a>(plugins: impl IntoIterator<Item = &'a str>) -> Option<String>
     let mut names: Vec<&str> = plugins.into_iter().collect();
     names.sort_unstable();
     names.dedup();
-    (!names.is_empty()).then(|| names.join("+"))
+    (!names.is_empty()).then(|| names.join("/"))
 }
 
 /// A rule failed to answer; the evaluation is an ERROR with reason GENERAL.
@@ -93,7 +93,7 @@ mod lane_tests {
         // the same lane, and never one plugin's own.
         assert_eq!(
             lane_of(["spin", "allow-list", "spin"]).as_deref(),
-            Some("allow-list+spin")
+            Some("allow-list/spin")
         );
         assert_eq!(
             lane_of(["allow-list", "spin"]),

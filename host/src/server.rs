@@ -56,6 +56,22 @@ fn runtime(
     let Some(dir) = cache_dir else {
         return Ok(runtime);
     };
+    let cache_dir_option = || {
+        format!(
+            "--plugin-cache-dir (FLAGHOST_PLUGIN_CACHE_DIR): cannot use {}",
+            dir.display()
+        )
+    };
+    // NB: the directory first (0700, as `Artifacts` wants it): the key's
+    // default place is beside it, and its parents may not exist yet.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(cache_dir_option)?;
+    }
     let key_file = match key_file {
         Some(file) => file.to_path_buf(),
         None => default_key_file(dir).with_context(|| {
@@ -65,7 +81,12 @@ fn runtime(
             )
         })?,
     };
-    if std::path::absolute(&key_file)?.starts_with(std::path::absolute(dir)?) {
+    let real_parent = std::path::absolute(&key_file)?
+        .parent()
+        .map(Path::canonicalize)
+        .transpose()
+        .context("--plugin-cache-key (FLAGHOST_PLUGIN_CACHE_KEY): its directory")?;
+    if real_parent.is_some_and(|p| dir.canonicalize().is_ok_and(|d| p.starts_with(d))) {
         anyhow::bail!(
             "--plugin-cache-key (FLAGHOST_PLUGIN_CACHE_KEY): {} is inside the cache directory; keep the key outside it",
             key_file.display()
@@ -73,12 +94,9 @@ fn runtime(
     }
     let key = SigningKey::load_or_create(&key_file)
         .context("--plugin-cache-key (FLAGHOST_PLUGIN_CACHE_KEY)")?;
-    runtime.cache_compiled_in(dir, key).with_context(|| {
-        format!(
-            "--plugin-cache-dir (FLAGHOST_PLUGIN_CACHE_DIR): cannot use {}",
-            dir.display()
-        )
-    })
+    runtime
+        .cache_compiled_in(dir, key)
+        .with_context(cache_dir_option)
 }
 
 /// `<dir>.key`, beside the cache directory `dir`.

@@ -9,8 +9,8 @@
 //! can read or write, or that another user owns, is refused: whoever can
 //! read it can forge.
 
-use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -70,15 +70,31 @@ impl SigningKey {
             path: path.to_owned(),
             reason: e.to_string(),
         };
-        if !path.exists() {
+        if std::fs::symlink_metadata(path).is_err() {
             create(path).map_err(io)?;
         }
-        let metadata = std::fs::metadata(path).map_err(io)?;
-        private(&metadata, 0o077).map_err(|why| KeyError::Exposed {
+        // NB: opened once, without following a symbolic link, and checked
+        // and read through that one handle: the file read is the file
+        // checked, whatever is renamed into its place meanwhile. Only
+        // flaghost's user can make a file flaghost's user owns.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+            .map_err(io)?;
+        let metadata = file.metadata().map_err(io)?;
+        let exposed = |why: String| KeyError::Exposed {
             path: path.to_owned(),
             why,
-        })?;
-        let bytes = std::fs::read(path).map_err(io)?;
+        };
+        if !metadata.is_file() {
+            return Err(exposed("not a regular file".into()));
+        }
+        private(&metadata, 0o077).map_err(exposed)?;
+        let mut bytes = Vec::new();
+        file.take(KEY_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
         let key =
             <[u8; KEY_BYTES]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Malformed {
                 path: path.to_owned(),
@@ -194,5 +210,14 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let err = SigningKey::load_or_create(&path).expect_err("malformed");
         assert!(err.to_string().contains("5 bytes"), "{err}");
+
+        // A symbolic link to a private key file of flaghost's is not read.
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(dir.path().join("other.key"), &link).expect("symlink");
+        SigningKey::load_or_create(&dir.path().join("other.key")).expect("created");
+        assert!(
+            SigningKey::load_or_create(&link).is_err(),
+            "followed a link"
+        );
     }
 }

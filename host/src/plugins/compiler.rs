@@ -37,8 +37,13 @@ pub const WORKER_COMMAND: &str = "compile-worker";
 /// this version of its protocol) is told apart from a compiler that failed.
 const ARTIFACT_MAGIC: &[u8] = b"flaghost-artifact-v1\n";
 
-/// The child's exit code when the compiler refuses the component.
-const EXIT_REFUSED: u8 = 2;
+/// The child's exit code when the compiler refuses the component
+/// (`EX_DATAERR`; not 2, which clap uses for a usage error).
+const EXIT_REFUSED: u8 = 65;
+
+/// The child's exit code when it cannot set itself up (`EX_OSERR`): not
+/// the component's fault.
+const EXIT_SETUP: u8 = 71;
 
 /// Most of a child's stderr kept for a message.
 const MAX_MESSAGE_BYTES: usize = 2048;
@@ -205,6 +210,8 @@ fn compile_in_child(
         .spawn()
         .map_err(|e| process("cannot start", e))?;
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    // An artifact is never larger than the child's address space.
+    let max_artifact = settings.memory_bytes;
     let started = Instant::now();
     std::thread::scope(|scope| {
         // NB: stdin, stdout and stderr each on a thread of their own: a child
@@ -217,7 +224,7 @@ fn compile_in_child(
         });
         let artifact = scope.spawn(move || {
             let mut out = Vec::new();
-            stdout.map(|mut s| s.read_to_end(&mut out));
+            stdout.map(|s| s.take(max_artifact).read_to_end(&mut out));
             out
         });
         let message = scope.spawn(move || {
@@ -256,28 +263,31 @@ fn outcome(
 ) -> Result<Vec<u8>, CompileError> {
     use std::os::unix::process::ExitStatusExt as _;
     if status.success() {
-        return match artifact.strip_prefix(ARTIFACT_MAGIC) {
-            Some(artifact) => Ok(artifact.to_vec()),
-            None => Err(CompileError::Process(
+        let mut artifact = artifact;
+        if !artifact.starts_with(ARTIFACT_MAGIC) {
+            return Err(CompileError::Process(
                 "it exited without an artifact: is the compiler binary flaghost, of this version?"
                     .into(),
-            )),
-        };
-    }
-    if status.code() == Some(i32::from(EXIT_REFUSED)) {
-        return Err(CompileError::Refused(message));
+            ));
+        }
+        artifact.drain(..ARTIFACT_MAGIC.len());
+        return Ok(artifact);
     }
     use rustix::process::Signal;
-    // RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one (a
-    // second later) if SIGXCPU was ignored.
-    if let Some(s) = status.signal()
-        && (s == Signal::XCPU.as_raw() || s == Signal::KILL.as_raw())
-    {
+    // RLIMIT_CPU: SIGXCPU at the soft limit (its default action ends the
+    // process; SIGKILL at the hard limit a second later only if it were
+    // handled, and flaghost does not handle it). A SIGKILL is someone
+    // else's: the kernel's out-of-memory killer, or an operator.
+    if status.signal() == Some(Signal::XCPU.as_raw()) {
         return Err(CompileError::Cpu(settings.cpu));
     }
+    if status.code() == Some(i32::from(EXIT_SETUP)) {
+        return Err(CompileError::Process(message));
+    }
     // RLIMIT_AS: an allocation fails. Rust aborts ("memory allocation of N
-    // bytes failed"); an I/O or mmap error says "out of memory" or
-    // "Cannot allocate memory". The first line says which.
+    // bytes failed"); an error wasmtime returns says "out of memory" or
+    // "Cannot allocate memory" (and the child exits as if the component
+    // were refused). The first line says which.
     let first = message.lines().next().unwrap_or_default().to_owned();
     let lowered = first.to_lowercase();
     if [
@@ -292,6 +302,9 @@ fn outcome(
             memory_bytes: settings.memory_bytes,
             message: first,
         });
+    }
+    if status.code() == Some(i32::from(EXIT_REFUSED)) {
+        return Err(CompileError::Refused(message));
     }
     let how = match status.signal() {
         Some(signal) => format!("signal {signal}"),
@@ -332,38 +345,31 @@ pub struct WorkerArgs {
 /// `flaghost compile-worker`: bounds itself, reads a component on stdin,
 /// writes its artifact on stdout.
 pub fn worker(args: &WorkerArgs) -> ExitCode {
-    use rustix::process::{Resource, Rlimit, setrlimit};
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     // NB: the bound first, before anything reads the untrusted bytes; then a
-    // lower priority, inherited by the compiler's threads started later.
-    let bounded = setrlimit(
-        Resource::Cpu,
-        Rlimit {
-            current: Some(args.cpu_secs),
-            maximum: Some(args.cpu_secs + 1),
-        },
-    )
-    .and_then(|()| {
+    // lower priority, inherited by the compiler's threads started later. A
+    // bound already lower (an operator's `ulimit`, systemd's `LimitCPU=`)
+    // is kept: a process may lower its limits, never raise them.
+    let lowered = |resource: Resource, soft: u64, hard: u64| {
+        let inherited = getrlimit(resource).maximum.unwrap_or(u64::MAX);
         setrlimit(
-            Resource::As,
+            resource,
             Rlimit {
-                current: Some(args.memory_bytes),
-                maximum: Some(args.memory_bytes),
+                current: Some(soft.min(inherited)),
+                maximum: Some(hard.min(inherited)),
             },
         )
-    })
-    .and_then(|()| {
-        setrlimit(
-            Resource::Core,
-            Rlimit {
-                current: Some(0),
-                maximum: Some(0),
-            },
-        )
-    });
+    };
+    let bounded = lowered(Resource::Cpu, args.cpu_secs, args.cpu_secs + 1)
+        .and_then(|()| lowered(Resource::As, args.memory_bytes, args.memory_bytes))
+        .and_then(|()| lowered(Resource::Core, 0, 0));
     if let Err(e) = bounded {
         eprintln!("cannot set the compile bound: {e}");
-        return ExitCode::FAILURE;
+        return ExitCode::from(EXIT_SETUP);
     }
+    // A compile outlives no flaghost: killed if the thread that started it
+    // goes (that thread waits for it, so only with the process).
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     let _ = rustix::process::setpriority_process(None, WORKER_NICE);
 
     let mut bytes = Vec::new();
@@ -375,7 +381,7 @@ pub fn worker(args: &WorkerArgs) -> ExitCode {
         Ok(engine) => engine,
         Err(e) => {
             eprintln!("cannot build the engine: {e:#}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_SETUP);
         }
     };
     let artifact = match engine.precompile_component(&bytes) {
@@ -474,6 +480,19 @@ mod tests {
             crashed.contains("signal 11") && crashed.contains("overflowed"),
             "{crashed}"
         );
+        // SIGKILL is not the CPU bound's (SIGXCPU ends the child first).
+        assert!(end(9, "").contains("signal 9"));
+        let setup = end(
+            i32::from(EXIT_SETUP) << 8,
+            "cannot set the compile bound: EPERM",
+        );
+        assert!(setup.starts_with("the compiler process failed"), "{setup}");
+        // An allocation failure wasmtime returns as an error is the bound's.
+        let memory = end(
+            i32::from(EXIT_REFUSED) << 8,
+            "Cannot allocate memory (os error 12)",
+        );
+        assert!(memory.contains("--plugin-compile-memory-mib"), "{memory}");
     }
 
     #[test]

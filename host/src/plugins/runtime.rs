@@ -201,10 +201,14 @@ impl PluginRuntime {
                 plugin: name.to_owned(),
                 reason: e.to_string(),
             },
-            compiler::CompileError::Process(_) => PluginError::Compiler {
-                plugin: name.to_owned(),
-                reason: e.to_string(),
-            },
+            // Not the component's fault: flaghost could not run a compile,
+            // or a busy machine held it past its wall-clock bound.
+            compiler::CompileError::Process(_) | compiler::CompileError::Wall(_) => {
+                PluginError::Compiler {
+                    plugin: name.to_owned(),
+                    reason: e.to_string(),
+                }
+            }
             other => PluginError::Compile {
                 plugin: name.to_owned(),
                 reason: other.to_string(),
@@ -243,7 +247,7 @@ impl PluginRuntime {
     }
 
     /// Loads every `*.wasm` file in `dir` (plugin name = file stem), the
-    /// compiles side by side (up to [`COMPILE_JOBS`] at once). Returns the
+    /// compiles side by side (up to `COMPILE_JOBS` at once). Returns the
     /// plugins that loaded and the errors of those that did not.
     pub fn load_dir(&self, dir: &Path) -> Result<(PluginSet, Vec<PluginError>), std::io::Error> {
         let mut paths: Vec<_> = std::fs::read_dir(dir)?
@@ -251,29 +255,49 @@ impl PluginRuntime {
             .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
             .collect();
         paths.sort();
+        // NB: [`COMPILE_JOBS`] workers take the files in turn: a directory of
+        // many files starts no more threads than compiles may run.
+        let next = std::sync::Mutex::new(paths.iter());
+        let work = || {
+            let mut done = Vec::new();
+            loop {
+                let path = match next.lock() {
+                    Ok(mut paths) => paths.next(),
+                    Err(_) => None,
+                };
+                let Some(path) = path else { break done };
+                let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                    continue;
+                };
+                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.read_component(name, path)
+                        .and_then(|bytes| self.load(name, &bytes))
+                }))
+                .unwrap_or_else(|_| {
+                    Err(PluginError::Compiler {
+                        plugin: name.to_owned(),
+                        reason: "loading it panicked; see the logs".into(),
+                    })
+                });
+                done.push(loaded);
+            }
+        };
         let loaded: Vec<Result<Arc<Plugin>, PluginError>> = std::thread::scope(|scope| {
-            let loads: Vec<_> = paths
-                .iter()
-                .filter_map(|path| {
-                    let name = path.file_stem().and_then(|s| s.to_str())?;
-                    let load = scope.spawn(move || {
-                        self.read_component(name, path)
-                            .and_then(|bytes| self.load(name, &bytes))
-                    });
-                    Some((name, load))
+            let workers: Vec<_> = (1..COMPILE_JOBS.min(paths.len()))
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("flaghost-load".into())
+                        .spawn_scoped(scope, work)
+                        .ok()
                 })
                 .collect();
-            loads
-                .into_iter()
-                .map(|(name, load)| {
-                    load.join().unwrap_or_else(|_| {
-                        Err(PluginError::Compile {
-                            plugin: name.to_owned(),
-                            reason: "loading it panicked; see the logs".into(),
-                        })
-                    })
-                })
-                .collect()
+            // This thread works too, so a failure to start others only
+            // makes loading slower.
+            let mut loaded = work();
+            for worker in workers {
+                loaded.extend(worker.join().unwrap_or_default());
+            }
+            loaded
         });
         let mut plugins = HashMap::new();
         let mut errors = Vec::new();

@@ -409,3 +409,82 @@ async fn a_plugin_that_keeps_hitting_its_deadline_is_quarantined_then_retried() 
     neighbour_is_fine(&fh).await;
     fh.stop().await.expect("stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_s_own_text_never_reaches_a_caller_its_listing_keeps_it() {
+    // `remembers` hands each caller the previous caller's targeting key, in
+    // its error text or as a made-up variant name, from the same flag and
+    // from another flag of the same plugin.
+    const TOKEN: &str = "failures-admin-token-0123456789";
+    let bad = |_: ()| {
+        json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+               "defaultVariant": "off", "targeting": {"plugin": ["remembers", {}]}})
+    };
+    let dirs = Dirs::new()
+        .plugin("remembers", &fixture("remembers"))
+        .flag_file(
+            "prod",
+            &json!({"flags": {"first": bad(()), "second": bad(()),
+                "in-logic": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                    "defaultVariant": "off",
+                    "targeting": {"if": [{"plugin": ["remembers", {}]}, "on", "off"]}}}}),
+        );
+    let mut config = dirs.config("prod", limits());
+    config.admin_token = Some(TOKEN.into());
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let mut ids = Vec::new();
+    for (flag, leak) in [
+        ("first", "error"),
+        ("second", "error"),
+        ("first", "variant"),
+        ("second", "variant"),
+        ("in-logic", "variant"),
+        ("in-logic", "error"),
+    ] {
+        for caller in ["alice-ssn-123-45-6789", "bob-ssn-987-65-4321"] {
+            let (status, body) = fh
+                .evaluate(flag, json!({"targetingKey": caller, "leak": leak}))
+                .await;
+            let text = body.to_string();
+            assert!(
+                !text.contains("ssn"),
+                "{flag}/{leak}: a caller saw another's data: {text}"
+            );
+            if status == 400 {
+                let details = body["errorDetails"].as_str().expect("details");
+                let kind = if leak == "error" {
+                    "answered an error"
+                } else {
+                    "does not have"
+                };
+                assert!(
+                    details.contains("plugin remembers") && details.contains(kind),
+                    "names the plugin and the kind: {details}"
+                );
+                let id = details
+                    .split("error id ")
+                    .nth(1)
+                    .and_then(|rest| rest.get(..16))
+                    .expect("an error id");
+                ids.push(id.to_owned());
+            }
+        }
+    }
+    assert!(
+        ids.len() >= 8,
+        "the plugin's failures reached callers as errors: {ids:?}"
+    );
+    // The full text is the operator's, under the id the caller was given.
+    let listing = fh.plugin_listing(TOKEN).await;
+    let recent = listing["plugins"][0]["recentErrors"]
+        .as_array()
+        .expect("recent errors");
+    assert!(recent.len() <= flaghost::plugins::RECENT_ERRORS);
+    let last = recent.last().expect("one");
+    assert_eq!(last["id"], json!(ids.last().expect("an id")));
+    assert!(
+        last["message"].as_str().unwrap_or_default().contains("ssn"),
+        "the listing keeps the plugin's text: {last}"
+    );
+    fh.stop().await.expect("clean stop");
+}

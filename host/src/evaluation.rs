@@ -192,6 +192,17 @@ pub fn evaluate<'a>(
                     reason: Reason::TargetingMatch,
                     metadata: &flag.metadata,
                 }),
+                // NB: a rule that runs plugins may have made the name from a
+                // plugin's answer (which may carry another caller's data):
+                // it is not echoed. A JsonLogic rule's own is the flag
+                // file's text.
+                None if rule.lane().is_some() => Err(fail(
+                    ErrorCode::General,
+                    format!(
+                        "{} answered a variant flag {key:?} does not have",
+                        rule.describe()
+                    ),
+                )),
                 None => Err(fail(
                     ErrorCode::General,
                     format!(

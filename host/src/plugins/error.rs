@@ -74,6 +74,9 @@ pub enum PluginError {
         plugin: String,
         /// The trap, as wasmtime describes it.
         reason: String,
+        /// The wasm trap, if it was one (not a trapping import or a failed
+        /// instantiation): wasmtime's own words, which no plugin chose.
+        code: Option<wasmtime::Trap>,
     },
     /// The guest read more of the context than the context cap.
     #[error("plugin {plugin} read more than the context cap of {cap} bytes")]

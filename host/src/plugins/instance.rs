@@ -330,11 +330,13 @@ fn classify(
         Some(trap) => PluginError::Trap {
             plugin: name,
             reason: trap.to_string(),
+            code: Some(*trap),
         },
         // Not a wasm trap: a trapping import stub, a failed instantiation.
         None => PluginError::Trap {
             plugin: name,
             reason: err.root_cause().to_string(),
+            code: None,
         },
     }
 }

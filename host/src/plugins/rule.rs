@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::instance::{self, CallLimit};
+use super::stats::RecentError;
 use super::{Plugin, PluginError};
 use crate::rules::{EvaluationContext, RuleError, TargetingRule};
 
@@ -143,9 +144,117 @@ fn thread_cpu_time() -> Duration {
     )
 }
 
+impl PluginRule {
+    /// What a caller is told of a failure: never the plugin's own text (an
+    /// error message, a trap's, a variant name), which may carry another
+    /// caller's data the plugin kept. A failure of the plugin gets an id;
+    /// its full text goes to the admin listing and (at most 20 a second)
+    /// the log, under that id. flaghost's own refusals (quarantine, busy,
+    /// budget) name no plugin text and are told as they are.
+    fn told(&self, failure: Failure) -> RuleError {
+        let (kind, shown, full) = match failure {
+            Failure::UnknownVariant(variant) => (
+                "unknown variant",
+                format!(
+                    "plugin {} answered a variant flag {:?} does not have",
+                    self.plugin.name, self.flag_key
+                ),
+                format!("answered variant {:?}", capped(&variant, &self.plugin)),
+            ),
+            Failure::Plugin(e) => {
+                let kind = match &e {
+                    PluginError::Guest { .. } => "guest error",
+                    PluginError::Trap { .. } => "trap",
+                    PluginError::Deadline { .. } => "deadline",
+                    PluginError::Memory { .. } => "memory",
+                    PluginError::Input { .. } | PluginError::Output { .. } => "input or output cap",
+                    _ => return RuleError(e.to_string()),
+                };
+                let shown = match &e {
+                    PluginError::Guest { .. } => {
+                        format!("plugin {} answered an error", self.plugin.name)
+                    }
+                    // NB: a wasm trap is told in wasmtime's words (its
+                    // code's), and a trapping import by its name: one of
+                    // the component's own imports, listed at load. Neither
+                    // is text made at run time.
+                    PluginError::Trap {
+                        code: Some(code), ..
+                    } => format!("plugin {} trapped: {code}", self.plugin.name),
+                    PluginError::Trap { reason, .. } => {
+                        match self
+                            .plugin
+                            .trapped_imports
+                            .iter()
+                            .find(|i| reason.contains(*i))
+                        {
+                            Some(import) => format!(
+                                "plugin {} trapped: it called {import}, which flaghost does not provide",
+                                self.plugin.name
+                            ),
+                            None => format!("plugin {} trapped", self.plugin.name),
+                        }
+                    }
+                    // flaghost's text, no plugin's: told whole.
+                    other => other.to_string(),
+                };
+                (kind, shown, capped(&e.to_string(), &self.plugin))
+            }
+        };
+        let id = format!("{:016x}", rand::random::<u64>());
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let log = self.plugin.stats.failed(RecentError {
+            id: id.clone(),
+            at,
+            flag: self.flag_key.clone(),
+            kind,
+            message: full.clone(),
+        });
+        if log {
+            tracing::warn!(plugin = %self.plugin.name, flag = %self.flag_key, error_id = %id,
+                           kind, error = %full, "plugin evaluation failed");
+        }
+        RuleError(format!(
+            "{shown} (error id {id}: its details are in flaghost's log and admin listing)"
+        ))
+    }
+}
+
+/// A failed evaluation of a plugin rule.
+enum Failure {
+    /// The plugin's call failed.
+    Plugin(PluginError),
+    /// It answered a variant the flag does not have.
+    UnknownVariant(String),
+}
+
+/// `text` cut to the plugin's answer cap (on a character boundary).
+fn capped(text: &str, plugin: &Plugin) -> String {
+    let max = plugin.limits.max_answer_bytes;
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
+
 impl TargetingRule for PluginRule {
     fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError> {
-        self.run(context).map_err(|e| RuleError(e.to_string()))
+        match self.run(context) {
+            // NB: checked here, not only by the evaluator, so that no
+            // variant name a plugin made up reaches a caller, whether the
+            // rule is the flag's or an operator inside a JsonLogic rule.
+            Ok(Some(variant)) if !self.variants.contains(&variant) => {
+                Err(self.told(Failure::UnknownVariant(variant)))
+            }
+            Ok(answer) => Ok(answer),
+            Err(e) => Err(self.told(Failure::Plugin(e))),
+        }
     }
 
     fn describe(&self) -> String {

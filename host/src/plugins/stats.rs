@@ -1,11 +1,13 @@
-//! Per-plugin counters: evaluations, errors by kind, and a latency histogram,
-//! for the admin listing.
+//! Per-plugin counters: evaluations, errors by kind, a latency histogram,
+//! and the last few failures with their full text, for the admin listing.
 //!
 //! Hand-written rather than a histogram crate: the hot path records with two
 //! relaxed atomic adds and no lock (hdrhistogram needs `&mut` to record, so a
 //! lock per evaluation), and percentiles to a factor of two are what an
 //! operator needs to see a plugin slowing down.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -29,6 +31,36 @@ pub struct Stats {
     guest: AtomicU64,
     refused: AtomicU64,
     latency: [AtomicU64; BUCKETS + 1],
+    /// The last [`RECENT_ERRORS`] failures, newest last.
+    recent: Mutex<VecDeque<RecentError>>,
+    /// Failures logged in the current second, and which second (Unix): at
+    /// most [`LOGGED_PER_SECOND`] lines a second per plugin.
+    logged: Mutex<(u64, u32)>,
+}
+
+/// Failures the admin listing keeps per plugin.
+pub const RECENT_ERRORS: usize = 8;
+
+/// Failure log lines per plugin per second; past them a plugin failing on
+/// every call (a flood of them) is counted and kept in the listing, but
+/// not logged.
+const LOGGED_PER_SECOND: u32 = 20;
+
+/// One failure as the admin listing shows it: the full text (capped by the
+/// answer cap), which callers never see.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentError {
+    /// The id the caller was given.
+    pub id: String,
+    /// Unix milliseconds.
+    pub at: u64,
+    /// The flag evaluated.
+    pub flag: String,
+    /// `trap`, `deadline`, `memory`, `guest error`, `unknown variant`...
+    pub kind: &'static str,
+    /// What happened, in full.
+    pub message: String,
 }
 
 /// Counters as read at one moment.
@@ -47,6 +79,8 @@ pub struct StatsSnapshot {
     /// buckets); absent before the first evaluation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<Percentiles>,
+    /// The last failures, newest last, with their full text.
+    pub recent_errors: Vec<RecentError>,
 }
 
 /// Failed evaluations by kind.
@@ -103,6 +137,25 @@ impl Stats {
         kind.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Keeps `error` among the recent ones; whether to log it too (at most
+    /// [`LOGGED_PER_SECOND`] a second).
+    pub fn failed(&self, error: RecentError) -> bool {
+        let second = error.at / 1000;
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_ERRORS {
+                recent.pop_front();
+            }
+            recent.push_back(error);
+        }
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.0 != second {
+            *logged = (second, 0);
+        }
+        logged.1 += 1;
+        logged.1 <= LOGGED_PER_SECOND
+    }
+
     /// Records an evaluation refused without running.
     pub fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +199,13 @@ impl Stats {
                 p90: percentile(0.90),
                 p99: percentile(0.99),
             }),
+            recent_errors: self
+                .recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value as Json};
 
-use super::targeting::{JsonLogicRule, bind_plugins, plugin_args, resolve_refs};
+use super::targeting::{Evaluators, JsonLogicRule, bind_plugins, plugin_args, resolve_refs};
 use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
 use crate::rules::{BindError, RuleBinder};
 
@@ -114,7 +114,7 @@ pub fn parse_flag_file(
             Default::default()
         }
     };
-    let evaluators = match doc.remove("$evaluators") {
+    let evaluators = Evaluators::new(match doc.remove("$evaluators") {
         None => Map::new(),
         Some(Json::Object(evaluators)) => evaluators,
         Some(_) => {
@@ -123,7 +123,7 @@ pub fn parse_flag_file(
             ));
             Map::new()
         }
-    };
+    });
 
     let mut flags = FastMap::with_capacity_and_hasher(raw_flags.len(), Default::default());
     let mut warnings = Vec::new();
@@ -156,7 +156,7 @@ fn parse_flag(
     key: &str,
     raw: Json,
     set_metadata: &Metadata,
-    evaluators: &Map<String, Json>,
+    evaluators: &Evaluators,
     binder: &dyn RuleBinder,
 ) -> Result<Flag, Vec<Problem>> {
     let refuse = |reasons: Vec<String>| -> Vec<Problem> {
@@ -369,7 +369,7 @@ fn parse_targeting(
     flag_key: &str,
     variants: &[String],
     rule: Json,
-    evaluators: &Map<String, Json>,
+    evaluators: &Evaluators,
     binder: &dyn RuleBinder,
 ) -> Result<(Targeting, Option<Json>), TargetingError> {
     let Json::Object(rule) = rule else {

@@ -43,6 +43,53 @@ const PLUGIN: &str = "flaghost_plugin";
 /// How deep `$ref`s may nest: deeper is taken for a cycle.
 const MAX_REF_DEPTH: usize = 32;
 
+/// How deep a rule may nest (objects and arrays) once its `$ref`s are
+/// resolved: as deep as `serde_json` lets a file nest. Every later step
+/// (binding plugins, compiling, evaluating, serialising) recurses over the
+/// rule; `$ref`s chained through `$evaluators` made a 21 KB file nest
+/// 2,000 levels, which overflowed a thread's stack and killed the process.
+pub const MAX_RULE_DEPTH: usize = 128;
+
+/// What `$ref`s may add to one flag file's rules, in bytes (each JSON value
+/// counts 32, a string or key its length too). Rules written out are bounded
+/// by the file's size; a `$ref` copies its evaluator, and evaluators that
+/// each use the next twice grow by 2^n: a 1.3 KB file took 9.5 GB.
+pub const MAX_EXPANSION_BYTES: usize = 64 << 20;
+
+/// A flag file's `$evaluators`, and what their `$ref`s may still add to its
+/// rules (shared by all its flags: see [`MAX_EXPANSION_BYTES`]).
+pub struct Evaluators {
+    map: Map<String, Json>,
+    left: std::cell::Cell<usize>,
+}
+
+impl Evaluators {
+    /// The `$evaluators` of one flag file.
+    pub fn new(map: Map<String, Json>) -> Self {
+        Self {
+            map,
+            left: std::cell::Cell::new(MAX_EXPANSION_BYTES),
+        }
+    }
+
+    /// Charges `bytes` of expansion; `Err` once the file's allowance is spent.
+    fn charge(&self, bytes: usize) -> Result<(), String> {
+        match self.left.get().checked_sub(bytes) {
+            Some(left) => {
+                self.left.set(left);
+                Ok(())
+            }
+            None => {
+                self.left.set(0);
+                Err(format!(
+                    "the flag file's $refs expand its rules past {} MiB (evaluators that use each other many times over?)",
+                    MAX_EXPANSION_BYTES >> 20
+                ))
+            }
+        }
+    }
+}
+
 /// The JsonLogic engine, built once: it holds no per-rule state.
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -278,34 +325,58 @@ fn use_our_fractional(rule: &mut Json) {
 /// Substitutes every `{"$ref": "name"}` in `rule` with the evaluator `name`.
 /// Parsed JSON makes this insensitive to the whitespace in the file, which
 /// flagd's text substitution has to handle separately.
-pub fn resolve_refs(rule: &Json, evaluators: &Map<String, Json>) -> Result<Json, String> {
-    resolve(rule, evaluators, 0)
+///
+/// Bounded: at most [`MAX_RULE_DEPTH`] levels deep once resolved, and what
+/// the `$ref`s of one file add at most [`MAX_EXPANSION_BYTES`] (checked as
+/// it is built, so a bomb stops at the bound, not after).
+pub fn resolve_refs(rule: &Json, evaluators: &Evaluators) -> Result<Json, String> {
+    resolve(rule, evaluators, 0, 0)
 }
 
-fn resolve(rule: &Json, evaluators: &Map<String, Json>, depth: usize) -> Result<Json, String> {
-    if depth > MAX_REF_DEPTH {
+/// `refs`: `$ref`s followed to get here (0: the flag's own text);
+/// `depth`: levels of objects and arrays above `rule`.
+fn resolve(
+    rule: &Json,
+    evaluators: &Evaluators,
+    refs: usize,
+    depth: usize,
+) -> Result<Json, String> {
+    if refs > MAX_REF_DEPTH {
         return Err(format!(
             "$ref nesting deeper than {MAX_REF_DEPTH} (a cycle?)"
         ));
+    }
+    if depth > MAX_RULE_DEPTH {
+        return Err(format!(
+            "the rule nests more than {MAX_RULE_DEPTH} levels deep once its $refs are resolved"
+        ));
+    }
+    if refs > 0 {
+        let own = match rule {
+            Json::String(s) => s.len(),
+            Json::Object(map) => map.keys().map(String::len).sum(),
+            _ => 0,
+        };
+        evaluators.charge(32 + own)?;
     }
     match rule {
         Json::Object(map) if map.len() == 1 && map.contains_key("$ref") => {
             let name = map["$ref"]
                 .as_str()
                 .ok_or_else(|| format!("$ref must name an evaluator, not {}", map["$ref"]))?;
-            let target = evaluators.get(name).ok_or_else(|| {
+            let target = evaluators.map.get(name).ok_or_else(|| {
                 format!("$ref to evaluator {name:?}, which $evaluators does not define")
             })?;
-            resolve(target, evaluators, depth + 1)
+            resolve(target, evaluators, refs + 1, depth)
         }
         Json::Object(map) => map
             .iter()
-            .map(|(k, v)| Ok((k.clone(), resolve(v, evaluators, depth)?)))
+            .map(|(k, v)| Ok((k.clone(), resolve(v, evaluators, refs, depth + 1)?)))
             .collect::<Result<Map<_, _>, String>>()
             .map(Json::Object),
         Json::Array(items) => items
             .iter()
-            .map(|v| resolve(v, evaluators, depth))
+            .map(|v| resolve(v, evaluators, refs, depth + 1))
             .collect::<Result<Vec<_>, _>>()
             .map(Json::Array),
         other => Ok(other.clone()),
@@ -510,6 +581,7 @@ mod tests {
         let Json::Object(evaluators) = evaluators else {
             unreachable!()
         };
+        let evaluators = Evaluators::new(evaluators);
         let rule = json!({"if": [{"$ref": "is_staff"}, "on", "off"]});
         let resolved = resolve_refs(&rule, &evaluators).expect("resolves");
         assert_eq!(
@@ -518,5 +590,56 @@ mod tests {
         );
         let err = resolve_refs(&json!({"$ref": "nope"}), &evaluators).expect_err("missing");
         assert!(err.contains("\"nope\""), "{err}");
+    }
+
+    /// `{"!!": [{"!!": [ ... inner ... ]}]}`, `levels` deep.
+    fn nested(levels: usize, inner: Json) -> Json {
+        (0..levels).fold(inner, |rule, _| json!({"!!": [rule]}))
+    }
+
+    #[test]
+    fn refs_chained_past_the_depth_bound_are_refused_not_followed() {
+        // 33 evaluators of 62 levels each, each ending in the next: about
+        // 2,000 levels once resolved (this file killed flaghost on reload).
+        let mut map = Map::new();
+        for i in 0..33 {
+            let next = if i == 32 {
+                json!(true)
+            } else {
+                json!({"$ref": format!("e{}", i + 1)})
+            };
+            map.insert(format!("e{i}"), nested(62, next));
+        }
+        let evaluators = Evaluators::new(map);
+        let err = resolve_refs(&json!({"$ref": "e0"}), &evaluators).expect_err("too deep");
+        assert!(err.contains("128 levels"), "{err}");
+        // A rule within the bound resolves (each `!!` level is an object
+        // and an array: 120 levels here).
+        let mut map = Map::new();
+        map.insert("e".into(), nested(30, json!(true)));
+        let evaluators = Evaluators::new(map);
+        assert!(resolve_refs(&nested(30, json!({"$ref": "e"})), &evaluators).is_ok());
+    }
+
+    #[test]
+    fn an_expansion_bomb_stops_at_the_file_s_allowance() {
+        // e0 uses e1 twice, e1 uses e2 twice...: 2^30 copies if followed
+        // (the 20 levels took 43 s and 9.5 GB).
+        let mut map = Map::new();
+        for i in 0..30 {
+            let next = json!({"$ref": format!("e{}", i + 1)});
+            map.insert(format!("e{i}"), json!({"or": [next, next]}));
+        }
+        map.insert("e30".into(), json!({"==": [{"var": "country"}, "NL"]}));
+        let evaluators = Evaluators::new(map);
+        let started = std::time::Instant::now();
+        let err = resolve_refs(&json!({"$ref": "e0"}), &evaluators).expect_err("a bomb");
+        assert!(err.contains("64 MiB"), "{err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "stopped at the bound"
+        );
+        // The allowance is the file's: the next flag's $ref is refused too.
+        assert!(resolve_refs(&json!({"$ref": "e30"}), &evaluators).is_err());
     }
 }

@@ -22,6 +22,8 @@ pub struct Cli {
 }
 
 /// flaghost's subcommands.
+// NB: parsed once per process; the size of the arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve OFREP evaluations over HTTP.
@@ -224,6 +226,22 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_BODY_LIMIT", default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
 
+    /// Time a client has to send a request's headers, in milliseconds
+    /// (an idle keep-alive connection too); past it the connection is closed.
+    #[arg(long, env = "FLAGHOST_HEADER_TIMEOUT_MS", default_value_t = crate::http::connections::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
+    pub header_timeout_ms: u64,
+
+    /// Time a client has to send a request's body, in milliseconds; past it
+    /// the request is refused.
+    #[arg(long, env = "FLAGHOST_BODY_TIMEOUT_MS", default_value_t = crate::http::connections::DEFAULT_BODY_TIMEOUT.as_millis() as u64)]
+    pub body_timeout_ms: u64,
+
+    /// Client connections open at once; one more is closed at once. Default:
+    /// the process's open-file limit less 256 (kept for flaghost's own
+    /// files, Redis and plugin compiles), at most 10,000.
+    #[arg(long, env = "FLAGHOST_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Browser origins allowed to call flaghost (CORS), comma-separated
     /// (`https://app.example.com,https://admin.example.com`), or `*` for any.
     /// Unset: no CORS headers, so browsers refuse cross-origin calls.
@@ -401,6 +419,14 @@ impl ServeArgs {
                 "--redis-response-timeout-ms (FLAGHOST_REDIS_RESPONSE_TIMEOUT_MS)",
                 self.redis_response_timeout_ms,
             ),
+            (
+                "--header-timeout-ms (FLAGHOST_HEADER_TIMEOUT_MS)",
+                self.header_timeout_ms,
+            ),
+            (
+                "--body-timeout-ms (FLAGHOST_BODY_TIMEOUT_MS)",
+                self.body_timeout_ms,
+            ),
         ] {
             if ms > MAX_INTERVAL_MS {
                 return Err(ConfigError {
@@ -430,6 +456,12 @@ impl ServeArgs {
                 })
             }
         };
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err(ConfigError {
+                option: "--header-timeout-ms / --body-timeout-ms",
+                reason: "must be at least 1".into(),
+            });
+        }
         if self.check_interval_ms == 0 {
             return Err(ConfigError {
                 option: "--check-interval-ms (FLAGHOST_CHECK_INTERVAL_MS)",
@@ -459,7 +491,15 @@ impl ServeArgs {
             default_environment: self.default_environment,
             http: HttpOptions {
                 body_limit: self.body_limit,
+                body_timeout: Duration::from_millis(self.body_timeout_ms),
                 cors: parse_cors(&self.cors_allowed_origins)?,
+                connections: crate::http::ConnectionLimits {
+                    header_timeout: Duration::from_millis(self.header_timeout_ms),
+                    max_connections: self
+                        .max_connections
+                        .unwrap_or_else(crate::http::connections::default_max_connections)
+                        .max(1),
+                },
             },
             compiler: Compiler::this_binary().map_err(|e| ConfigError {
                 option: "(the flaghost binary, which compiles plugins in child processes)",

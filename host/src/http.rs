@@ -5,11 +5,13 @@
 //! picks its environment with its base URL alone.
 
 mod admin;
+pub mod connections;
 mod error;
 mod health;
 mod ofrep;
 
 pub use admin::AdminToken;
+pub use connections::ConnectionLimits;
 pub use error::ApiError;
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::{get, post, put};
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::environments::Environments;
 use crate::plugin_changes::PluginChanges;
@@ -64,15 +67,21 @@ pub enum Cors {
 pub struct HttpOptions {
     /// Largest request body accepted; larger is a 413.
     pub body_limit: usize,
+    /// Time a client has to send a request's body.
+    pub body_timeout: std::time::Duration,
     /// Browser origins allowed to call.
     pub cors: Cors,
+    /// Bounds on client connections.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
         Self {
             body_limit: DEFAULT_BODY_LIMIT,
+            body_timeout: connections::DEFAULT_BODY_TIMEOUT,
             cors: Cors::Off,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -120,6 +129,9 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(options.body_limit))
+        // NB: a body that trickles in is cut off (slowloris on the body);
+        // the headers are bounded by the connection (see `connections`).
+        .layer(RequestBodyTimeoutLayer::new(options.body_timeout))
         .with_state(state);
     match cors_layer(&options.cors) {
         Some(cors) => router.layer(cors),

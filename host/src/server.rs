@@ -263,10 +263,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let router = app(service.state.clone(), &service.http);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("server failed")?;
+    crate::http::connections::serve(listener, router, &service.http.connections, shutdown).await;
     drop(service);
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Hostile inputs: flag files written to hurt flaghost (nesting that
 //! overflowed a thread's stack once `$ref`s were followed, `$ref`s that
-//! expand by 2^n) are refused flag by flag, with the reason, while the
-//! rest of the file and the process keep serving. Flag files and Redis
-//! entries go through the same parser, so this holds for both.
+//! expand by 2^n) are refused with file, flag and reason, while the last
+//! good set and the process keep serving (flag files and Redis entries go
+//! through the same parser); connections that never finish their request
+//! are closed, and others get through.
 
 use std::time::Duration;
 
@@ -24,9 +25,15 @@ fn rule_flag(rule: Value) -> Value {
            "defaultVariant": "off", "targeting": rule})
 }
 
+/// A static flag serving `variant`.
+fn static_serving(variant: &str) -> Value {
+    json!({"state": "ENABLED", "variants": {"a": "A", "b": "B"}, "defaultVariant": variant})
+}
+
 /// The file that killed a running flaghost when hot-reloaded (33 chained
 /// evaluators of 62 `!!` levels: about 4,000 levels once resolved), and an
-/// expansion bomb (evaluators that each use the next twice, 26 deep).
+/// expansion bomb (evaluators that each use the next twice, 26 deep). Each
+/// also changes flag `ok` to serve "B", to show whether it was taken.
 fn hostile_files(dirs: Dirs) -> Dirs {
     let mut deep = Map::new();
     for i in 0..33 {
@@ -46,82 +53,176 @@ fn hostile_files(dirs: Dirs) -> Dirs {
     dirs.flag_file(
         "prod",
         &json!({"$evaluators": deep, "flags": {
-            "ok": static_flag(), "deep": rule_flag(json!({"$ref": "e0"}))}}),
+            "ok": static_serving("b"), "hostile": rule_flag(json!({"$ref": "e0"}))}}),
     )
     .flag_file(
         "bombed",
         &json!({"$evaluators": bomb, "flags": {
-            "ok": static_flag(), "bomb": rule_flag(json!({"$ref": "b0"}))}}),
+            "ok": static_serving("b"), "hostile": rule_flag(json!({"$ref": "b0"}))}}),
     )
 }
 
+/// Flag `ok`'s value in `env`.
+async fn ok_in(fh: &Flaghost, env: &str) -> Value {
+    let (status, body) = fh.evaluate_in(Some(env), "ok", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    body["value"].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deep_or_exploding_rules_hot_reloaded_are_refused_and_flaghost_serves_on() {
+async fn deep_or_exploding_rules_hot_reloaded_are_refused_and_the_last_good_set_serves() {
+    let good = json!({"flags": {"ok": static_serving("a")}});
     let dirs = Dirs::new()
-        .flag_file("prod", &json!({"flags": {"ok": static_flag()}}))
-        .flag_file("bombed", &json!({"flags": {"ok": static_flag()}}));
+        .flag_file("prod", &good)
+        .flag_file("bombed", &good);
     let fh = Flaghost::start(&dirs.config("prod", answer_limits()))
         .await
         .expect("starts");
+    let started = std::time::Instant::now();
     let dirs = hostile_files(dirs);
-
-    let parse_error = |env: &'static str, key: &'static str, says: &'static str| {
-        let fh = &fh;
-        async move {
-            let (status, body) = fh
-                .evaluate_in(Some(env), key, json!({"country": "NL"}))
-                .await;
-            status == 400
-                && body["errorCode"] == "PARSE_ERROR"
-                && body["errorDetails"]
-                    .as_str()
-                    .is_some_and(|d| d.contains(says))
+    // Several reload checks (1 s apart) go by: each refuses the files, the
+    // process lives, and the last good sets serve.
+    while started.elapsed() < Duration::from_secs(4) {
+        for env in ["prod", "bombed"] {
+            assert_eq!(
+                ok_in(&fh, env).await,
+                json!("A"),
+                "{env}: the last good set"
+            );
+            let (status, body) = fh.evaluate_in(Some(env), "hostile", json!({})).await;
+            assert_eq!(
+                (status, &body["errorCode"]),
+                (404, &json!("FLAG_NOT_FOUND")),
+                "{body}"
+            );
         }
-    };
-    assert!(
-        eventually(Duration::from_secs(30), || parse_error(
-            "prod",
-            "deep",
-            "128 levels"
-        ))
-        .await,
-        "the deep rule is reloaded and answers PARSE_ERROR with the reason"
-    );
-    assert!(
-        eventually(Duration::from_secs(30), || parse_error(
-            "bombed", "bomb", "MiB"
-        ))
-        .await,
-        "the bomb is reloaded and answers PARSE_ERROR with the reason"
-    );
-    for env in ["prod", "bombed"] {
-        let (status, body) = fh.evaluate_in(Some(env), "ok", json!({})).await;
-        assert_eq!((status, &body["value"]), (200, &json!("A")), "{body}");
+        assert_eq!(fh.get("/healthz").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(fh.get("/healthz").await.0, 200);
+    // A good file after them is taken: reloading goes on.
+    let dirs = dirs
+        .flag_file("prod", &json!({"flags": {"ok": static_serving("b")}}))
+        .flag_file("bombed", &json!({"flags": {"ok": static_serving("b")}}));
+    for env in ["prod", "bombed"] {
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                ok_in(&fh, env).await == json!("B")
+            })
+            .await,
+            "{env}: a good file is reloaded after the refused one"
+        );
+    }
     drop(dirs);
     fh.stop().await.expect("clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deep_or_exploding_rules_at_start_up_answer_parse_error_with_the_reason() {
-    let dirs = hostile_files(Dirs::new());
-    let fh = Flaghost::start(&dirs.config("prod", answer_limits()))
-        .await
-        .expect("starts: the rest of each file serves");
-    let (status, body) = fh.evaluate_in(Some("prod"), "deep", json!({})).await;
-    assert_eq!(
-        (status, &body["errorCode"]),
-        (400, &json!("PARSE_ERROR")),
-        "{body}"
+async fn deep_or_exploding_rules_at_start_up_are_refused_naming_file_flag_and_reason() {
+    for (env, says) in [("prod", "128 levels"), ("bombed", "16 MiB")] {
+        let dirs = hostile_files(Dirs::new());
+        let started = std::time::Instant::now();
+        let err = Flaghost::start(&dirs.config(env, answer_limits()))
+            .await
+            .err()
+            .expect("refused");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains(&format!("{env}.json"))
+                && message.contains("hostile")
+                && message.contains(says),
+            "names the file, the flag and the reason: {message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Reads from `stream` until the server closes it (or `within` passes):
+/// whether it did. Blocking: run off the async workers.
+fn closed_by_server(stream: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            // An answer (a 408 or 400) before the close.
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_request_are_closed_and_others_get_through() {
+    use std::io::Write as _;
+    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
+    let mut config = dirs.config("prod", answer_limits());
+    config.http.connections.header_timeout = Duration::from_millis(500);
+    config.http.connections.max_connections = 64;
+    config.http.body_timeout = Duration::from_millis(500);
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let address = fh.base.trim_start_matches("http://").to_owned();
+
+    // Slowloris: 200 connections that send half their headers and wait;
+    // and 10 that send headers and half a body.
+    let mut held = Vec::new();
+    for i in 0..210 {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        let part: &[u8] = if i < 200 {
+            b"POST /ofrep/v1/evaluate/flags/ok HTTP/1.1\r\nHost: x\r\n"
+        } else {
+            b"POST /ofrep/v1/evaluate/flags/ok HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"context\""
+        };
+        let _ = stream.write_all(part);
+        held.push(stream);
+    }
+
+    // A well-behaved client gets through once the timeouts free the slots.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            // NB: a connection of its own each time; one refused at the
+            // bound is an error here, not a panic.
+            let answer = reqwest::Client::new()
+                .post(format!("{}/ofrep/v1/evaluate/flags/ok", fh.base))
+                .json(&json!({"context": {}}))
+                .send()
+                .await;
+            match answer {
+                Ok(response) if response.status() == 200 => response
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|body| body["value"] == "A"),
+                _ => false,
+            }
+        })
+        .await,
+        "a normal request is answered while the slow clients hold on"
     );
-    let (status, body) = fh.evaluate_in(Some("bombed"), "bomb", json!({})).await;
-    assert_eq!(
-        (status, &body["errorCode"]),
-        (400, &json!("PARSE_ERROR")),
-        "{body}"
+    // Every slow connection was closed by flaghost, not left open.
+    let all_closed = tokio::task::spawn_blocking(move || {
+        held.iter_mut()
+            .all(|stream| closed_by_server(stream, Duration::from_secs(5)))
+    })
+    .await
+    .expect("checked");
+    assert!(
+        all_closed,
+        "every connection that never finished its request is closed"
     );
-    let (status, _) = fh.evaluate_in(Some("bombed"), "ok", json!({})).await;
-    assert_eq!(status, 200);
     fh.stop().await.expect("clean stop");
 }

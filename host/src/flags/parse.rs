@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value as Json};
 
-use super::targeting::{Evaluators, JsonLogicRule, bind_plugins, plugin_args, resolve_refs};
+use super::targeting::{
+    Evaluators, JsonLogicRule, ResolveError, bind_plugins, plugin_args, resolve_refs,
+};
 use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
 use crate::rules::{BindError, RuleBinder};
 
@@ -389,7 +391,13 @@ fn parse_targeting(
     let rule = Json::Object(rule);
     let resolved = match resolve_refs(&rule, evaluators) {
         Ok(resolved) => resolved,
-        Err(reason) => return Ok((Targeting::Unparsable(reason), Some(rule))),
+        // NB: past a bound the file is refused (the last good set keeps
+        // serving); a rule that merely cannot be evaluated loads and
+        // answers PARSE_ERROR, as flagd does.
+        Err(ResolveError::TooLarge(reason)) => return Err(TargetingError::Invalid(reason)),
+        Err(ResolveError::Unresolvable(reason)) => {
+            return Ok((Targeting::Unparsable(reason), Some(rule)));
+        }
     };
     let mut bound = resolved.clone();
     let mut plugins = Vec::new();

@@ -711,3 +711,35 @@ async fn a_redis_that_refuses_writes_costs_no_answer() {
     assert!(healed, "written once redis accepts writes again");
     fh.stop().await.expect("stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readable_flag_file_that_is_refused_is_never_replaced_by_what_redis_holds() {
+    let redis = RedisServer::start();
+    let dirs = Dirs::new().flag_file("production", &flags("hello"));
+    // A first instance puts its set in Redis.
+    let fh = Flaghost::start(&config(&dirs, Some(&redis), Duration::from_secs(300)))
+        .await
+        .expect("starts");
+    assert_eq!(greeting(&fh).await.1["value"], json!("hello"));
+    fh.stop().await.expect("stops");
+    assert!(
+        redis.keys().iter().any(|k| k == "feature_flags:production"),
+        "the set is in redis: {:?}",
+        redis.keys()
+    );
+
+    // The local file is then truncated: readable, and refused. What Redis
+    // holds (anyone who can write to Redis could have planted it) does not
+    // stand in for it: start-up is refused, naming the file.
+    std::fs::write(
+        dirs.flags().join("production.json"),
+        b"{\"flags\": {\"greeting\": ",
+    )
+    .expect("truncate");
+    let err = Flaghost::start(&config(&dirs, Some(&redis), Duration::from_secs(300)))
+        .await
+        .err()
+        .expect("refused");
+    let message = format!("{err:#}");
+    assert!(message.contains("production.json"), "{message}");
+}

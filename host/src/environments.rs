@@ -247,6 +247,12 @@ impl Environments {
     /// The store failed: the last good set, else the shared cache's, else
     /// the snapshot already served (a set read from the shared cache alone
     /// keeps serving when the shared cache loses it too).
+    ///
+    /// NB: the shared cache stands in only for a file that cannot be read
+    /// (a missing or unreadable directory). A file that was read and
+    /// refused is the operator's word: what Redis holds (which anyone who
+    /// can write to Redis could have planted) never replaces it, so with
+    /// no last good set of its own the environment is unavailable.
     fn serve_without_store(
         &self,
         environment: &str,
@@ -260,6 +266,8 @@ impl Environments {
             .unwrap_or_else(PoisonError::into_inner)
             .get(environment)
             .cloned();
+        let refused = matches!(error, StoreError::Invalid(_));
+        let cached = cached.filter(|_| !refused);
         let snapshot = match (good, cached) {
             (Some(good), _) => {
                 let age = self
@@ -275,7 +283,7 @@ impl Environments {
                 set: remote,
                 stale: true,
             },
-            (None, None) => match self.snapshots.any(environment) {
+            (None, None) => match self.snapshots.any(environment).filter(|_| !refused) {
                 Some(served) => Snapshot {
                     set: served.set,
                     stale: true,

@@ -2,7 +2,7 @@
 //! 500; the service keeps answering.
 
 use flaghost::plugins::Limits;
-use flaghost_tests::{Dirs, Flaghost};
+use flaghost_tests::{Dirs, Flaghost, answer_limits, examples_config};
 use serde_json::json;
 
 /// flaghost on one flag; keep the directories alive as long as it serves.
@@ -187,4 +187,26 @@ async fn browsers_from_allowed_origins_may_call_and_read_the_etag() {
         .to_str()
         .expect("expose");
     assert!(exposed.to_ascii_lowercase().contains("etag"), "{exposed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_is_not_utf8_is_an_ofrep_json_error() {
+    let fh = Flaghost::start(&examples_config(answer_limits()))
+        .await
+        .expect("starts");
+    for path in [
+        "/ofrep/v1/evaluate/flags/%ff%fe",
+        "/environments/%ff/ofrep/v1/evaluate/flags",
+    ] {
+        let (status, body) = fh.post_raw(path, "{\"context\": {}}").await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["errorCode"], "GENERAL", "{path}: {body}");
+        assert!(
+            body["errorDetails"]
+                .as_str()
+                .is_some_and(|d| d.contains("UTF-8")),
+            "{path}: says what to fix: {body}"
+        );
+    }
+    fh.stop().await.expect("clean stop");
 }

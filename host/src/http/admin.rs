@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::{Body, BodyDataStream, Bytes};
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::error::ValidPath;
 use super::{ApiError, AppState};
 use crate::environments::Invalidation;
 use crate::plugin_changes::{PluginChanges, Upload};
@@ -191,7 +192,7 @@ pub struct Uploaded {
 /// is new, 200 when it replaced (or already was) the loaded version.
 pub async fn put_plugin(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ValidPath(name): ValidPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
@@ -300,7 +301,7 @@ pub struct Deleted {
 /// file; refused (409) while flags use it.
 pub async fn delete_plugin(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ValidPath(name): ValidPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<Deleted>, ApiError> {
     authorize(&state, &headers)?;

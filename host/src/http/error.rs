@@ -47,6 +47,8 @@ pub enum ApiError {
     },
     /// No route.
     NoRoute(String),
+    /// The path does not parse (not UTF-8 once decoded, say).
+    BadPath(String),
     /// A route that takes another method.
     WrongMethod(String),
     /// The admin API was called but no admin token is configured.
@@ -135,6 +137,15 @@ impl IntoResponse for ApiError {
                 ),
                 None,
             ),
+            ApiError::BadPath(why) => (
+                StatusCode::BAD_REQUEST,
+                None,
+                "GENERAL",
+                format!(
+                    "the request path is not valid ({why}): flag keys, environments and plugin names are UTF-8 text"
+                ),
+                None,
+            ),
             ApiError::WrongMethod(path) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 None,
@@ -213,4 +224,27 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
 /// The fallback for a known path with the wrong method.
 pub async fn method_not_allowed(uri: axum::http::Uri) -> ApiError {
     ApiError::WrongMethod(uri.path().to_owned())
+}
+
+/// axum's `Path`, refusing a path that does not parse with an OFREP JSON
+/// error (axum's own rejection is plain text, which OFREP clients cannot
+/// read).
+pub struct ValidPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ValidPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::BadPath(rejection.body_text())),
+        }
+    }
 }

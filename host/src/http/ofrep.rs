@@ -2,14 +2,15 @@
 //! (../shared/reference/ofrep/openapi.yaml).
 
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
+use super::error::ValidPath;
 use super::{ApiError, AppState};
 use crate::cache::Snapshot;
 use crate::evaluation::{
@@ -28,7 +29,7 @@ pub struct FlagPath {
 /// `POST .../ofrep/v1/evaluate/flags/{key}`.
 pub async fn evaluate_one(
     State(state): State<AppState>,
-    Path(path): Path<FlagPath>,
+    ValidPath(path): ValidPath<FlagPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = path.key.unwrap_or_default();
@@ -104,7 +105,7 @@ async fn on_plugin_pool(
 /// a failure, with an `ETag` over the answer so an unchanged answer is a 304.
 pub async fn evaluate_all(
     State(state): State<AppState>,
-    Path(path): Path<FlagPath>,
+    ValidPath(path): ValidPath<FlagPath>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {

@@ -154,6 +154,10 @@ async fn spin_attack(limits: Limits, spinner: fn(u64) -> Value) -> (Flaghost, At
         .await
         .expect("starts");
     let run = static_latency_under_attack(&fh, "spinner", 16).await;
+    eprintln!(
+        "static flag under attack: p50 {:?} p99 {:?}; neighbour slowest {:?}",
+        run.p50, run.p99, run.neighbour_max
+    );
     assert!(
         run.p99 < Duration::from_millis(20),
         "static flag p50 {:?} p99 {:?} while a plugin spins just under its deadline",

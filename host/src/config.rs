@@ -28,13 +28,29 @@ pub struct Cli {
 pub enum Command {
     /// Serve OFREP evaluations over HTTP.
     Serve(ServeArgs),
-    /// Check flag files and plugins without serving: exit 0 when all load,
-    /// else list every problem (file, flag, reason) and exit 1.
-    Validate(SourceArgs),
+    /// Check flag files and plugins without serving: exit 0 when all load
+    /// and every rule can be evaluated, else list every problem (file, flag,
+    /// reason) and exit 1.
+    Validate(ValidateArgs),
     /// Internal: compiles one plugin component from stdin under a bound, for
     /// a running flaghost (see `plugins::compiler`).
     #[command(name = "compile-worker", hide = true)]
     CompileWorker(crate::plugins::compiler::WorkerArgs),
+}
+
+/// `flaghost validate`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// Flags and plugins.
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// Exit 0 even when some rules can never be evaluated (a `$ref` to a
+    /// missing evaluator, a `$ref` cycle, invalid JsonLogic): flagd loads
+    /// such files too, and their flags answer PARSE_ERROR. They are still
+    /// listed.
+    #[arg(long)]
+    pub allow_parse_errors: bool,
 }
 
 /// Where flags and plugins come from.

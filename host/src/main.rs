@@ -32,19 +32,38 @@ fn main() -> ExitCode {
             }
         }
         Command::CompileWorker(args) => flaghost::plugins::compiler::worker(&args),
-        Command::Validate(source) => {
+        Command::Validate(args) => {
             telemetry::init(LogFormat::Text);
-            match server::validate(&source) {
-                Ok(problems) if problems.is_empty() => {
-                    eprintln!("flaghost validate: all flag files and plugins load");
-                    ExitCode::SUCCESS
-                }
-                Ok(problems) => {
-                    for p in &problems {
+            match server::validate(&args.source) {
+                Ok(found) => {
+                    for p in found.problems.iter().chain(&found.parse_errors) {
                         eprintln!("{p}");
                     }
-                    eprintln!("flaghost validate: {} problem(s)", problems.len());
-                    ExitCode::FAILURE
+                    let failing = found.problems.len()
+                        + if args.allow_parse_errors {
+                            0
+                        } else {
+                            found.parse_errors.len()
+                        };
+                    if failing == 0 && found.parse_errors.is_empty() {
+                        eprintln!("flaghost validate: all flag files and plugins load");
+                    } else {
+                        eprintln!(
+                            "flaghost validate: {} problem(s), {} rule(s) that can never be evaluated{}",
+                            found.problems.len(),
+                            found.parse_errors.len(),
+                            if args.allow_parse_errors && !found.parse_errors.is_empty() {
+                                " (allowed by --allow-parse-errors)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    if failing == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
                 Err(e) => {
                     eprintln!("flaghost validate: {e:#}");

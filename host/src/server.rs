@@ -268,10 +268,20 @@ pub async fn serve(
     Ok(())
 }
 
+/// What `flaghost validate` found.
+#[derive(Debug, Default)]
+pub struct Validation {
+    /// What stops a file or plugin from loading.
+    pub problems: Vec<String>,
+    /// Rules that load but can never be evaluated (their flags answer
+    /// PARSE_ERROR), as `serve` logs them at load.
+    pub parse_errors: Vec<String>,
+}
+
 /// `flaghost validate`: every problem with the plugins and flag files.
 /// Plugins are compiled by children running this binary (which must be
 /// `flaghost`).
-pub fn validate(source: &SourceArgs) -> anyhow::Result<Vec<String>> {
+pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
     let runtime = runtime(
         source.limits.to_limits()?,
         Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
@@ -284,14 +294,23 @@ pub fn validate(source: &SourceArgs) -> anyhow::Result<Vec<String>> {
     let environments = store
         .environments_sync()
         .with_context(|| format!("cannot read the flag directory {}", source.flags.display()))?;
+    let mut parse_errors = Vec::new();
     for env in environments {
         match store.load_sync(&env) {
-            Ok(_) => {}
+            Ok(set) => parse_errors.extend(set.warnings.iter().map(|w| {
+                format!(
+                    "{}: {w} (the flag loads and answers PARSE_ERROR)",
+                    source.flags.join(format!("{env}.json")).display()
+                )
+            })),
             Err(StoreError::Invalid(e)) => {
                 problems.extend(e.problems.iter().map(|p| format!("{}: {p}", e.file)));
             }
             Err(e) => problems.push(e.to_string()),
         }
     }
-    Ok(problems)
+    Ok(Validation {
+        problems,
+        parse_errors,
+    })
 }

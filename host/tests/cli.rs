@@ -82,6 +82,49 @@ fn validate_lists_every_problem_and_exits_1() {
 }
 
 #[test]
+fn validate_fails_on_rules_that_can_never_be_evaluated_unless_allowed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let flags = dir.path().join("flags");
+    std::fs::create_dir(&flags).expect("mkdir");
+    std::fs::write(
+        flags.join("prod.json"),
+        r#"{"$evaluators": {"a": {"!": {"$ref": "b"}}, "b": {"$ref": "a"}},
+            "flags": {
+              "cycle": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                        "defaultVariant": "off", "targeting": {"if": [{"$ref": "a"}, "on", "off"]}},
+              "missing": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                          "defaultVariant": "off", "targeting": {"if": [{"$ref": "nope"}, "on", "off"]}}}}"#,
+    )
+    .expect("write");
+    let run = |extra: &[&str]| {
+        flaghost()
+            .args(["validate", "--flags"])
+            .arg(&flags)
+            .args(extra)
+            .output()
+            .expect("runs")
+    };
+    let out = run(&[]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    for expected in [
+        "prod.json: flag \"cycle\": $ref cycle: a -> b -> a",
+        "prod.json: flag \"missing\": $ref to evaluator \"nope\"",
+        "2 rule(s) that can never be evaluated",
+    ] {
+        assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
+    }
+    // flagd loads such files; so may a pipeline that says so.
+    let out = run(&["--allow-parse-errors"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("$ref cycle: a -> b -> a"),
+        "still listed: {said}"
+    );
+}
+
+#[test]
 fn serve_answers_then_stops_cleanly_on_sigterm() {
     let mut child = flaghost()
         // A deadline for a debug build on a loaded machine: this test checks

@@ -344,20 +344,21 @@ fn use_our_fractional(rule: &mut Json) {
 /// the `$ref`s of one file add at most [`MAX_EXPANSION_BYTES`] (checked as
 /// it is built, so a bomb stops at the bound, not after).
 pub fn resolve_refs(rule: &Json, evaluators: &Evaluators) -> Result<Json, ResolveError> {
-    resolve(rule, evaluators, 0, 0)
+    resolve(rule, evaluators, &mut Vec::new(), 0)
 }
 
-/// `refs`: `$ref`s followed to get here (0: the flag's own text);
-/// `depth`: levels of objects and arrays above `rule`.
-fn resolve(
-    rule: &Json,
-    evaluators: &Evaluators,
-    refs: usize,
+/// `refs`: the evaluators followed to get here, in order (empty: the
+/// flag's own text); `depth`: levels of objects and arrays above `rule`.
+fn resolve<'a>(
+    rule: &'a Json,
+    evaluators: &'a Evaluators,
+    refs: &mut Vec<&'a str>,
     depth: usize,
 ) -> Result<Json, ResolveError> {
-    if refs > MAX_REF_DEPTH {
+    if refs.len() > MAX_REF_DEPTH {
         return Err(ResolveError::Unresolvable(format!(
-            "$ref nesting deeper than {MAX_REF_DEPTH} (a cycle?)"
+            "$refs chained more than {MAX_REF_DEPTH} deep: {}…",
+            refs[..4].join(" -> ")
         )));
     }
     if depth > MAX_RULE_DEPTH {
@@ -365,7 +366,7 @@ fn resolve(
             "the rule nests more than {MAX_RULE_DEPTH} levels deep once its $refs are resolved"
         )));
     }
-    if refs > 0 {
+    if !refs.is_empty() {
         let own = match rule {
             Json::String(s) => s.len(),
             Json::Object(map) => map.keys().map(String::len).sum(),
@@ -381,12 +382,21 @@ fn resolve(
                     map["$ref"]
                 ))
             })?;
-            let target = evaluators.map.get(name).ok_or_else(|| {
+            let (name, target) = evaluators.map.get_key_value(name).ok_or_else(|| {
                 ResolveError::Unresolvable(format!(
                     "$ref to evaluator {name:?}, which $evaluators does not define"
                 ))
             })?;
-            resolve(target, evaluators, refs + 1, depth)
+            if refs.contains(&name.as_str()) {
+                return Err(ResolveError::Unresolvable(format!(
+                    "$ref cycle: {} -> {name}",
+                    refs.join(" -> ")
+                )));
+            }
+            refs.push(name);
+            let resolved = resolve(target, evaluators, refs, depth);
+            refs.pop();
+            resolved
         }
         Json::Object(map) => map
             .iter()
@@ -612,6 +622,26 @@ mod tests {
             matches!(&err, ResolveError::Unresolvable(m) if m.contains("\"nope\"")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_ref_cycle_names_the_evaluators_on_it() {
+        let Json::Object(map) = json!({
+            "a": {"!": {"$ref": "b"}},
+            "b": {"or": [true, {"$ref": "a"}]},
+            "self": {"$ref": "self"},
+            "shared": true,
+            "twice": {"and": [{"$ref": "shared"}, {"$ref": "shared"}]},
+        }) else {
+            unreachable!()
+        };
+        let evaluators = Evaluators::new(map);
+        let err = resolve_refs(&json!({"$ref": "a"}), &evaluators).expect_err("a cycle");
+        assert_eq!(err.to_string(), "$ref cycle: a -> b -> a");
+        let err = resolve_refs(&json!({"$ref": "self"}), &evaluators).expect_err("a cycle");
+        assert_eq!(err.to_string(), "$ref cycle: self -> self");
+        // An evaluator used twice side by side is no cycle.
+        assert!(resolve_refs(&json!({"$ref": "twice"}), &evaluators).is_ok());
     }
 
     /// `{"!!": [{"!!": [ ... inner ... ]}]}`, `levels` deep.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use flaghost_tests::{Dirs, Flaghost, answer_limits, fixture, plugin};
+use flaghost_tests::{Dirs, Flaghost, answer_limits, fixture, plugin, put_plugin};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "plugin-admin-token-0123456789";
@@ -22,17 +22,7 @@ fn read(path: &std::path::Path) -> Vec<u8> {
 }
 
 async fn put(fh: &Flaghost, name: &str, bytes: Vec<u8>) -> (u16, Value) {
-    let response = fh
-        .client
-        .put(format!("{}/admin/v1/plugins/{name}", fh.base))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/wasm")
-        .body(bytes)
-        .send()
-        .await
-        .expect("answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("JSON"))
+    put_plugin(&fh.client, &fh.base, TOKEN, name, bytes).await
 }
 
 async fn delete(fh: &Flaghost, name: &str) -> (u16, Value) {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use flaghost::plugins::{Limits, PluginRuntime};
 use flaghost_tests::{
-    Dirs, Flaghost, answer_limits, compiler, eventually, fixture, plugin, spin_iterations,
+    Dirs, Flaghost, answer_limits, compiler, eventually, fixture, plugin, put_plugin,
+    spin_iterations,
 };
 use serde_json::{Value, json};
 
@@ -495,16 +496,7 @@ async fn upload(
     name: &str,
     bytes: Vec<u8>,
 ) -> (u16, Value, Instant) {
-    let response = client
-        .put(format!("{base}/admin/v1/plugins/{name}"))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/wasm")
-        .body(bytes)
-        .send()
-        .await
-        .expect("answers");
-    let status = response.status().as_u16();
-    let body = response.json().await.expect("JSON");
+    let (status, body) = put_plugin(&client, &base, TOKEN, name, bytes).await;
     (status, body, Instant::now())
 }
 

@@ -51,6 +51,20 @@ pub const CONTRACT_VERSIONS: &[&str] = &["0.1.0"];
 /// How often the engine's epoch advances: the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
+/// `text` cut to at most `max` bytes on a character boundary, saying how
+/// long it was: how a plugin's (or its compiler's) text is kept for logs and
+/// listings.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    format!(
+        "{}… ({} bytes in all)",
+        &text[..text.floor_char_boundary(max)],
+        text.len()
+    )
+}
+
 /// A process-unique id: keys plugins' per-thread instances and rules'
 /// parsed configurations in them.
 fn next_id() -> u64 {

@@ -63,6 +63,28 @@ pub fn compiler() -> Compiler {
     Compiler::Child(flaghost_binary())
 }
 
+/// `PUT {base}/admin/v1/plugins/{name}` with `bytes`, behind `token`: the
+/// status and the JSON answer. A free function over a client and a base
+/// URL, so a test can run it in a task of its own.
+pub async fn put_plugin(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    name: &str,
+    bytes: Vec<u8>,
+) -> (u16, Value) {
+    let response = client
+        .put(format!("{base}/admin/v1/plugins/{name}"))
+        .bearer_auth(token)
+        .header("content-type", "application/wasm")
+        .body(bytes)
+        .send()
+        .await
+        .expect("answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
+}
+
 /// A purpose-built test component's file.
 pub fn fixture(name: &str) -> PathBuf {
     build_plugins();

@@ -230,7 +230,7 @@ fn compile_in_child(
         let message = scope.spawn(move || {
             let mut err = Vec::new();
             stderr.map(|s| s.take(64 << 10).read_to_end(&mut err));
-            cap(String::from_utf8_lossy(&err).trim())
+            super::cut(String::from_utf8_lossy(&err).trim(), MAX_MESSAGE_BYTES)
         });
         let status = loop {
             match child.try_wait() {
@@ -314,18 +314,6 @@ fn outcome(
         how,
         message: first,
     })
-}
-
-/// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary.
-fn cap(message: &str) -> String {
-    if message.len() <= MAX_MESSAGE_BYTES {
-        return message.to_owned();
-    }
-    let mut end = MAX_MESSAGE_BYTES;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &message[..end])
 }
 
 /// Arguments of `flaghost compile-worker` (internal: run by flaghost itself).
@@ -425,10 +413,11 @@ mod tests {
     #[test]
     fn long_messages_are_cut_on_a_character_boundary() {
         let message = "é".repeat(MAX_MESSAGE_BYTES);
-        let cut = cap(&message);
-        assert!(cut.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
-        assert!(cut.ends_with('…'));
-        assert_eq!(cap("short"), "short");
+        let cut = super::super::cut(&message, MAX_MESSAGE_BYTES);
+        let (kept, rest) = cut.split_once('…').expect("marked as cut");
+        assert!(kept.len() <= MAX_MESSAGE_BYTES && message.starts_with(kept));
+        assert_eq!(rest, format!(" ({} bytes in all)", message.len()));
+        assert_eq!(super::super::cut("short", MAX_MESSAGE_BYTES), "short");
     }
 
     fn settings() -> Settings {

@@ -230,17 +230,9 @@ enum Failure {
     UnknownVariant(String),
 }
 
-/// `text` cut to the plugin's answer cap (on a character boundary).
+/// `text` cut to the plugin's answer cap.
 fn capped(text: &str, plugin: &Plugin) -> String {
-    let max = plugin.limits.max_answer_bytes;
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes in all)", &text[..end], text.len())
+    super::cut(text, plugin.limits.max_answer_bytes)
 }
 
 impl TargetingRule for PluginRule {

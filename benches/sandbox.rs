@@ -165,5 +165,241 @@ fn sandbox(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sandbox);
+/// How a raw engine for the isolation candidates allocates instances.
+#[derive(Clone, Copy)]
+enum Alloc {
+    /// wasmtime's default: `mmap` per instance.
+    OnDemand,
+    /// The pooling allocator as flaghost sizes it, with `keep` bytes of each
+    /// memory (and table) kept resident and reset with `memset` instead of
+    /// `madvise`, and `PAGEMAP_SCAN` to find the dirty pages if `scan`.
+    Pooling { keep: usize, scan: bool },
+}
+
+/// An engine configured as flaghost's (component model, epoch interruption,
+/// no async support, 512 KiB wasm stack) with `alloc`, and the allow-list's
+/// `InstancePre` on it.
+fn candidate(alloc: Alloc) -> (Engine, bindings::TargetingRulePre<State>) {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .concurrency_support(false)
+        .max_wasm_stack(512 << 10);
+    if let Alloc::Pooling { keep, scan } = alloc {
+        let mut pooling = wasmtime::PoolingAllocationConfig::default();
+        pooling
+            .total_component_instances(64)
+            .total_core_instances(64 * 48)
+            .total_memories(64 * 4)
+            .total_tables(64 * 48)
+            .max_core_instances_per_component(48)
+            .max_memories_per_component(4)
+            .max_tables_per_component(48)
+            .max_memories_per_module(4)
+            .max_tables_per_module(48)
+            .max_memory_size(32 << 20)
+            .linear_memory_keep_resident(keep)
+            .table_keep_resident(keep.min(64 << 10))
+            .pagemap_scan(if scan {
+                wasmtime::Enabled::Yes
+            } else {
+                wasmtime::Enabled::No
+            });
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
+    }
+    let engine = Engine::new(&config).expect("engine");
+    let bytes = std::fs::read(plugin("allow-list")).expect("plugin");
+    let component = Component::from_binary(&engine, &bytes).expect("compiles");
+    let mut linker: Linker<State> = Linker::new(&engine);
+    wit_context::add_to_linker::<_, HasSelf<State>>(&mut linker, |s| s).expect("link");
+    linker
+        .define_unknown_imports_as_traps(&component)
+        .expect("stubs");
+    let pre = linker.instantiate_pre(&component).expect("pre");
+    (
+        engine,
+        bindings::TargetingRulePre::new(pre).expect("the contract"),
+    )
+}
+
+/// One plugin evaluation on a fresh instance: instantiate, parse the rule's
+/// configuration (`create`), evaluate, drop the store (which gives the slot
+/// back and resets its memory).
+fn fresh_evaluation(
+    engine: &Engine,
+    pre: &bindings::TargetingRulePre<State>,
+    context: &EvaluationContext,
+    config: &str,
+) -> Option<String> {
+    let mut store = Store::new(engine, State { context: None });
+    store.set_epoch_deadline(u64::MAX / 2);
+    let rule = pre.instantiate(&mut store).expect("instantiates");
+    let targeting = rule.flaghost_rules_rule().targeting();
+    let handle = targeting
+        .call_create(&mut store, FLAG, &variants(), config)
+        .expect("runs")
+        .expect("accepts its configuration");
+    store.data_mut().context = Some(context.clone());
+    targeting
+        .call_evaluate(&mut store, handle)
+        .expect("runs")
+        .expect("answers")
+}
+
+/// What each way of keeping callers apart costs per plugin evaluation, on
+/// the allow-list rule, side by side. flaghost's own modes are measured
+/// through `PluginRule::evaluate` (limits, guard, counters included); the
+/// mechanisms behind them, with plain wasmtime on flaghost's engine
+/// settings, so the allocator's share shows.
+fn isolation(c: &mut Criterion) {
+    let context = typical_context();
+    let config = rule_config().to_string();
+    let mut group = c.benchmark_group("isolation/allow-list");
+
+    for (name, isolation) in [
+        ("flaghost reuse", flaghost::plugins::Isolation::Reuse),
+        ("flaghost fresh", flaghost::plugins::Isolation::Fresh),
+    ] {
+        let limits = Limits {
+            isolation,
+            ..Limits::default()
+        };
+        let runtime = PluginRuntime::new(limits, Compiler::InProcess).expect("engine");
+        let bytes = std::fs::read(plugin("allow-list")).expect("plugin");
+        let mut plugins = flaghost::plugins::PluginSet::default();
+        plugins.insert(runtime.load("allow-list", &bytes).expect("loads"));
+        let rule = plugins
+            .bind(FLAG, &variants(), "allow-list", &rule_config())
+            .expect("binds");
+        assert_eq!(rule.evaluate(&context), Ok(Some("eu".into())));
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(rule.evaluate(black_box(&context))))
+        });
+    }
+
+    // Reuse: one warm instance, the rule created once.
+    {
+        let (engine, pre) = candidate(Alloc::Pooling {
+            keep: 0,
+            scan: false,
+        });
+        let mut store = Store::new(&engine, State { context: None });
+        store.set_epoch_deadline(u64::MAX / 2);
+        let rule = pre.instantiate(&mut store).expect("instantiates");
+        let targeting = rule.flaghost_rules_rule().targeting();
+        let handle = targeting
+            .call_create(&mut store, FLAG, &variants(), &config)
+            .expect("runs")
+            .expect("accepts");
+        group.bench_function("wasmtime reuse", |b| {
+            b.iter(|| {
+                store.data_mut().context = Some(context.clone());
+                let answer = targeting.call_evaluate(&mut store, handle).expect("runs");
+                store.data_mut().context = None;
+                black_box(answer)
+            })
+        });
+    }
+
+    let allocators = [
+        ("on-demand", Alloc::OnDemand),
+        (
+            "pooling",
+            Alloc::Pooling {
+                keep: 0,
+                scan: false,
+            },
+        ),
+        (
+            "pooling keep 1 MiB",
+            Alloc::Pooling {
+                keep: 1 << 20,
+                scan: false,
+            },
+        ),
+        (
+            "pooling keep 4 MiB",
+            Alloc::Pooling {
+                keep: 4 << 20,
+                scan: false,
+            },
+        ),
+        (
+            "pooling keep 1 MiB pagemap",
+            Alloc::Pooling {
+                keep: 1 << 20,
+                scan: true,
+            },
+        ),
+        (
+            "pooling keep 32 MiB pagemap",
+            Alloc::Pooling {
+                keep: 32 << 20,
+                scan: true,
+            },
+        ),
+        (
+            "pooling keep 4 MiB pagemap",
+            Alloc::Pooling {
+                keep: 4 << 20,
+                scan: true,
+            },
+        ),
+    ];
+    for (name, alloc) in allocators {
+        let (engine, pre) = candidate(alloc);
+        assert_eq!(
+            fresh_evaluation(&engine, &pre, &context, &config).as_deref(),
+            Some("eu")
+        );
+        group.bench_function(format!("wasmtime fresh, {name}"), |b| {
+            b.iter(|| black_box(fresh_evaluation(&engine, &pre, &context, &config)))
+        });
+    }
+
+    // What a snapshot taken after `create` (wizer) could save at most: the
+    // instance without the configuration parsed, against the whole fresh
+    // evaluation above.
+    let (engine, pre) = candidate(Alloc::Pooling {
+        keep: 4 << 20,
+        scan: true,
+    });
+    group.bench_function(
+        "wasmtime instantiate only, pooling keep 4 MiB pagemap",
+        |b| {
+            b.iter(|| {
+                let mut store = Store::new(&engine, State { context: None });
+                store.set_epoch_deadline(u64::MAX / 2);
+                black_box(pre.instantiate(&mut store).expect("instantiates"));
+            })
+        },
+    );
+
+    // One instance per request, shared by its plugin flags (5, as the bulk
+    // mix has): the per-request figure divided by 5 is the per-evaluation cost.
+    group.bench_function(
+        "wasmtime per request of 5 flags, pooling keep 4 MiB pagemap",
+        |b| {
+            b.iter(|| {
+                let mut store = Store::new(&engine, State { context: None });
+                store.set_epoch_deadline(u64::MAX / 2);
+                let rule = pre.instantiate(&mut store).expect("instantiates");
+                let targeting = rule.flaghost_rules_rule().targeting();
+                store.data_mut().context = Some(context.clone());
+                for _ in 0..5 {
+                    let handle = targeting
+                        .call_create(&mut store, FLAG, &variants(), &config)
+                        .expect("runs")
+                        .expect("accepts");
+                    let answer = targeting.call_evaluate(&mut store, handle).expect("runs");
+                    assert_eq!(answer.as_ref().map(Option::as_deref), Ok(Some("eu")));
+                }
+            })
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, sandbox, isolation);
 criterion_main!(benches);

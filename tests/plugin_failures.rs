@@ -410,26 +410,91 @@ async fn a_plugin_that_keeps_hitting_its_deadline_is_quarantined_then_retried() 
     fh.stop().await.expect("stops");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_s_own_text_never_reaches_a_caller_its_listing_keeps_it() {
-    // `remembers` hands each caller the previous caller's targeting key, in
-    // its error text or as a made-up variant name, from the same flag and
-    // from another flag of the same plugin.
-    const TOKEN: &str = "failures-admin-token-0123456789";
+/// Flags whose rule is `remembers` (it hands each caller the previous
+/// caller's targeting key as its error text, as a made-up variant name, or
+/// through its choice of variant): two plain, one inside JsonLogic, one
+/// choosing.
+fn remembering_dirs() -> Dirs {
     let bad = |_: ()| {
         json!({"state": "ENABLED", "variants": {"on": true, "off": false},
                "defaultVariant": "off", "targeting": {"plugin": ["remembers", {}]}})
     };
-    let dirs = Dirs::new()
+    Dirs::new()
         .plugin("remembers", &fixture("remembers"))
         .flag_file(
             "prod",
-            &json!({"flags": {"first": bad(()), "second": bad(()),
+            &json!({"flags": {"first": bad(()), "second": bad(()), "choosing": bad(()),
                 "in-logic": {"state": "ENABLED", "variants": {"on": true, "off": false},
                     "defaultVariant": "off",
                     "targeting": {"if": [{"plugin": ["remembers", {}]}, "on", "off"]}}}}),
-        );
-    let mut config = dirs.config("prod", limits());
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_no_caller_s_data_reaches_another_caller_or_another_flag() {
+    let fh = Flaghost::start(&remembering_dirs().config("prod", limits()))
+        .await
+        .expect("starts");
+    let callers = ["alice-ssn-123-45-6789", "bob-ssn-987-65-4321"];
+    // Callers take turns on every flag, one at a time and side by side, so
+    // any state a plugin thread kept would be there for the next.
+    for round in 0..3 {
+        for flag in ["first", "second", "in-logic", "choosing"] {
+            for leak in ["error", "variant", "choice"] {
+                let answers =
+                    futures_util::future::join_all(callers.iter().cycle().take(6).map(|caller| {
+                        fh.evaluate(flag, json!({"targetingKey": caller, "leak": leak}))
+                    }))
+                    .await;
+                for (status, body) in answers {
+                    let text = body.to_string();
+                    assert!(
+                        !text.contains("ssn"),
+                        "{flag}/{leak} round {round}: a caller saw another's data: {text}"
+                    );
+                    if leak == "choice" && flag != "in-logic" {
+                        assert_eq!(
+                            (status, &body["variant"]),
+                            (200, &json!("off")),
+                            "{flag}: the rule saw that a caller came before: {body}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A bulk request evaluates every plugin flag in one request: the
+    // choosing flag still sees no earlier evaluation, of its own or another flag.
+    for caller in callers {
+        let (status, body) = fh
+            .post_raw(
+                "/ofrep/v1/evaluate/flags",
+                json!({"context": {"targetingKey": caller, "leak": "choice"}}).to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let choosing = body["flags"]
+            .as_array()
+            .and_then(|flags| flags.iter().find(|f| f["key"] == "choosing"))
+            .expect("the choosing flag");
+        assert_eq!(choosing["variant"], json!("off"), "{body}");
+        assert!(!body.to_string().contains("ssn"), "{body}");
+    }
+    fh.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_s_own_text_never_reaches_a_caller_its_listing_keeps_it() {
+    // With reuse chosen for it, `remembers` does carry each caller's key to
+    // the next: its text holds it, and only flaghost's handling of plugin
+    // text stands between it and the next caller.
+    const TOKEN: &str = "failures-admin-token-0123456789";
+    let dirs = remembering_dirs();
+    let mut reuse = limits();
+    reuse
+        .isolation_for
+        .insert("remembers".into(), flaghost::plugins::Isolation::Reuse);
+    let mut config = dirs.config("prod", reuse);
     config.admin_token = Some(TOKEN.into());
     let fh = Flaghost::start(&config).await.expect("starts");
     let mut ids = Vec::new();
@@ -474,8 +539,25 @@ async fn a_plugin_s_own_text_never_reaches_a_caller_its_listing_keeps_it() {
         ids.len() >= 8,
         "the plugin's failures reached callers as errors: {ids:?}"
     );
+    // The control: reuse does let a rule's choice carry what it kept (here,
+    // that a caller came before), which is why it is not the default.
+    let mut choices = Vec::new();
+    for caller in ["carol", "dave"] {
+        let (_, body) = fh
+            .evaluate(
+                "choosing",
+                json!({"targetingKey": caller, "leak": "choice"}),
+            )
+            .await;
+        choices.push(body["variant"].clone());
+    }
+    assert!(
+        choices.contains(&json!("on")),
+        "a reused instance remembered a caller: {choices:?}"
+    );
     // The full text is the operator's, under the id the caller was given.
     let listing = fh.plugin_listing(TOKEN).await;
+    assert_eq!(listing["plugins"][0]["isolation"], json!("reuse"));
     let recent = listing["plugins"][0]["recentErrors"]
         .as_array()
         .expect("recent errors");

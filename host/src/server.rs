@@ -141,7 +141,20 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
                   "plugin imports interfaces outside the contract; calling them traps");
         }
     }
+    for plugin in plugins
+        .iter()
+        .filter(|p| p.isolation() == crate::plugins::Isolation::Reuse)
+    {
+        info!(plugin = plugin.name(), isolation = %plugin.isolation(),
+              "plugin instances are reused: a rule can carry one caller's data to another caller or flag");
+    }
     let plugin_names: Vec<String> = plugins.iter().map(|p| p.name().to_owned()).collect();
+    for name in config.limits.isolation_for.keys() {
+        if !plugin_names.contains(name) {
+            // NB: not an error: the plugin may be uploaded or dropped in later.
+            warn!(plugin = %name, "--plugin-isolation-for names a plugin that is not loaded (yet)");
+        }
+    }
     let registry = PluginRegistry::new(plugins);
 
     // NB: the one place the shared cache is picked: Redis when REDIS_URL is
@@ -218,7 +231,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         default_environment = %config.default_environment,
         plugin_deadline = ?config.limits.deadline,
         plugin_memory_bytes = config.limits.memory_bytes,
-        plugin_isolation = ?config.limits.isolation,
+        plugin_isolation = %config.limits.isolation,
         plugin_cache_dir = ?config.plugin_cache_dir,
         startup_ms = started.elapsed().as_millis() as u64,
         "flaghost loaded"

@@ -113,6 +113,9 @@ pub struct PluginInfo {
     /// `compiled` or `precompiled` (loaded from `--plugin-cache-dir`).
     origin: &'static str,
     load_time_ms: f64,
+    /// `fresh` (nothing survives an evaluation) or `reuse` (state may cross
+    /// callers and flags on a plugin thread): `--plugin-isolation[-for]`.
+    isolation: String,
     /// Unix milliseconds.
     loaded_at: u64,
     /// Imports outside the contract; calling them traps.
@@ -132,6 +135,7 @@ fn info(p: &Plugin) -> PluginInfo {
             Origin::Precompiled => "precompiled",
         },
         load_time_ms: p.load_time().as_secs_f64() * 1000.0,
+        isolation: p.isolation().to_string(),
         loaded_at: p
             .loaded_at()
             .duration_since(std::time::UNIX_EPOCH)

@@ -1,12 +1,18 @@
 //! Running a plugin call: which instance it runs on, under which limits, and
 //! what a failure becomes.
 //!
-//! In [`Isolation::Reuse`] each thread keeps one warm instance per plugin, in a
-//! thread-local, so evaluations on different plugin threads never share an
-//! instance and never take a lock. A warm instance also keeps each rule's
-//! parsed configuration (a `targeting` resource) so it is parsed once. An
-//! instance whose call trapped is dropped: its state cannot leak into a later
-//! evaluation. In [`Isolation::Fresh`] every call gets a new instance.
+//! In [`Isolation::Fresh`] (the default) every evaluation instantiates the
+//! component from its `InstancePre` and creates the flag's rule in it, and
+//! the store is dropped after the call: nothing one caller's evaluation left
+//! in the guest's memory reaches another caller or another flag. The pooling
+//! allocator makes that cheap (see `runtime::pooling`).
+//!
+//! In [`Isolation::Reuse`] (opt-in, per plugin) each thread keeps one warm
+//! instance per plugin, in a thread-local, so evaluations on different
+//! plugin threads never share an instance and never take a lock. A warm
+//! instance also keeps each rule's parsed configuration (a `targeting`
+//! resource) so it is parsed once. An instance whose call trapped is
+//! dropped.
 
 use std::cell::RefCell;
 use std::sync::{Arc, Weak};
@@ -78,7 +84,7 @@ pub(super) fn evaluate(
     limit: CallLimit,
 ) -> Result<Option<String>, PluginError> {
     let plugin = &rule.plugin;
-    match plugin.limits.isolation {
+    match plugin.isolation {
         Isolation::Fresh => {
             let (mut store, bindings) = instantiate(plugin, limit)?;
             store.data_mut().context = Some(context.clone());

@@ -79,17 +79,39 @@ pub const DEFAULT_MAX_CONTEXT_BYTES: usize = 128 << 10;
 pub const DEFAULT_MAX_ANSWER_BYTES: usize = 16 << 10;
 
 /// How evaluations are isolated from one another.
+///
+/// What each gives and costs (`sandbox` bench, `isolation/allow-list`, the
+/// Rust allow-list rule on this project's 2-core machine, 2026-12-02):
+///
+/// | mode | what a rule can keep between evaluations | cost per evaluation |
+/// | --- | --- | --- |
+/// | `fresh` (default) | nothing: each evaluation instantiates the component and parses the rule's configuration anew | 16 µs |
+/// | `reuse` | anything, on the same plugin thread: one caller's context, and what it computed, can reach a later caller and another flag of the same plugin | 1 µs |
+///
+/// Neither mode lets a rule see another plugin, the host, or anything
+/// outside its sandbox, and an instance that traps is never used again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Isolation {
-    /// Each plugin thread keeps one instance per plugin and reuses it; an
-    /// instance that traps is thrown away. A rule may keep state between
-    /// evaluations on the same thread (it cannot see other plugins', nor
-    /// anything outside its sandbox). The fast default.
+    /// A fresh instance for every evaluation: nothing survives a call, so an
+    /// evaluation is a pure function of the flag, the rule's configuration
+    /// and the context, as the contract promises. The default.
     #[default]
-    Reuse,
-    /// A fresh instance for every evaluation: nothing survives a call.
-    /// Costs an instantiation (microseconds) per evaluation.
     Fresh,
+    /// Each plugin thread keeps one instance per plugin and reuses it, with
+    /// each flag's rule created once. A rule may keep state between
+    /// evaluations on that thread, across callers and across the flags that
+    /// use it: choose it only for a plugin trusted not to, where
+    /// instantiating is too dear (a Python or JavaScript runtime).
+    Reuse,
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Isolation::Fresh => "fresh",
+            Isolation::Reuse => "reuse",
+        })
+    }
 }
 
 /// The limits every plugin call runs under.
@@ -110,8 +132,10 @@ pub struct Limits {
     /// Context bytes one call may read through the `context` import; past
     /// it, reads answer nothing and the evaluation is refused as an error.
     pub max_context_bytes: usize,
-    /// How evaluations are isolated.
+    /// How evaluations are isolated, unless `isolation_for` names the plugin.
     pub isolation: Isolation,
+    /// Plugins isolated otherwise than `isolation`, by name.
+    pub isolation_for: std::collections::BTreeMap<String, Isolation>,
     /// Calls of one plugin that may run at once: threads of the plugin
     /// pool it may hold (its share); more wait in its queue.
     pub max_concurrency: usize,
@@ -168,6 +192,7 @@ impl Default for Limits {
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             quarantine_for: DEFAULT_QUARANTINE_FOR,
             isolation: Isolation::default(),
+            isolation_for: std::collections::BTreeMap::new(),
             max_plugins: DEFAULT_MAX_PLUGINS,
             compile_cpu: super::compiler::DEFAULT_CPU,
             compile_memory_bytes: super::compiler::DEFAULT_MEMORY_BYTES,
@@ -181,14 +206,22 @@ impl Limits {
         self.request_budget.unwrap_or(self.deadline)
     }
 
+    /// How plugin `name`'s evaluations are isolated.
+    pub fn isolation_of(&self, name: &str) -> Isolation {
+        self.isolation_for
+            .get(name)
+            .copied()
+            .unwrap_or(self.isolation)
+    }
+
     /// How long a call may take before it is a strike toward quarantine.
     pub fn strike_after(&self) -> Duration {
         self.deadline.mul_f64(self.strike_fraction.clamp(0.0, 1.0))
     }
 
-    /// Instances one plugin may have at once: one per plugin thread (a warm
-    /// one with [`Isolation::Reuse`], the call in flight with
-    /// [`Isolation::Fresh`]) and [`CONFIG_CHECK_INSTANCES`] for checks.
+    /// Instances one plugin may have at once: one per plugin thread (the
+    /// call in flight with [`Isolation::Fresh`], a warm one with
+    /// [`Isolation::Reuse`]) and [`CONFIG_CHECK_INSTANCES`] for checks.
     pub fn instances_per_plugin(&self) -> usize {
         self.pool_threads + CONFIG_CHECK_INSTANCES
     }

@@ -14,14 +14,18 @@ use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
 use flaghost::environments::{Environments, Timing};
 use flaghost::http::{AppState, app};
-use flaghost::plugins::Limits;
+use flaghost::plugins::{Isolation, Limits};
 use flaghost::store::{DirStore, FlagStore};
 use flaghost_tests::root;
 use tower::ServiceExt;
 
-fn ofrep(c: &mut Criterion) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (runtime, _set) = flaghost_benches::example_flags(Limits::default());
+/// The OFREP router over the example flags, plugins loaded under `limits`.
+/// Keep the runtime alive as long as the router is used.
+fn router(
+    rt: &tokio::runtime::Runtime,
+    limits: Limits,
+) -> (Arc<flaghost::plugins::PluginRuntime>, axum::Router) {
+    let (runtime, _set) = flaghost_benches::example_flags(limits);
     let (plugins, _) = runtime
         .load_dir(&root().join("target/plugins"))
         .expect("plugins");
@@ -41,12 +45,31 @@ fn ofrep(c: &mut Criterion) {
         },
         &flaghost::http::HttpOptions::default(),
     );
+    (runtime, router)
+}
+
+/// A static flag, and the allow-list plugin flag with the default isolation
+/// (`fresh`) and with `reuse`, side by side.
+fn ofrep(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
     let body = r#"{"context":{"targetingKey":"user-4242","country":"NL","plan":"pro","age":34}}"#;
+    let (_fresh, fresh) = router(&rt, Limits::default());
+    let (_reuse, reuse) = router(
+        &rt,
+        Limits {
+            isolation: Isolation::Reuse,
+            ..Limits::default()
+        },
+    );
 
     let mut group = c.benchmark_group("http/ofrep");
-    for flag in ["items-per-page", "eu-pricing-banner"] {
+    for (name, flag, router) in [
+        ("items-per-page (static)", "items-per-page", &fresh),
+        ("eu-pricing-banner (plugin, fresh)", "eu-pricing-banner", &fresh),
+        ("eu-pricing-banner (plugin, reuse)", "eu-pricing-banner", &reuse),
+    ] {
         let uri = format!("/ofrep/v1/evaluate/flags/{flag}");
-        group.bench_function(flag, |b| {
+        group.bench_function(name, |b| {
             b.to_async(&rt).iter(|| {
                 let request = Request::post(&uri)
                     .header("content-type", "application/json")

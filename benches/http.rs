@@ -65,8 +65,16 @@ fn ofrep(c: &mut Criterion) {
     let mut group = c.benchmark_group("http/ofrep");
     for (name, flag, router) in [
         ("items-per-page (static)", "items-per-page", &fresh),
-        ("eu-pricing-banner (plugin, fresh)", "eu-pricing-banner", &fresh),
-        ("eu-pricing-banner (plugin, reuse)", "eu-pricing-banner", &reuse),
+        (
+            "eu-pricing-banner (plugin, fresh)",
+            "eu-pricing-banner",
+            &fresh,
+        ),
+        (
+            "eu-pricing-banner (plugin, reuse)",
+            "eu-pricing-banner",
+            &reuse,
+        ),
     ] {
         let uri = format!("/ofrep/v1/evaluate/flags/{flag}");
         group.bench_function(name, |b| {

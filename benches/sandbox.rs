@@ -257,25 +257,49 @@ fn isolation(c: &mut Criterion) {
     let config = rule_config().to_string();
     let mut group = c.benchmark_group("isolation/allow-list");
 
-    for (name, isolation) in [
-        ("flaghost reuse", flaghost::plugins::Isolation::Reuse),
-        ("flaghost fresh", flaghost::plugins::Isolation::Fresh),
-    ] {
-        let limits = Limits {
-            isolation,
-            ..Limits::default()
-        };
-        let runtime = PluginRuntime::new(limits, Compiler::InProcess).expect("engine");
-        let bytes = std::fs::read(plugin("allow-list")).expect("plugin");
-        let mut plugins = flaghost::plugins::PluginSet::default();
-        plugins.insert(runtime.load("allow-list", &bytes).expect("loads"));
-        let rule = plugins
-            .bind(FLAG, &variants(), "allow-list", &rule_config())
-            .expect("binds");
-        assert_eq!(rule.evaluate(&context), Ok(Some("eu".into())));
-        group.bench_function(name, |b| {
-            b.iter(|| black_box(rule.evaluate(black_box(&context))))
-        });
+    // NB: SANDBOX_GUESTS (comma-separated component paths) adds other
+    // builds of the same rule (`attribute`/`values`/`variant`), e.g. a
+    // componentize-py or componentize-js one, measured the same two ways.
+    let guests = std::env::var("SANDBOX_GUESTS").unwrap_or_default();
+    let mut components = vec![plugin("allow-list")];
+    components.extend(
+        guests
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from),
+    );
+    for path in components {
+        let bytes = std::fs::read(&path).expect("component");
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("guest");
+        for isolation in [
+            flaghost::plugins::Isolation::Reuse,
+            flaghost::plugins::Isolation::Fresh,
+        ] {
+            let limits = Limits {
+                isolation,
+                ..Limits::default()
+            };
+            let runtime = PluginRuntime::new(limits, Compiler::InProcess).expect("engine");
+            let mut plugins = flaghost::plugins::PluginSet::default();
+            plugins.insert(runtime.load("rule", &bytes).expect("loads"));
+            let rule = plugins
+                .bind(FLAG, &variants(), "rule", &rule_config())
+                .expect("binds");
+            assert_eq!(rule.evaluate(&context), Ok(Some("eu".into())));
+            let name = match stem {
+                "allow-list" => format!("flaghost {isolation}"),
+                other => format!("flaghost {isolation}, {other}"),
+            };
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    let answer = rule.evaluate(black_box(&context));
+                    // NB: a failed call (a deadline, a quarantine) is fast:
+                    // timing one would flatter the mode.
+                    assert_eq!(answer.as_ref().map(Option::as_deref), Ok(Some("eu")));
+                    black_box(answer)
+                })
+            });
+        }
     }
 
     // Reuse: one warm instance, the rule created once.

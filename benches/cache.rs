@@ -33,6 +33,8 @@ fn options(url: String) -> RedisOptions {
         url,
         ttl: Duration::from_secs(300),
         response_timeout: Duration::from_millis(250),
+        signing_key: None,
+        max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
     }
 }
 

@@ -52,6 +52,8 @@ fn config(dirs: &Dirs, redis: Option<&RedisServer>, ttl: Duration) -> ServeConfi
         url: r.url(),
         ttl,
         response_timeout: Duration::from_millis(200),
+        signing_key: None,
+        max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
     });
     config
 }
@@ -89,6 +91,8 @@ async fn the_cache_port_writes_reads_and_deletes_with_the_key_layout_and_ttl() {
             url: redis.url(),
             ttl: Duration::from_secs(120),
             response_timeout: Duration::from_millis(500),
+            signing_key: None,
+            max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
         },
         Arc::new(plugins()),
     )
@@ -297,6 +301,8 @@ async fn redis_down_at_start_up_then_started_moves_flaghost_onto_it() {
         url: format!("redis://:secret-password@127.0.0.1:{port}"),
         ttl: Duration::from_secs(60),
         response_timeout: Duration::from_millis(200),
+        signing_key: None,
+        max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
     });
     let fh = Flaghost::start(&cfg).await.expect("starts without redis");
     assert_eq!(fh.cache_backend().await, "memory-fallback");
@@ -742,4 +748,199 @@ async fn a_readable_flag_file_that_is_refused_is_never_replaced_by_what_redis_ho
         .expect("refused");
     let message = format!("{err:#}");
     assert!(message.contains("production.json"), "{message}");
+}
+
+/// A cache on `redis` signing with `secret` (none: unsigned), entries capped
+/// at `max_entry_bytes`, entries living `ttl`.
+async fn port(
+    redis: &RedisServer,
+    secret: Option<&str>,
+    max_entry_bytes: usize,
+    ttl: Duration,
+) -> RedisCache {
+    let cache = RedisCache::connect(
+        &RedisOptions {
+            url: redis.url(),
+            ttl,
+            response_timeout: Duration::from_millis(500),
+            signing_key: secret.map(|s| Arc::new(flaghost::signing::SigningKey::from_secret(s))),
+            max_entry_bytes,
+        },
+        Arc::new(plugins()),
+    )
+    .expect("connects");
+    assert!(cache.wait_connected(Duration::from_secs(5)).await);
+    cache
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_signing_key_unsigned_forged_foreign_or_expired_entries_are_misses() {
+    const SECRET: &str = "shared-secret-of-the-fleet-0123";
+    let redis = RedisServer::start();
+    let dirs = Dirs::new().flag_file("production", &flags("hello"));
+    let set = DirStore::new(dirs.flags(), plugins())
+        .load_sync("production")
+        .expect("loads");
+    let big = flaghost::cache::DEFAULT_MAX_ENTRY_BYTES;
+    let ttl = Duration::from_secs(120);
+    let signed = port(&redis, Some(SECRET), big, ttl).await;
+
+    // Signed entries, the set's and each flag's, read back.
+    signed.put(&set).await.expect("writes");
+    for key in redis.keys() {
+        let entry: Value =
+            serde_json::from_str(&redis.query::<String>(&["GET", &key])).expect("JSON");
+        let signature = entry["signature"].as_str().unwrap_or_default();
+        assert_eq!(signature.len(), 64, "{key} is signed: {entry}");
+    }
+    let back = signed.get("production").await.expect("reads");
+    assert_eq!(back.map(|s| s.digest.clone()), Some(set.digest.clone()));
+
+    // The same entry with one flag's value changed, its signature kept.
+    let entry: String = redis.query(&["GET", "feature_flags:production"]);
+    let forged = entry.replacen("\"hello\"", "\"INJECTED\"", 1);
+    assert_ne!(forged, entry);
+    redis.query::<()>(&["SET", "feature_flags:production", &forged]);
+    let fresh_reader = port(&redis, Some(SECRET), big, ttl).await;
+    for cache in [&signed, &fresh_reader] {
+        assert!(
+            cache.get("production").await.expect("reads").is_none(),
+            "a forged entry is a miss"
+        );
+    }
+
+    // Unsigned (written without the key), and signed with another key.
+    for other in [None, Some("another-fleet-secret-0123456")] {
+        port(&redis, other, big, ttl)
+            .await
+            .put(&set)
+            .await
+            .expect("writes");
+        assert!(
+            fresh_reader
+                .get("production")
+                .await
+                .expect("reads")
+                .is_none(),
+            "{other:?}: not ours"
+        );
+    }
+
+    // Signed, but past its expiry: an old entry planted again is a miss.
+    port(&redis, Some(SECRET), big, Duration::ZERO)
+        .await
+        .put(&set)
+        .await
+        .expect("writes");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        port(&redis, Some(SECRET), big, ttl)
+            .await
+            .get("production")
+            .await
+            .expect("reads")
+            .is_none(),
+        "an expired entry is a miss"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_over_the_size_cap_is_a_miss_and_none_is_written_over_it() {
+    let redis = RedisServer::start();
+    let cache = port(&redis, None, 64 << 10, Duration::from_secs(60)).await;
+    // 8 MB under the key: refused after reading 64 KiB of it.
+    let huge = format!(
+        "{{\"format\":\"flaghost.flag-set/1\",\"pad\":\"{}\"}}",
+        "x".repeat(8 << 20)
+    );
+    redis.query::<()>(&["SET", "feature_flags:production", &huge]);
+    assert!(cache.get("production").await.expect("reads").is_none());
+
+    // A set whose entry is over the cap is not written.
+    let mut many = serde_json::Map::new();
+    for i in 0..2000 {
+        many.insert(
+            format!("flag-{i}"),
+            json!({"state": "ENABLED",
+            "variants": {"on": true, "off": false}, "defaultVariant": "off"}),
+        );
+    }
+    let dirs = Dirs::new().flag_file("big", &json!({"flags": many}));
+    let set = DirStore::new(dirs.flags(), plugins())
+        .load_sync("big")
+        .expect("loads");
+    let err = cache.put(&set).await.expect_err("over the cap");
+    assert!(err.to_string().contains("over the cap"), "{err}");
+    assert!(
+        !redis
+            .keys()
+            .iter()
+            .any(|k| k.starts_with("feature_flags:big"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_flag_keys_come_back_and_entries_never_expire_while_served() {
+    let redis = RedisServer::start();
+    let dirs = Dirs::new().flag_file("production", &flags("hello"));
+    // A TTL of 3 s, and nothing evaluated: the entries must outlive it.
+    let fh = Flaghost::start(&config(&dirs, Some(&redis), Duration::from_secs(3)))
+        .await
+        .expect("starts");
+    assert_eq!(greeting(&fh).await.1["value"], json!("hello"));
+    redis.query::<()>(&["DEL", "feature_flags:production:ratio"]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            redis
+                .keys()
+                .iter()
+                .any(|k| k == "feature_flags:production:ratio")
+        })
+        .await,
+        "the lost flag key is written again"
+    );
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        assert_eq!(redis.keys().len(), 4, "{:?}", redis.keys());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    fh.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_entry_too_deep_to_evaluate_is_a_miss_and_the_process_serves_on() {
+    // The document that crashed every instance reading it: 33 chained
+    // evaluators of 62 `!!` levels, as a format-valid entry with a new digest.
+    let redis = RedisServer::start();
+    let dirs = Dirs::new().flag_file("production", &flags("hello"));
+    let fh = Flaghost::start(&config(&dirs, Some(&redis), Duration::from_secs(1)))
+        .await
+        .expect("starts");
+    let mut evaluators = serde_json::Map::new();
+    for i in 0..33 {
+        let next = if i == 32 {
+            json!(true)
+        } else {
+            json!({"$ref": format!("e{}", i + 1)})
+        };
+        let rule = (0..62).fold(next, |rule, _| json!({"!!": [rule]}));
+        evaluators.insert(format!("e{i}"), rule);
+    }
+    let document = json!({"$evaluators": evaluators, "flags": {
+        "greeting": {"state": "ENABLED", "variants": {"hello": "PLANTED", "bye": "bye"},
+            "defaultVariant": "hello", "targeting": {"$ref": "e0"}}}});
+    let entry = json!({"format": "flaghost.flag-set/1", "environment": "production",
+        "digest": "0".repeat(64), "writtenAt": 1, "expiresAt": u64::MAX / 2,
+        "flagSet": document});
+    redis.query::<()>(&["SET", "feature_flags:production", &entry.to_string()]);
+    // Refreshes (TTL 1 s) read it for 3 s: refused each time, overwritten.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let (status, body) = greeting(&fh).await;
+        assert_eq!((status, &body["value"]), (200, &json!("hello")), "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held: String = redis.query(&["GET", "feature_flags:production"]);
+    assert!(!held.contains("PLANTED"), "overwritten by the local set");
+    fh.stop().await.expect("stops");
 }

@@ -9,7 +9,10 @@
 mod redis;
 mod snapshot;
 
-pub use redis::{CONNECT_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT, RedisCache, RedisOptions, redact_url};
+pub use redis::{
+    CONNECT_TIMEOUT, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_RESPONSE_TIMEOUT, RedisCache, RedisOptions,
+    redact_url,
+};
 pub use snapshot::{Clock, Snapshot, Snapshots, SystemClock};
 
 use std::sync::Arc;
@@ -84,8 +87,9 @@ pub trait FlagCache: Send + Sync {
     /// tells the other instances; returns how many keys went.
     async fn invalidate(&self, environment: Option<&str>) -> Result<u64, CacheError>;
 
-    /// Which of `environments` the cache no longer holds.
-    async fn missing(&self, environments: &[String]) -> Result<Vec<String>, CacheError>;
+    /// Which of `sets`' environments must be written again: the cache lost
+    /// the set or any of its flags' entries, or they expire soon.
+    async fn due(&self, sets: &[Arc<FlagSet>]) -> Result<Vec<String>, CacheError>;
 
     /// Every environment the cache holds a flag set for.
     async fn environments(&self) -> Result<Vec<String>, CacheError>;

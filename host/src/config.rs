@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -248,6 +249,18 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_REDIS_RESPONSE_TIMEOUT_MS", default_value_t = crate::cache::DEFAULT_RESPONSE_TIMEOUT.as_millis() as u64)]
     pub redis_response_timeout_ms: u64,
 
+    /// A secret shared by every instance using this Redis (16 characters
+    /// or more): entries are signed with it (HMAC-SHA-256), and an entry
+    /// that is unsigned, does not verify, or has expired is ignored and
+    /// overwritten. Unset: whatever Redis holds is trusted.
+    #[arg(long, env = "FLAGHOST_CACHE_SIGNING_KEY", hide_env_values = true)]
+    pub cache_signing_key: Option<String>,
+
+    /// Largest Redis entry read or written, in MiB; a larger one is ignored
+    /// (never fetched whole) or not written.
+    #[arg(long, env = "FLAGHOST_CACHE_MAX_ENTRY_MIB", default_value_t = crate::cache::DEFAULT_MAX_ENTRY_BYTES >> 20)]
+    pub cache_max_entry_mib: usize,
+
     /// How often each instance checks that Redis still holds its flag sets
     /// (and rewrites the missing), and retries a failed refresh, in
     /// milliseconds.
@@ -492,10 +505,28 @@ impl ServeArgs {
                         reason: "must be at least 1".into(),
                     });
                 }
+                let signing_key = match self.cache_signing_key.as_deref().map(str::trim) {
+                    None | Some("") => None,
+                    Some(secret) if secret.chars().count() < 16 => {
+                        return Err(ConfigError {
+                            option: "--cache-signing-key (FLAGHOST_CACHE_SIGNING_KEY)",
+                            reason: "must be at least 16 characters: anyone who guesses it can plant flags in Redis".into(),
+                        });
+                    }
+                    Some(secret) => Some(Arc::new(crate::signing::SigningKey::from_secret(secret))),
+                };
+                if !(1..=1024).contains(&self.cache_max_entry_mib) {
+                    return Err(ConfigError {
+                        option: "--cache-max-entry-mib (FLAGHOST_CACHE_MAX_ENTRY_MIB)",
+                        reason: "must be 1 to 1024".into(),
+                    });
+                }
                 Some(RedisOptions {
                     url: url.to_owned(),
                     ttl: cache_ttl,
                     response_timeout: Duration::from_millis(self.redis_response_timeout_ms),
+                    signing_key,
+                    max_entry_bytes: self.cache_max_entry_mib << 20,
                 })
             }
         };
@@ -653,6 +684,23 @@ mod tests {
             let err = err.to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_short_cache_signing_key_is_refused() {
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--cache-signing-key",
+            "short",
+        ])
+        .command
+        else {
+            panic!("expected serve");
+        };
+        let err = args.validate().expect_err("refused");
+        assert!(err.option.contains("--cache-signing-key"), "{err}");
     }
 
     #[test]

@@ -546,8 +546,9 @@ impl Environments {
         }
     }
 
-    /// Writes back the flag sets the shared cache no longer holds (it
-    /// restarted empty, was flushed, evicted them).
+    /// Writes back the flag sets the shared cache no longer holds whole (it
+    /// restarted empty, was flushed, evicted or lost some keys) or that
+    /// expire soon.
     pub async fn keep_shared_warm(&self) {
         let Some(shared) = &self.shared else { return };
         if !shared.status().connected() {
@@ -559,8 +560,8 @@ impl Environments {
             .into_iter()
             .filter(|s| !s.stale)
             .collect();
-        let names: Vec<String> = served.iter().map(|s| s.set.environment.clone()).collect();
-        let missing = match shared.missing(&names).await {
+        let sets: Vec<Arc<FlagSet>> = served.iter().map(|s| s.set.clone()).collect();
+        let missing = match shared.due(&sets).await {
             Ok(missing) => missing,
             Err(e) => {
                 debug!(error = %e, "shared cache check skipped");
@@ -571,8 +572,8 @@ impl Environments {
             .iter()
             .filter(|s| missing.contains(&s.set.environment))
         {
-            info!(environment = %snapshot.set.environment, digest = %snapshot.set.digest,
-                  "the shared cache lost this flag set; writing it back");
+            debug!(environment = %snapshot.set.environment, digest = %snapshot.set.digest,
+                  "the shared cache lost this flag set's entries, or they expire soon; writing them again");
             self.write_shared(&snapshot.set).await;
         }
     }

@@ -9,6 +9,7 @@ mod targeting;
 
 pub use crate::rules::{BindError, RuleBinder};
 pub use parse::{FlagFileError, Problem, parse_flag_file};
+pub use targeting::MAX_EXPANSION_BYTES;
 
 use std::collections::HashMap;
 use std::sync::Arc;

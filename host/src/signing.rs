@@ -103,6 +103,15 @@ impl SigningKey {
         Ok(Self { key })
     }
 
+    /// A key shared by several instances, from a secret they are all given
+    /// (`--cache-signing-key`): its SHA-256, as HMAC would hash a long key.
+    pub fn from_secret(secret: &str) -> Self {
+        use sha2::Digest;
+        Self {
+            key: Sha256::digest(secret.as_bytes()).into(),
+        }
+    }
+
     /// A key of these bytes (tests and benches).
     pub fn from_bytes(key: [u8; KEY_BYTES]) -> Self {
         Self { key }

@@ -10,9 +10,16 @@
 //!   definition, a JSON [`FlagEntry`], for tools that read a single flag.
 //!
 //! Both are written with the TTL (`SET … EX`) in one round trip (a
-//! `MULTI`/`EXEC` pipeline). An entry that does not read back (another
-//! format, garbage, a plugin not loaded here) is a miss: logged, and
-//! overwritten by the flag store's set.
+//! `MULTI`/`EXEC` pipeline), and written again before they expire, or as
+//! soon as any of them is found missing, while this instance serves the set.
+//!
+//! Entries are untrusted input: anyone who can write to Redis can plant one.
+//! One is read with a size cap (`GETRANGE`, so an oversized value is never
+//! fetched whole), parsed by the same bounded code as flag files, and with a
+//! shared `--cache-signing-key` it must carry a valid HMAC-SHA-256
+//! ([`crate::signing`]) and not have expired. An entry that does not read
+//! back (another format, garbage, over the cap, unsigned or forged, a plugin
+//! not loaded here) is a miss: logged, and overwritten by the flag store's set.
 //!
 //! Invalidations are published on [`CHANNEL`] so that every instance drops
 //! its snapshot; each instance ignores its own messages.
@@ -34,6 +41,7 @@ use tracing::{debug, info, warn};
 use self::link::Link;
 use super::{CacheError, CacheEvent, FlagCache, LinkStatus};
 use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
+use crate::signing::SigningKey;
 
 /// Key prefix of everything flaghost writes.
 pub const PREFIX: &str = "feature_flags";
@@ -78,6 +86,29 @@ pub struct SetEntry<'a> {
     /// The flags, as a flagd document that parses alone.
     #[serde(borrow)]
     pub flag_set: &'a RawValue,
+    /// Hex HMAC-SHA-256 of the fields above (see [`set_signature`]), when
+    /// the writer had a `--cache-signing-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// What an entry's signature covers: every field, each length-prefixed by
+/// [`SigningKey::tag`], the flag set as its exact bytes in the entry.
+fn set_signed_parts<'p>(
+    environment: &'p str,
+    digest: &'p str,
+    written_at: &'p str,
+    expires_at: &'p str,
+    flag_set: &'p str,
+) -> [&'p [u8]; 6] {
+    [
+        SET_FORMAT.as_bytes(),
+        environment.as_bytes(),
+        digest.as_bytes(),
+        written_at.as_bytes(),
+        expires_at.as_bytes(),
+        flag_set.as_bytes(),
+    ]
 }
 
 /// What is stored under `feature_flags:{environment}:{flagKey}`.
@@ -95,7 +126,12 @@ pub struct FlagEntry<'a> {
     /// Unix milliseconds when the entry expires.
     pub expires_at: u64,
     /// The flag's definition, flagd format, `$ref`s resolved.
-    pub flag: &'a serde_json::Value,
+    pub flag: &'a RawValue,
+    /// Hex HMAC-SHA-256 of [`FLAG_FORMAT`], `environment`, `flagKey`,
+    /// `digest`, `expiresAt` (decimal) and `flag` (its bytes), each
+    /// length-prefixed, when the writer had a `--cache-signing-key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// An invalidation, as published.
@@ -116,7 +152,19 @@ pub struct RedisOptions {
     pub ttl: Duration,
     /// How long a request may wait for Redis before it is served from memory.
     pub response_timeout: Duration,
+    /// Shared by every instance: entries are signed with it, and one that
+    /// is unsigned or does not verify is a miss. `None`: entries are
+    /// trusted as read.
+    pub signing_key: Option<Arc<SigningKey>>,
+    /// Largest entry read or written; a larger one is a miss (or not written).
+    pub max_entry_bytes: usize,
 }
+
+/// Default of [`RedisOptions::max_entry_bytes`]: the largest flag file
+/// ([`crate::store::DEFAULT_MAX_FLAG_FILE_BYTES`]), plus what its `$ref`s
+/// may add once resolved, plus the envelope.
+pub const DEFAULT_MAX_ENTRY_BYTES: usize =
+    crate::store::DEFAULT_MAX_FLAG_FILE_BYTES + crate::flags::MAX_EXPANSION_BYTES + (1 << 20);
 
 impl RedisOptions {
     /// Checks that `url` is a Redis URL; the error never repeats a password.
@@ -167,6 +215,8 @@ pub fn redact_url(url: &str) -> String {
 pub struct RedisCache {
     link: Arc<Link>,
     ttl: Duration,
+    signing_key: Option<Arc<SigningKey>>,
+    max_entry_bytes: usize,
     /// Turns entries back into flag sets.
     reader: Arc<EntryReader>,
     /// This instance, in published invalidations.
@@ -230,8 +280,11 @@ impl RedisCache {
         Ok(Self {
             link,
             ttl: options.ttl,
+            signing_key: options.signing_key.clone(),
+            max_entry_bytes: options.max_entry_bytes,
             reader: Arc::new(EntryReader {
                 binder,
+                signing_key: options.signing_key.clone(),
                 read_back: Mutex::new(HashMap::new()),
             }),
             instance,
@@ -246,6 +299,8 @@ impl RedisCache {
 struct EntryReader {
     /// Rebinds plugin rules of sets read back.
     binder: Arc<dyn RuleBinder + Send + Sync>,
+    /// Entries must be signed with it, when set.
+    signing_key: Option<Arc<SigningKey>>,
     /// The last set read back per environment, by digest: an entry whose
     /// digest did not change is not parsed again.
     read_back: Mutex<HashMap<String, Arc<FlagSet>>>,
@@ -267,6 +322,31 @@ impl EntryReader {
                 "entry names environment {:?}, digest {:?}",
                 entry.environment, entry.digest
             ));
+        }
+        if let Some(key) = &self.signing_key {
+            let Some(tag) = entry.signature.as_deref().and_then(hex_bytes) else {
+                return Err("unsigned, and --cache-signing-key is set".into());
+            };
+            let (written_at, expires_at) =
+                (entry.written_at.to_string(), entry.expires_at.to_string());
+            let parts = set_signed_parts(
+                entry.environment,
+                entry.digest,
+                &written_at,
+                &expires_at,
+                entry.flag_set.get(),
+            );
+            if !key.verify(&parts, &tag) {
+                return Err(
+                    "its signature does not verify: forged, altered, or written with another --cache-signing-key"
+                        .into(),
+                );
+            }
+            // NB: signed, so its expiry cannot be moved; an old entry
+            // planted again (an earlier version of the flags) is refused.
+            if entry.expires_at < unix_millis(SystemTime::now()) {
+                return Err(format!("it expired at {} (Unix ms)", entry.expires_at));
+            }
         }
         if let Some(set) = self.read_back().get(environment)
             && set.digest == entry.digest
@@ -372,36 +452,88 @@ fn unix_millis(at: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The set's entry and its flags' entries, serialised.
-pub fn encode(set: &FlagSet, ttl: Duration) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// The bytes of a hex string, if it is one.
+fn hex_bytes(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// JSON text as a raw value (serialised JSON always is one).
+fn raw(text: String) -> Box<RawValue> {
+    RawValue::from_string(text)
+        .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("an empty object is JSON"))
+}
+
+/// The set's entry and its flags' entries, serialised, signed with `key`
+/// if given.
+pub fn encode(
+    set: &FlagSet,
+    ttl: Duration,
+    key: Option<&SigningKey>,
+) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     let now = SystemTime::now();
-    let expires_at = unix_millis(now + ttl);
+    let (written_at, expires_at) = (unix_millis(now), unix_millis(now + ttl));
+    let (written_text, expires_text) = (written_at.to_string(), expires_at.to_string());
     // NB: serialising a serde_json::Value cannot fail.
-    let document = serde_json::to_string(&set.document()).unwrap_or_default();
-    let flag_set = RawValue::from_string(document)
-        .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("an empty object is JSON"));
+    let flag_set = raw(serde_json::to_string(&set.document()).unwrap_or_default());
+    let signature = key.map(|key| {
+        hex(&key.tag(&set_signed_parts(
+            &set.environment,
+            &set.digest,
+            &written_text,
+            &expires_text,
+            flag_set.get(),
+        )))
+    });
     let entry = SetEntry {
         format: SET_FORMAT,
         environment: &set.environment,
         digest: &set.digest,
-        written_at: unix_millis(now),
+        written_at,
         expires_at,
         flag_set: &flag_set,
+        signature,
     };
     let flags = set
         .flags
         .iter()
-        .map(|(key, flag)| {
+        .map(|(flag_key_name, flag)| {
+            let definition = raw(serde_json::to_string(&flag.definition).unwrap_or_default());
+            let signature = key.map(|key| {
+                hex(&key.tag(&[
+                    FLAG_FORMAT.as_bytes(),
+                    set.environment.as_bytes(),
+                    flag_key_name.as_bytes(),
+                    set.digest.as_bytes(),
+                    expires_text.as_bytes(),
+                    definition.get().as_bytes(),
+                ]))
+            });
             let entry = FlagEntry {
                 format: FLAG_FORMAT,
                 environment: &set.environment,
-                flag_key: key,
+                flag_key: flag_key_name,
                 digest: &set.digest,
                 expires_at,
-                flag: &flag.definition,
+                flag: &definition,
+                signature,
             };
             (
-                flag_key(&set.environment, key),
+                flag_key(&set.environment, flag_key_name),
                 serde_json::to_vec(&entry).unwrap_or_default(),
             )
         })
@@ -413,15 +545,29 @@ pub fn encode(set: &FlagSet, ttl: Duration) -> (Vec<u8>, Vec<(String, Vec<u8>)>)
 impl FlagCache for RedisCache {
     async fn get(&self, environment: &str) -> Result<Option<Arc<FlagSet>>, CacheError> {
         let key = set_key(environment);
-        let bytes: Option<Vec<u8>> = self
+        let cap = self.max_entry_bytes;
+        // NB: GETRANGE fetches at most one byte over the cap, so a planted
+        // value of gigabytes is never read whole. A missing key reads as
+        // empty, as an empty value would: neither is an entry.
+        let bytes: Vec<u8> = self
             .link
             .run("get", |mut c| async move {
-                redis::cmd("GET").arg(&key).query_async(&mut c).await
+                redis::cmd("GETRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(cap)
+                    .query_async(&mut c)
+                    .await
             })
             .await?;
-        let Some(bytes) = bytes else {
+        if bytes.is_empty() {
             return Ok(None);
-        };
+        }
+        if bytes.len() > cap {
+            warn!(key = %set_key(environment), cap,
+                  "entry in redis over the size cap (--cache-max-entry-mib): treated as a miss and overwritten");
+            return Ok(None);
+        }
         // NB: parsing binds plugin rules, which runs guest code (their
         // configuration checks): off the async workers.
         let (reader, env) = (self.reader.clone(), environment.to_owned());
@@ -447,7 +593,18 @@ impl FlagCache for RedisCache {
             });
         }
         let ttl = self.ttl.as_secs().max(1);
-        let (entry, flags) = encode(set, self.ttl);
+        let (entry, flags) = encode(set, self.ttl, self.signing_key.as_deref());
+        if entry.len() > self.max_entry_bytes {
+            return Err(CacheError {
+                backend: "redis",
+                reason: format!(
+                    "write: the entry of {} is {} bytes, over the cap of {} (--cache-max-entry-mib); not written",
+                    set.environment,
+                    entry.len(),
+                    self.max_entry_bytes
+                ),
+            });
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.cmd("SET")
@@ -504,39 +661,49 @@ impl FlagCache for RedisCache {
         Ok(deleted)
     }
 
-    async fn missing(&self, environments: &[String]) -> Result<Vec<String>, CacheError> {
-        if environments.is_empty() {
+    async fn due(&self, sets: &[Arc<FlagSet>]) -> Result<Vec<String>, CacheError> {
+        if sets.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = environments.iter().map(|e| set_key(e)).collect();
-        // NB: one EXISTS over all keys is the usual, cheap case; only when
-        // some are gone is each asked for.
-        let held: usize = self
-            .link
-            .run("exists", |mut c| {
-                let keys = keys.clone();
-                async move { redis::cmd("EXISTS").arg(keys).query_async(&mut c).await }
-            })
-            .await?;
-        if held == keys.len() {
-            return Ok(Vec::new());
-        }
+        // One round trip: per set, the set key's remaining time and how many
+        // of its flag keys exist.
         let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("EXISTS").arg(key);
+        for set in sets {
+            pipe.cmd("PTTL").arg(set_key(&set.environment));
+            let keys: Vec<String> = set
+                .flags
+                .keys()
+                .map(|k| flag_key(&set.environment, k))
+                .collect();
+            if keys.is_empty() {
+                pipe.cmd("ECHO").arg(0);
+            } else {
+                pipe.cmd("EXISTS").arg(keys);
+            }
         }
-        let each: Vec<bool> = self
+        let answers: Vec<i64> = self
             .link
             .run(
-                "exists",
+                "check",
                 |mut c| async move { pipe.query_async(&mut c).await },
             )
             .await?;
-        Ok(environments
+        // NB: written again once half the TTL is gone, so a set stays in
+        // Redis while an instance serves it, whether or not requests come.
+        let renew_below = i64::try_from(self.ttl.as_millis() / 2).unwrap_or(i64::MAX);
+        Ok(sets
             .iter()
-            .zip(each)
-            .filter(|(_, held)| !held)
-            .map(|(env, _)| env.clone())
+            .zip(answers.chunks(2))
+            .filter(|(set, answer)| match answer {
+                // PTTL: -2 missing, -1 no expiry (not as written).
+                [pttl, held] => {
+                    *pttl < 0
+                        || *pttl < renew_below
+                        || usize::try_from(*held).unwrap_or(0) < set.flags.len()
+                }
+                _ => true,
+            })
+            .map(|(set, _)| set.environment.clone())
             .collect())
     }
 

@@ -75,8 +75,18 @@ impl DirStore {
     /// `environment`'s file and its bytes.
     fn read(&self, environment: &str) -> Result<(PathBuf, Vec<u8>), StoreError> {
         let path = self.dir.join(format!("{environment}.json"));
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok((path, bytes)),
+        match read_capped(&path, super::DEFAULT_MAX_FLAG_FILE_BYTES) {
+            Ok(Ok(bytes)) => Ok((path, bytes)),
+            Ok(Err(size)) => Err(StoreError::Invalid(crate::flags::FlagFileError {
+                file: path.display().to_string(),
+                problems: vec![crate::flags::Problem::new(
+                    None,
+                    format!(
+                        "the file is {size} bytes or more, over the limit of {} bytes",
+                        super::DEFAULT_MAX_FLAG_FILE_BYTES
+                    ),
+                )],
+            })),
             // NB: a missing file in a missing directory is not an unknown
             // environment but a store that cannot be read.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.dir.is_dir() => {
@@ -166,5 +176,46 @@ impl FlagStore for DirStore {
 
     fn describe(&self) -> String {
         format!("directory {}", self.dir.display())
+    }
+}
+
+/// The file's bytes, or `Err(size)` if it holds more than `max`: checked
+/// before reading and while reading (a file growing meanwhile), so an
+/// oversized file is never read whole.
+fn read_capped(path: &Path, max: usize) -> std::io::Result<Result<Vec<u8>, u64>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size > max as u64 {
+        return Ok(Err(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        return Ok(Err(bytes.len() as u64));
+    }
+    Ok(Ok(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_with_its_size_before_it_is_parsed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = DirStore::new(dir.path(), PluginSet::default());
+        std::fs::write(dir.path().join("ok.json"), br#"{"flags": {}}"#).expect("write");
+        assert!(store.load_sync("ok").is_ok());
+        let over = vec![b' '; super::super::DEFAULT_MAX_FLAG_FILE_BYTES + 1];
+        std::fs::write(dir.path().join("big.json"), over).expect("write");
+        let Err(StoreError::Invalid(e)) = store.load_sync("big") else {
+            panic!("refused as invalid");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("big.json") && text.contains("over the limit"),
+            "{text}"
+        );
     }
 }

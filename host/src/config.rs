@@ -52,6 +52,13 @@ pub struct ValidateArgs {
     /// listed.
     #[arg(long)]
     pub allow_parse_errors: bool,
+
+    /// Exit 0 even when a file loads otherwise than written (duplicate flag
+    /// keys or variant names, where the last one counts; numbers past ±2^53
+    /// that are not exact; `fractional` weights that are not non-negative
+    /// integers): flagd loads such files too. They are still listed.
+    #[arg(long)]
+    pub allow_warnings: bool,
 }
 
 /// Where flags and plugins come from.

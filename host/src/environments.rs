@@ -497,6 +497,9 @@ impl Environments {
                     for w in &set.warnings {
                         warn!(environment = %environment, problem = %w, "flag loaded with a rule it cannot evaluate");
                     }
+                    for w in &set.lints {
+                        warn!(environment = %environment, problem = %w, "flag file loaded otherwise than written");
+                    }
                     self.recovered(&environment);
                     self.confirm(set.clone(), generation);
                     changed.push(set);

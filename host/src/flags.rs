@@ -4,6 +4,7 @@
 //! A [`FlagSet`] is immutable once built; a change to a flag file builds a new
 //! one, and readers holding the old one finish with it.
 
+mod lint;
 mod parse;
 mod targeting;
 
@@ -194,4 +195,8 @@ pub struct FlagSet {
     /// Flags that loaded with a rule flaghost cannot evaluate (they answer
     /// PARSE_ERROR), each with the reason.
     pub warnings: Vec<Problem>,
+    /// What loaded otherwise than written (duplicate keys, inexact numbers,
+    /// `fractional` weights that are not non-negative integers), each with
+    /// its flag and place.
+    pub lints: Vec<Problem>,
 }

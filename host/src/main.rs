@@ -36,30 +36,17 @@ fn main() -> ExitCode {
             telemetry::init(LogFormat::Text);
             match server::validate(&args.source) {
                 Ok(found) => {
-                    for p in found.problems.iter().chain(&found.parse_errors) {
+                    for p in found
+                        .problems
+                        .iter()
+                        .chain(&found.parse_errors)
+                        .chain(&found.lints)
+                    {
                         eprintln!("{p}");
                     }
-                    let failing = found.problems.len()
-                        + if args.allow_parse_errors {
-                            0
-                        } else {
-                            found.parse_errors.len()
-                        };
-                    if failing == 0 && found.parse_errors.is_empty() {
-                        eprintln!("flaghost validate: all flag files and plugins load");
-                    } else {
-                        eprintln!(
-                            "flaghost validate: {} problem(s), {} rule(s) that can never be evaluated{}",
-                            found.problems.len(),
-                            found.parse_errors.len(),
-                            if args.allow_parse_errors && !found.parse_errors.is_empty() {
-                                " (allowed by --allow-parse-errors)"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
-                    if failing == 0 {
+                    let (summary, ok) = found.summary(args.allow_parse_errors, args.allow_warnings);
+                    eprintln!("flaghost validate: {summary}");
+                    if ok {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

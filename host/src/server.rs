@@ -210,6 +210,9 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
                 for w in &snapshot.set.warnings {
                     warn!(environment = %env, problem = %w, "flag loaded with a rule it cannot evaluate");
                 }
+                for w in &snapshot.set.lints {
+                    warn!(environment = %env, problem = %w, "flag file loaded otherwise than written");
+                }
                 loaded.push(format!("{env} ({} flags)", snapshot.set.flags.len()));
             }
             Err(e) => problems.push(e.to_string()),
@@ -289,6 +292,45 @@ pub struct Validation {
     /// Rules that load but can never be evaluated (their flags answer
     /// PARSE_ERROR), as `serve` logs them at load.
     pub parse_errors: Vec<String>,
+    /// What loads otherwise than written (duplicate keys, inexact numbers,
+    /// `fractional` weights that are not non-negative integers), as `serve`
+    /// logs it at load.
+    pub lints: Vec<String>,
+}
+
+impl Validation {
+    /// One line saying what was found, and whether `validate` succeeds:
+    /// problems always fail it; rules that can never be evaluated and lints
+    /// fail it unless allowed.
+    pub fn summary(&self, allow_parse_errors: bool, allow_warnings: bool) -> (String, bool) {
+        let (problems, parse_errors, lints) = (
+            self.problems.len(),
+            self.parse_errors.len(),
+            self.lints.len(),
+        );
+        if problems + parse_errors + lints == 0 {
+            return ("all flag files and plugins load".into(), true);
+        }
+        let allowed = |allowed: bool, n: usize, flag: &str| {
+            if allowed && n > 0 {
+                format!(" (allowed by {flag})")
+            } else {
+                String::new()
+            }
+        };
+        let ok = problems == 0
+            && (allow_parse_errors || parse_errors == 0)
+            && (allow_warnings || lints == 0);
+        (
+            format!(
+                "{problems} problem(s), {parse_errors} rule(s) that can never be evaluated{}, \
+                 {lints} warning(s) of what loads otherwise than written{}",
+                allowed(allow_parse_errors, parse_errors, "--allow-parse-errors"),
+                allowed(allow_warnings, lints, "--allow-warnings"),
+            ),
+            ok,
+        )
+    }
 }
 
 /// `flaghost validate`: every problem with the plugins and flag files.
@@ -308,14 +350,19 @@ pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
         .environments_sync()
         .with_context(|| format!("cannot read the flag directory {}", source.flags.display()))?;
     let mut parse_errors = Vec::new();
+    let mut lints = Vec::new();
     for env in environments {
         match store.load_sync(&env) {
-            Ok(set) => parse_errors.extend(set.warnings.iter().map(|w| {
-                format!(
-                    "{}: {w} (the flag loads and answers PARSE_ERROR)",
-                    source.flags.join(format!("{env}.json")).display()
-                )
-            })),
+            Ok(set) => {
+                let file = source.flags.join(format!("{env}.json"));
+                parse_errors.extend(set.warnings.iter().map(|w| {
+                    format!(
+                        "{}: {w} (the flag loads and answers PARSE_ERROR)",
+                        file.display()
+                    )
+                }));
+                lints.extend(set.lints.iter().map(|w| format!("{}: {w}", file.display())));
+            }
             Err(StoreError::Invalid(e)) => {
                 problems.extend(e.problems.iter().map(|p| format!("{}: {p}", e.file)));
             }
@@ -325,5 +372,6 @@ pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
     Ok(Validation {
         problems,
         parse_errors,
+        lints,
     })
 }

@@ -125,6 +125,49 @@ fn validate_fails_on_rules_that_can_never_be_evaluated_unless_allowed() {
 }
 
 #[test]
+fn validate_fails_on_what_loads_otherwise_than_written_unless_allowed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let flags = dir.path().join("flags");
+    std::fs::create_dir(&flags).expect("mkdir");
+    std::fs::write(
+        flags.join("prod.json"),
+        r#"{"flags": {
+          "twice": {"state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "a"},
+          "twice": {"state": "ENABLED", "variants": {"a": 3, "a": 4}, "defaultVariant": "a"},
+          "huge": {"state": "ENABLED", "variants": {"n": 123456789012345678901234567890},
+                   "defaultVariant": "n"},
+          "split": {"state": "ENABLED", "variants": {"x": 1, "y": 2}, "defaultVariant": "x",
+                    "targeting": {"fractional": [["x", 0.5], ["y", "50"]]}}}}"#,
+    )
+    .expect("write");
+    let run = |extra: &[&str]| {
+        flaghost()
+            .args(["validate", "--flags"])
+            .arg(&flags)
+            .args(extra)
+            .output()
+            .expect("runs")
+    };
+    let out = run(&[]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    for expected in [
+        "prod.json: flag \"twice\": the flag key: the key appears more than once",
+        "prod.json: flag \"twice\": variants.a: the key appears more than once",
+        "prod.json: flag \"huge\": variants.n: the number is past ±2^53",
+        "prod.json: flag \"split\": targeting.fractional.0: the weight 0.5 of \"x\"",
+        "prod.json: flag \"split\": targeting.fractional.1: the weight \"50\" of \"y\"",
+        "5 warning(s)",
+    ] {
+        assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
+    }
+    let out = run(&["--allow-warnings"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("(allowed by --allow-warnings)"), "{said}");
+}
+
+#[test]
 fn serve_answers_then_stops_cleanly_on_sigterm() {
     let mut child = flaghost()
         // A deadline for a debug build on a loaded machine: this test checks

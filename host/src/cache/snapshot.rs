@@ -197,6 +197,7 @@ mod tests {
                 metadata: Default::default(),
                 digest: "d".into(),
                 warnings: vec![],
+                lints: vec![],
             }),
             stale: false,
         }

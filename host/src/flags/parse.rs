@@ -89,6 +89,7 @@ pub fn parse_flag_file(
 
     let doc: Json = serde_json::from_slice(bytes)
         .map_err(|e| refuse(vec![whole(format!("not valid JSON: {e}"))]))?;
+    let lints = super::lint::lint(bytes, &doc);
     let Json::Object(mut doc) = doc else {
         return Err(refuse(vec![whole(
             "the file must hold a JSON object with a \"flags\" object".into(),
@@ -150,6 +151,7 @@ pub fn parse_flag_file(
         metadata: Arc::new(set_metadata),
         digest: crate::sha256_hex(bytes),
         warnings,
+        lints,
     })
 }
 

@@ -136,57 +136,118 @@ fn targeting(c: &mut Criterion) {
 }
 
 /// 50 flags (static, if/in and fractional, in turn) in one bulk answer.
-fn bulk(c: &mut Criterion) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut flags = serde_json::Map::new();
-    for i in 0..50 {
-        let targeting = match i % 3 {
-            0 => json!({}),
-            1 => json!({"if": [{"in": [{"var": "country"}, ["NL", "DE"]]}, "on", "off"]}),
-            _ => json!({"fractional": [["on", 50], ["off", 50]]}),
-        };
-        flags.insert(
-            format!("flag-{i:02}"),
-            json!({"state": "ENABLED", "variants": {"on": true, "off": false},
-            "defaultVariant": "off", "targeting": targeting}),
-        );
-    }
+/// An OFREP router serving `flags` as environment `env`, bodies up to
+/// `body_limit`. Keep the runtime alive as long as the router is used.
+fn router_for(
+    rt: &tokio::runtime::Runtime,
+    env: &str,
+    flags: serde_json::Map<String, Json>,
+    body_limit: usize,
+) -> (PluginRuntime, axum::Router) {
     let dir = tempfile_dir();
-    std::fs::write(dir.join("bulk.json"), json!({"flags": flags}).to_string()).expect("write");
+    std::fs::write(
+        dir.join(format!("{env}.json")),
+        json!({"flags": flags}).to_string(),
+    )
+    .expect("write");
     let runtime = PluginRuntime::new(Limits::default(), Compiler::InProcess).expect("engine");
     let (plugins, _) = runtime
         .load_dir(&root().join("target/plugins"))
         .expect("plugins");
     let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(&dir, plugins));
     let environments = Arc::new(Environments::new(store, None, Timing::default()));
-    rt.block_on(environments.refresh("bulk")).expect("loads");
+    rt.block_on(environments.refresh(env)).expect("loads");
     let router = app(
         AppState {
             environments,
-            default_environment: "bulk".into(),
+            default_environment: env.into(),
             admin: None,
             plugins: Default::default(),
             plugin_changes: None,
             plugin_pool: runtime.pool().clone(),
             plugin_budget: runtime.limits().request_budget(),
         },
-        &HttpOptions::default(),
+        &HttpOptions {
+            body_limit,
+            ..HttpOptions::default()
+        },
     );
+    (runtime, router)
+}
+
+/// `count` flags: a third static, a third `if`/`in` on `country`, a third
+/// `fractional`; `whole` adds to each rule a branch that reads the whole
+/// data (`{"var": ""}`), so every attribute is converted for it.
+fn mixed_flags(count: usize, whole: bool) -> serde_json::Map<String, Json> {
+    let mut flags = serde_json::Map::new();
+    for i in 0..count {
+        let mut targeting = match i % 3 {
+            0 => json!({}),
+            1 => json!({"if": [{"in": [{"var": "country"}, ["NL", "DE"]]}, "on", "off"]}),
+            _ => json!({"fractional": [["on", 50], ["off", 50]]}),
+        };
+        if whole && i % 3 != 0 {
+            targeting = json!({"if": [{"==": [{"var": "country"}, "XX"]}, {"if": [{"var": ""}, "on", "off"]}, targeting]});
+        }
+        flags.insert(
+            format!("flag-{i:04}"),
+            json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+            "defaultVariant": "off", "targeting": targeting}),
+        );
+    }
+    flags
+}
+
+fn post_bulk(
+    b: &mut criterion::Bencher<'_>,
+    rt: &tokio::runtime::Runtime,
+    router: &axum::Router,
+    body: &str,
+) {
+    b.to_async(rt).iter(|| {
+        let request = Request::post("/ofrep/v1/evaluate/flags")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .expect("request");
+        let router = router.clone();
+        async move {
+            let response = router.oneshot(request).await.expect("infallible");
+            assert_eq!(response.status(), 200);
+            response
+        }
+    })
+}
+
+fn bulk(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (_runtime, router) = router_for(&rt, "bulk", mixed_flags(50, false), 100 << 10);
     let body = r#"{"context":{"targetingKey":"user-4242","country":"NL","plan":"pro"}}"#;
-    c.bench_function("http/bulk_50_flags", |b| {
-        b.to_async(&rt).iter(|| {
-            let request = Request::post("/ofrep/v1/evaluate/flags")
-                .header("content-type", "application/json")
-                .body(Body::from(body))
-                .expect("request");
-            let router = router.clone();
-            async move {
-                let response = router.oneshot(request).await.expect("infallible");
-                assert_eq!(response.status(), 200);
-                response
-            }
-        })
-    });
+    c.bench_function("http/bulk_50_flags", |b| post_bulk(b, &rt, &router, body));
+}
+
+/// The hostile-inputs issue's case: 1,000 flags (two thirds JsonLogic)
+/// with a context of about 1 MB (62,000 keys), beside the same flags whose
+/// rules read the whole data (every attribute converted for each flag).
+fn bulk_big_context(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut context = serde_json::Map::new();
+    context.insert("targetingKey".into(), json!("user-4242"));
+    context.insert("country".into(), json!("NL"));
+    for i in 0..62_000 {
+        context.insert(format!("attribute-{i:05}"), json!(i));
+    }
+    let body = json!({"context": context}).to_string();
+    assert!(body.len() > 1_000_000, "{} bytes", body.len());
+    let mut group = c.benchmark_group("http/bulk_1000_flags_1mb_context");
+    group.sample_size(10);
+    for (name, whole) in [
+        ("rules read what they name", false),
+        ("rules read the whole data", true),
+    ] {
+        let (_runtime, router) = router_for(&rt, "big", mixed_flags(1000, whole), 2 << 20);
+        group.bench_function(name, |b| post_bulk(b, &rt, &router, &body));
+    }
+    group.finish();
 }
 
 /// A fresh directory under target/ for the bench's flag file.
@@ -196,5 +257,5 @@ fn tempfile_dir() -> std::path::PathBuf {
     dir
 }
 
-criterion_group!(benches, targeting, bulk);
+criterion_group!(benches, targeting, bulk, bulk_big_context);
 criterion_main!(benches);

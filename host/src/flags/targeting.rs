@@ -420,6 +420,84 @@ pub struct JsonLogicRule {
     plugins: Arc<[Arc<dyn TargetingRule>]>,
     /// Its lane of the plugin pool ([`crate::rules::lane_of`] its plugins).
     lane: Option<String>,
+    /// The context attributes it can read ([`reads`]); `None`: any.
+    reads: Option<Box<[String]>>,
+}
+
+/// The context attributes `rule` can read, when that is known from its
+/// text: every prefix of each literal `var` path (`a`, `a.b` for `a.b`),
+/// the names `missing` and `missing_some` test, and `targetingKey` for
+/// `fractional`. `None` when it may read any: a computed or empty path (the
+/// whole data), or an operator that reads data by other means.
+///
+/// Why: converting the whole context into JsonLogic data for every flag made
+/// a bulk request with a 1 MB context cost 1.5 s (hostile-inputs issue); a
+/// rule reads a few attributes, and only those need converting. Reading
+/// more than needed is harmless (map/filter's item-relative paths are
+/// added too); reading fewer would be wrong, hence `None` when unsure.
+fn reads(rule: &Json) -> Option<Box<[String]>> {
+    let mut keys = std::collections::BTreeSet::new();
+    collect_reads(rule, &mut keys).then(|| keys.into_iter().collect())
+}
+
+fn collect_reads(rule: &Json, keys: &mut std::collections::BTreeSet<String>) -> bool {
+    let literal_names = |names: &[Json], keys: &mut std::collections::BTreeSet<String>| {
+        names.iter().all(|name| match name {
+            Json::String(name) => add_path(name, keys),
+            _ => false,
+        })
+    };
+    match rule {
+        Json::Object(map) => map.iter().all(|(op, args)| {
+            let read = match op.as_str() {
+                "var" => match args {
+                    Json::String(path) => add_path(path, keys),
+                    Json::Number(n) => add_path(&n.to_string(), keys),
+                    Json::Array(items) => match items.first() {
+                        Some(Json::String(path)) => add_path(path, keys),
+                        Some(Json::Number(n)) => add_path(&n.to_string(), keys),
+                        _ => false,
+                    },
+                    _ => false,
+                },
+                "missing" => match args {
+                    Json::Array(names) => literal_names(names, keys),
+                    Json::String(name) => add_path(name, keys),
+                    _ => false,
+                },
+                "missing_some" => match args.as_array().map(Vec::as_slice) {
+                    Some([_, Json::Array(names)]) => literal_names(names, keys),
+                    _ => false,
+                },
+                // NB: flaghost's fractional reads `targetingKey` and `$flagd`
+                // from the data itself when it has no bucketing expression.
+                FRACTIONAL | "fractional" => {
+                    keys.insert("targetingKey".to_owned());
+                    true
+                }
+                // Operators that read the data by a path of their own
+                // syntax: not worth knowing; convert the whole context.
+                "val" | "exists" => false,
+                _ => true,
+            };
+            read && collect_reads(args, keys)
+        }),
+        Json::Array(items) => items.iter().all(|item| collect_reads(item, keys)),
+        _ => true,
+    }
+}
+
+/// Adds every prefix of the dotted `path`; false for the empty path (the
+/// whole data).
+fn add_path(path: &str, keys: &mut std::collections::BTreeSet<String>) -> bool {
+    if path.is_empty() {
+        return false;
+    }
+    for (at, _) in path.match_indices('.') {
+        keys.insert(path[..at].to_owned());
+    }
+    keys.insert(path.to_owned());
+    true
 }
 
 impl JsonLogicRule {
@@ -440,6 +518,7 @@ impl JsonLogicRule {
             logic,
             plugins: plugins.into(),
             lane,
+            reads: reads(&rule),
         })
     }
 }
@@ -451,6 +530,7 @@ impl JsonLogicRule {
 fn flagd_data<'a>(
     flag_key: &str,
     context: &EvaluationContext,
+    reads: Option<&[String]>,
     arena: &'a Bump,
 ) -> &'a DataValue<'a> {
     let timestamp = SystemTime::now()
@@ -465,11 +545,23 @@ fn flagd_data<'a>(
         ),
     ]);
     let attributes = context.attributes();
-    let mut entries =
-        datalogic_rs::bumpalo::collections::Vec::with_capacity_in(attributes.len() + 1, arena);
-    for (key, value) in attributes {
+    let mut entries = datalogic_rs::bumpalo::collections::Vec::with_capacity_in(
+        reads.map_or(attributes.len(), <[String]>::len) + 1,
+        arena,
+    );
+    let mut add = |key: &str, value: &Json| {
         let key: &'a str = arena.alloc_str(key);
         entries.push((key, DataValue::from_serde_value_in(value, arena)));
+    };
+    match reads {
+        Some(reads) => {
+            for key in reads {
+                if let Some(value) = attributes.get(key) {
+                    add(key, value);
+                }
+            }
+        }
+        None => attributes.iter().for_each(|(key, value)| add(key, value)),
     }
     entries.push(("$flagd", DataValue::Object(flagd)));
     arena.alloc(DataValue::Object(entries.into_bump_slice()))
@@ -506,7 +598,7 @@ impl TargetingRule for JsonLogicRule {
         }
         let answer = ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
-            let data = flagd_data(&self.flag_key, context, &arena);
+            let data = flagd_data(&self.flag_key, context, self.reads.as_deref(), &arena);
             let answer = engine()
                 .evaluate(&self.logic, data, &arena)
                 .map_err(|e| RuleError(format!("the targeting rule failed: {e}")))
@@ -550,6 +642,64 @@ mod tests {
         JsonLogicRule::compile(flag, &rule, vec![])
             .expect("compiles")
             .evaluate(&ctx(context))
+    }
+
+    #[test]
+    fn a_rule_converts_only_the_attributes_it_can_read() {
+        let keys = |rule: Json| reads(&rule).map(|k| k.into_vec());
+        assert_eq!(
+            keys(
+                json!({"if": [{"in": [{"var": "user.country"}, ["NL"]]}, "a", {"var": ["plan", "free"]}]})
+            ),
+            Some(vec!["plan".into(), "user".into(), "user.country".into()])
+        );
+        assert_eq!(
+            keys(json!({"fractional": [["a", 50], ["b", 50]]})),
+            Some(vec!["targetingKey".into()])
+        );
+        assert_eq!(
+            keys(json!({"missing_some": [1, ["a", "b"]]})),
+            Some(vec!["a".into(), "b".into()])
+        );
+        for unsure in [
+            json!({"var": ""}),
+            json!({"var": {"cat": ["a", "b"]}}),
+            json!({"missing": {"var": "names"}}),
+            json!({"map": [{"var": "items"}, {"var": ""}]}),
+        ] {
+            assert_eq!(keys(unsure.clone()), None, "{unsure}");
+        }
+    }
+
+    #[test]
+    fn a_rule_sees_the_attributes_it_reads_and_no_fewer() {
+        let context = json!({"targetingKey": "user-1", "user": {"country": "NL"}, "plan": "pro",
+                             "user.flat": "yes", "items": [{"x": 2}, {"x": 3}], "other": 1});
+        for (rule, expected) in [
+            (json!({"var": "user.country"}), "NL"),
+            (
+                json!({"if": [{"==": [{"var": "plan"}, "pro"]}, "on", "off"]}),
+                "on",
+            ),
+            (
+                json!({"if": [{"missing": ["plan", "nope"]}, "missing", "all"]}),
+                "missing",
+            ),
+            (
+                json!({"if": [{"some": [{"var": "items"}, {">": [{"var": "x"}, 2]}]}, "yes", "no"]}),
+                "yes",
+            ),
+            (
+                json!({"if": [{"==": [{"var": "$flagd.flagKey"}, "f"]}, "self", "other"]}),
+                "self",
+            ),
+        ] {
+            assert_eq!(
+                run("f", rule.clone(), context.clone()),
+                Ok(Some(expected.into())),
+                "{rule}"
+            );
+        }
     }
 
     #[test]

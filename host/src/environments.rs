@@ -1,9 +1,9 @@
 //! The read path: an environment's current flag set.
 //!
 //! Evaluations read the in-process [`Snapshots`] only: no lock, no round
-//! trip. When a snapshot falls due (its TTL, an invalidation), one request
-//! per environment refreshes it while the others wait for that refresh
-//! (single flight):
+//! trip. When a snapshot falls due (its TTL, an invalidation), requests keep
+//! getting it while one background refresh per environment runs (single
+//! flight); only an environment's first load is waited for. A refresh:
 //!
 //! 1. the shared cache (Redis) is read, unless it is unreachable;
 //! 2. the flag store is read (one small file; parsed again only when its
@@ -157,12 +157,19 @@ impl Environments {
     }
 
     /// `environment`'s current flag set.
-    pub async fn get(&self, environment: &str) -> Result<Snapshot, LookupError> {
+    pub async fn get(self: &Arc<Self>, environment: &str) -> Result<Snapshot, LookupError> {
         if let Some(snapshot) = self.snapshots.fresh(environment) {
             return Ok(snapshot);
         }
         if !valid_environment_name(environment) {
             return Err(LookupError::InvalidName(environment.to_owned()));
+        }
+        // NB: a due snapshot keeps serving while one refresh runs beside
+        // the requests: a slow Redis or a large file never holds a request.
+        // Its STALE marking is the refresh's to decide, as before.
+        if let Some(served) = self.snapshots.any(environment) {
+            self.refresh_in_background(environment);
+            return Ok(served);
         }
         let gate = self.gate(environment);
         let _turn = gate.lock().await;
@@ -171,6 +178,24 @@ impl Environments {
             return Ok(snapshot);
         }
         self.resolve_or_forget_gate(environment).await
+    }
+
+    /// Starts a refresh of `environment` unless one is running (its gate is
+    /// held).
+    fn refresh_in_background(self: &Arc<Self>, environment: &str) {
+        let Ok(turn) = self.gate(environment).try_lock_owned() else {
+            return;
+        };
+        let (me, environment) = (self.clone(), environment.to_owned());
+        tokio::spawn(async move {
+            let _turn = turn;
+            // Another refresh may have finished since this one was asked for.
+            if me.snapshots.fresh(&environment).is_none()
+                && let Err(e) = me.resolve_or_forget_gate(&environment).await
+            {
+                debug!(environment = %environment, error = %e, "background refresh failed");
+            }
+        });
     }
 
     /// Resolves; on failure drops the environment's gate, so that names
@@ -594,5 +619,89 @@ async fn next_event(
     match events {
         Some(events) => events.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::PluginSet;
+    use crate::store::DirStore;
+
+    /// A flag directory whose loads after the first are held until released:
+    /// a refresh that takes as long as the test wants.
+    struct HeldStore {
+        dir: DirStore,
+        loads: std::sync::atomic::AtomicUsize,
+        release: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl FlagStore for HeldStore {
+        async fn load(&self, environment: &str) -> Result<Arc<FlagSet>, StoreError> {
+            if self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                let _permit = self.release.acquire().await;
+            }
+            self.dir.load(environment).await
+        }
+
+        async fn environments(&self) -> Result<Vec<String>, StoreError> {
+            self.dir.environments().await
+        }
+
+        fn describe(&self) -> String {
+            "held".into()
+        }
+    }
+
+    fn write(dir: &std::path::Path, greeting: &str) {
+        let doc = serde_json::json!({"flags": {"greeting": {"state": "ENABLED",
+            "variants": {"v": greeting}, "defaultVariant": "v"}}});
+        std::fs::write(dir.join("prod.json"), doc.to_string()).expect("write");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_due_snapshot_keeps_serving_while_one_refresh_runs() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        write(tmp.path(), "old");
+        let store = Arc::new(HeldStore {
+            dir: DirStore::new(tmp.path(), PluginSet::default()),
+            loads: Default::default(),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let timing = Timing {
+            ttl: Duration::from_millis(50),
+            check_interval: Duration::from_millis(50),
+        };
+        let environments = Arc::new(Environments::new(store.clone(), None, timing));
+        let first = environments.get("prod").await.expect("loads");
+        write(tmp.path(), "new");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Due, and its refresh is held: requests get the set they had, and
+        // start no second refresh.
+        for _ in 0..20 {
+            let served = tokio::time::timeout(Duration::from_secs(5), environments.get("prod"))
+                .await
+                .expect("answered without waiting for the held refresh")
+                .expect("served");
+            assert_eq!(served.set.digest, first.set.digest);
+            assert!(!served.stale);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            store.loads.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "one refresh for all those requests"
+        );
+        store.release.add_permits(1);
+        let mut refreshed = false;
+        for _ in 0..100 {
+            if environments.get("prod").await.expect("served").set.digest != first.set.digest {
+                refreshed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refreshed, "the refresh's set serves once it is done");
     }
 }

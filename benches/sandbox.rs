@@ -275,8 +275,15 @@ fn isolation(c: &mut Criterion) {
             flaghost::plugins::Isolation::Reuse,
             flaghost::plugins::Isolation::Fresh,
         ] {
+            // NB: a JavaScript runtime's memory is past the 32 MiB default cap.
+            let memory_bytes = if stem == "allow-list" {
+                Limits::default().memory_bytes
+            } else {
+                256 << 20
+            };
             let limits = Limits {
                 isolation,
+                memory_bytes,
                 ..Limits::default()
             };
             let runtime = PluginRuntime::new(limits, Compiler::InProcess).expect("engine");

@@ -847,16 +847,14 @@ async fn with_a_signing_key_unsigned_forged_foreign_or_expired_entries_are_misse
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_over_the_size_cap_is_a_miss_and_none_is_written_over_it() {
     let redis = RedisServer::start();
-    let cache = port(&redis, None, 64 << 10, Duration::from_secs(60)).await;
-    // 8 MB under the key: refused after reading 64 KiB of it.
-    let huge = format!(
-        "{{\"format\":\"flaghost.flag-set/1\",\"pad\":\"{}\"}}",
-        "x".repeat(8 << 20)
-    );
-    redis.query::<()>(&["SET", "feature_flags:production", &huge]);
-    assert!(cache.get("production").await.expect("reads").is_none());
-
-    // A set whose entry is over the cap is not written.
+    let small = port(&redis, None, 64 << 10, Duration::from_secs(60)).await;
+    let big = port(
+        &redis,
+        None,
+        flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
+        Duration::from_secs(60),
+    )
+    .await;
     let mut many = serde_json::Map::new();
     for i in 0..2000 {
         many.insert(
@@ -869,14 +867,19 @@ async fn an_entry_over_the_size_cap_is_a_miss_and_none_is_written_over_it() {
     let set = DirStore::new(dirs.flags(), plugins())
         .load_sync("big")
         .expect("loads");
-    let err = cache.put(&set).await.expect_err("over the cap");
+
+    // A valid entry over the small cap: read whole, it is a hit; capped, a miss.
+    big.put(&set).await.expect("writes under the big cap");
+    let entry: String = redis.query(&["GET", "feature_flags:big"]);
+    assert!(entry.len() > 64 << 10, "{} bytes", entry.len());
+    assert!(big.get("big").await.expect("reads").is_some());
+    assert!(small.get("big").await.expect("reads").is_none());
+
+    // A set whose entry is over the cap is not written.
+    redis.query::<()>(&["FLUSHALL"]);
+    let err = small.put(&set).await.expect_err("over the cap");
     assert!(err.to_string().contains("over the cap"), "{err}");
-    assert!(
-        !redis
-            .keys()
-            .iter()
-            .any(|k| k.starts_with("feature_flags:big"))
-    );
+    assert!(redis.keys().is_empty(), "{:?}", redis.keys());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -314,6 +314,12 @@ impl Environments {
                     stale: true,
                 },
                 None => {
+                    // NB: a set served from Redis alone stops serving once
+                    // the file is readable and refused: requests, which get
+                    // what is served while a refresh runs, must not keep it.
+                    if refused {
+                        self.snapshots.remove(environment);
+                    }
                     return Err(LookupError::Unavailable {
                         environment: environment.to_owned(),
                         reason: error.to_string(),
@@ -582,6 +588,8 @@ impl Environments {
         if !shared.status().connected() {
             return;
         }
+        // NB: a set whose entry Redis holds in another version (another
+        // instance wrote a newer file first) is not renewed: see `due`.
         let served: Vec<Snapshot> = self
             .snapshots
             .all()

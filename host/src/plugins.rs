@@ -40,7 +40,7 @@ pub use limits::{Isolation, Limits};
 pub use pool::{PluginPool, PoolError, PoolSize};
 pub use registry::{PluginRegistry, PluginSet, RefusedFile, ReloadReport, valid_plugin_name};
 pub use rule::{Budget, PluginRule};
-pub use runtime::{Plugin, PluginRuntime};
+pub use runtime::{Plugin, PluginRuntime, pagemap_reset};
 pub use stats::{ErrorCounts, Percentiles, RECENT_ERRORS, RecentError, StatsSnapshot};
 
 use std::time::Duration;

@@ -235,6 +235,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         plugin_deadline = ?config.limits.deadline,
         plugin_memory_bytes = config.limits.memory_bytes,
         plugin_isolation = %config.limits.isolation,
+        plugin_pagemap_reset = crate::plugins::pagemap_reset(),
         plugin_cache_dir = ?config.plugin_cache_dir,
         startup_ms = started.elapsed().as_millis() as u64,
         "flaghost loaded"

@@ -56,6 +56,9 @@ pub const FLAG_FORMAT: &str = "flaghost.flag/1";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time Redis has to answer a request before it is skipped.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
+/// Bytes at the start of a set entry that hold its digest: the format,
+/// the environment (a name of at most 128 bytes) and the digest come first.
+const DIGEST_WITHIN: usize = 1023;
 /// Keys per `SCAN` step and per `UNLINK`.
 const SCAN_BATCH: usize = 500;
 
@@ -691,20 +694,45 @@ impl FlagCache for RedisCache {
         // NB: written again once half the TTL is gone, so a set stays in
         // Redis while an instance serves it, whether or not requests come.
         let renew_below = i64::try_from(self.ttl.as_millis() / 2).unwrap_or(i64::MAX);
-        Ok(sets
-            .iter()
-            .zip(answers.chunks(2))
-            .filter(|(set, answer)| match answer {
-                // PTTL: -2 missing, -1 no expiry (not as written).
-                [pttl, held] => {
-                    *pttl < 0
-                        || *pttl < renew_below
-                        || usize::try_from(*held).unwrap_or(0) < set.flags.len()
-                }
-                _ => true,
-            })
-            .map(|(set, _)| set.environment.clone())
-            .collect())
+        let mut gone = Vec::new();
+        let mut held = Vec::new();
+        for (set, answer) in sets.iter().zip(answers.chunks(2)) {
+            let [pttl, flags_held] = answer else { continue };
+            let lacking = usize::try_from(*flags_held).unwrap_or(0) < set.flags.len();
+            if *pttl == -2 {
+                gone.push(set.environment.clone());
+            } else if *pttl < renew_below || lacking {
+                held.push(set);
+            }
+        }
+        if held.is_empty() {
+            return Ok(gone);
+        }
+        // A set key that is there may hold another instance's newer version
+        // (its file changed first): renew only our own, known by its digest
+        // near the start of the entry, or an older instance would overwrite
+        // (and, with a signing key, sign anew) a version it no longer has.
+        let mut pipe = redis::pipe();
+        for set in &held {
+            pipe.cmd("GETRANGE")
+                .arg(set_key(&set.environment))
+                .arg(0)
+                .arg(DIGEST_WITHIN);
+        }
+        let heads: Vec<Vec<u8>> = self
+            .link
+            .run(
+                "check",
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await?;
+        for (set, head) in held.iter().zip(heads) {
+            let ours = format!("\"digest\":\"{}\"", set.digest);
+            if head.is_empty() || head.windows(ours.len()).any(|w| w == ours.as_bytes()) {
+                gone.push(set.environment.clone());
+            }
+        }
+        Ok(gone)
     }
 
     async fn environments(&self) -> Result<Vec<String>, CacheError> {

@@ -33,8 +33,21 @@ pub fn lint(bytes: &[u8], doc: &Json) -> Vec<Problem> {
     }
     .deserialize(&mut deserializer);
     weights(doc, &mut path, &mut found);
+    // NB: a file of nothing but duplicate keys would otherwise turn each
+    // few bytes into a formatted problem: keep the first ones and a count.
+    if found.len() > MAX_LINTS {
+        let more = found.len() - MAX_LINTS;
+        found.truncate(MAX_LINTS);
+        found.push(Problem::new(
+            None,
+            format!("and {more} more of the same kinds"),
+        ));
+    }
     found
 }
+
+/// Warnings listed per file; past them, a count.
+const MAX_LINTS: usize = 100;
 
 /// The flag `path` is inside, and where in the file it is.
 fn locate(path: &[String], key: Option<&str>) -> (Option<String>, String) {
@@ -168,7 +181,10 @@ fn weights(value: &Json, path: &mut Vec<String>, found: &mut Vec<Problem>) {
                     else {
                         continue;
                     };
-                    if weight.as_u64().is_none() {
+                    let whole = weight
+                        .as_f64()
+                        .is_some_and(|w| w >= 0.0 && w.fract() == 0.0 && w <= i64::MAX as f64);
+                    if !whole {
                         path.extend(["fractional".to_owned(), i.to_string()]);
                         problem(
                             found,
@@ -244,6 +260,21 @@ mod tests {
         assert!(
             found[0].contains("variants.a") && found[0].contains("2^53"),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_file_of_many_warnings_lists_the_first_hundred_and_a_count() {
+        let text = format!(
+            "{{\"flags\": {{}}, \"x\": {{{}}}}}",
+            (0..1000).map(|_| "\"k\": 1").collect::<Vec<_>>().join(",")
+        );
+        let found = lint_text(&text);
+        assert_eq!(found.len(), MAX_LINTS + 1);
+        assert!(
+            found[MAX_LINTS].contains("899 more"),
+            "{}",
+            found[MAX_LINTS]
         );
     }
 

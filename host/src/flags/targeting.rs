@@ -450,12 +450,14 @@ fn collect_reads(rule: &Json, keys: &mut std::collections::BTreeSet<String>) -> 
     match rule {
         Json::Object(map) => map.iter().all(|(op, args)| {
             let read = match op.as_str() {
+                // NB: a number is a path as datalogic prints it; only a
+                // plain integer is printed as serde_json prints it.
                 "var" => match args {
                     Json::String(path) => add_path(path, keys),
-                    Json::Number(n) => add_path(&n.to_string(), keys),
+                    Json::Number(n) if n.is_i64() => add_path(&n.to_string(), keys),
                     Json::Array(items) => match items.first() {
                         Some(Json::String(path)) => add_path(path, keys),
-                        Some(Json::Number(n)) => add_path(&n.to_string(), keys),
+                        Some(Json::Number(n)) if n.is_i64() => add_path(&n.to_string(), keys),
                         _ => false,
                     },
                     _ => false,
@@ -663,6 +665,8 @@ mod tests {
         );
         for unsure in [
             json!({"var": ""}),
+            json!({"var": 1e-7}),
+            json!({"var": [18446744073709551615u64]}),
             json!({"var": {"cat": ["a", "b"]}}),
             json!({"missing": {"var": "names"}}),
             json!({"map": [{"var": "items"}, {"var": ""}]}),

@@ -12,40 +12,22 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
-use flaghost::environments::{Environments, Timing};
-use flaghost::http::{AppState, app};
 use flaghost::plugins::{Isolation, Limits};
-use flaghost::store::{DirStore, FlagStore};
 use flaghost_tests::root;
 use tower::ServiceExt;
 
 /// The OFREP router over the example flags, plugins loaded under `limits`.
-/// Keep the runtime alive as long as the router is used.
 fn router(
     rt: &tokio::runtime::Runtime,
     limits: Limits,
 ) -> (Arc<flaghost::plugins::PluginRuntime>, axum::Router) {
-    let (runtime, _set) = flaghost_benches::example_flags(limits);
-    let (plugins, _) = runtime
-        .load_dir(&root().join("target/plugins"))
-        .expect("plugins");
-    let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(root().join("examples/flags"), plugins));
-    let environments = Arc::new(Environments::new(store, None, Timing::default()));
-    rt.block_on(environments.refresh("production"))
-        .expect("loads");
-    let router = app(
-        AppState {
-            environments,
-            default_environment: "production".into(),
-            admin: None,
-            plugins: Default::default(),
-            plugin_changes: None,
-            plugin_pool: runtime.pool().clone(),
-            plugin_budget: runtime.limits().request_budget(),
-        },
+    flaghost_benches::ofrep_router(
+        rt,
+        &root().join("examples/flags"),
+        "production",
+        limits,
         &flaghost::http::HttpOptions::default(),
-    );
-    (runtime, router)
+    )
 }
 
 /// A static flag, and the allow-list plugin flag with the default isolation

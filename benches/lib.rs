@@ -1,12 +1,15 @@
 //! Shared set-up for the benches: the example flag sets, loaded as flaghost
 //! serves them.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use flaghost::environments::{Environments, Timing};
 use flaghost::evaluation::EvaluationContext;
 use flaghost::flags::FlagSet;
+use flaghost::http::{AppState, HttpOptions, app};
 use flaghost::plugins::{Compiler, Limits, PluginRuntime};
-use flaghost::store::DirStore;
+use flaghost::store::{DirStore, FlagStore};
 use flaghost_tests::{build_plugins, root};
 
 /// The example `production` flag set, its plugins loaded under `limits`.
@@ -40,4 +43,39 @@ pub fn typical_context() -> EvaluationContext {
         unreachable!("a JSON object literal")
     };
     EvaluationContext::from_attributes(attributes).expect("valid context")
+}
+
+/// The OFREP router over the flag files in `flags` (`env` the default
+/// environment, loaded before it returns), with the example plugins loaded
+/// under `limits`, answering under `options`. Keep the runtime alive as
+/// long as the router is used.
+pub fn ofrep_router(
+    rt: &tokio::runtime::Runtime,
+    flags: &Path,
+    env: &str,
+    limits: Limits,
+    options: &HttpOptions,
+) -> (Arc<PluginRuntime>, axum::Router) {
+    build_plugins();
+    let runtime = Arc::new(PluginRuntime::new(limits, Compiler::InProcess).expect("engine"));
+    let (plugins, errors) = runtime
+        .load_dir(&root().join("target/plugins"))
+        .expect("plugin dir");
+    assert!(errors.is_empty(), "{errors:?}");
+    let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(flags, plugins));
+    let environments = Arc::new(Environments::new(store, None, Timing::default()));
+    rt.block_on(environments.refresh(env)).expect("loads");
+    let router = app(
+        AppState {
+            environments,
+            default_environment: env.into(),
+            admin: None,
+            plugins: Default::default(),
+            plugin_changes: None,
+            plugin_pool: runtime.pool().clone(),
+            plugin_budget: runtime.limits().request_budget(),
+        },
+        options,
+    );
+    (runtime, router)
 }

@@ -79,6 +79,19 @@ impl Host for State {
     }
 }
 
+/// The allow-list compiled on `engine`, and a linker with flaghost's
+/// `context` import and every other import trapping, as flaghost links it.
+fn linked(engine: &Engine) -> (Component, Linker<State>) {
+    let bytes = std::fs::read(plugin("allow-list")).expect("plugin");
+    let component = Component::from_binary(engine, &bytes).expect("compiles");
+    let mut linker: Linker<State> = Linker::new(engine);
+    wit_context::add_to_linker::<_, HasSelf<State>>(&mut linker, |s| s).expect("link");
+    linker
+        .define_unknown_imports_as_traps(&component)
+        .expect("stubs");
+    (component, linker)
+}
+
 /// A warm instance of the rule on an engine configured by `epoch`, with
 /// its configuration parsed.
 fn unlimited(epoch: bool) -> (Store<State>, TargetingRule, ResourceAny) {
@@ -88,13 +101,7 @@ fn unlimited(epoch: bool) -> (Store<State>, TargetingRule, ResourceAny) {
         .epoch_interruption(epoch)
         .concurrency_support(false);
     let engine = Engine::new(&config).expect("engine");
-    let bytes = std::fs::read(plugin("allow-list")).expect("plugin");
-    let component = Component::from_binary(&engine, &bytes).expect("compiles");
-    let mut linker: Linker<State> = Linker::new(&engine);
-    wit_context::add_to_linker::<_, HasSelf<State>>(&mut linker, |s| s).expect("link");
-    linker
-        .define_unknown_imports_as_traps(&component)
-        .expect("stubs");
+    let (component, linker) = linked(&engine);
     let mut store = Store::new(&engine, State { context: None });
     if epoch {
         store.set_epoch_deadline(u64::MAX / 2);
@@ -209,13 +216,7 @@ fn candidate(alloc: Alloc) -> (Engine, bindings::TargetingRulePre<State>) {
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
     }
     let engine = Engine::new(&config).expect("engine");
-    let bytes = std::fs::read(plugin("allow-list")).expect("plugin");
-    let component = Component::from_binary(&engine, &bytes).expect("compiles");
-    let mut linker: Linker<State> = Linker::new(&engine);
-    wit_context::add_to_linker::<_, HasSelf<State>>(&mut linker, |s| s).expect("link");
-    linker
-        .define_unknown_imports_as_traps(&component)
-        .expect("stubs");
+    let (component, linker) = linked(&engine);
     let pre = linker.instantiate_pre(&component).expect("pre");
     (
         engine,

@@ -14,12 +14,10 @@ use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
 use datalogic_rs::bumpalo::Bump;
-use flaghost::environments::{Environments, Timing};
 use flaghost::evaluation::{EvaluationContext, evaluate};
 use flaghost::flags::parse_flag_file;
-use flaghost::http::{AppState, HttpOptions, app};
+use flaghost::http::HttpOptions;
 use flaghost::plugins::{Compiler, Limits, PluginRuntime};
-use flaghost::store::{DirStore, FlagStore};
 use flaghost_tests::{build_plugins, root};
 use serde_json::{Value as Json, json};
 use std::hint::black_box;
@@ -135,7 +133,6 @@ fn targeting(c: &mut Criterion) {
     group.finish();
 }
 
-/// 50 flags (static, if/in and fractional, in turn) in one bulk answer.
 /// An OFREP router serving `flags` as environment `env`, bodies up to
 /// `body_limit`. Keep the runtime alive as long as the router is used.
 fn router_for(
@@ -143,36 +140,18 @@ fn router_for(
     env: &str,
     flags: serde_json::Map<String, Json>,
     body_limit: usize,
-) -> (PluginRuntime, axum::Router) {
+) -> (Arc<PluginRuntime>, axum::Router) {
     let dir = tempfile_dir();
     std::fs::write(
         dir.join(format!("{env}.json")),
         json!({"flags": flags}).to_string(),
     )
     .expect("write");
-    let runtime = PluginRuntime::new(Limits::default(), Compiler::InProcess).expect("engine");
-    let (plugins, _) = runtime
-        .load_dir(&root().join("target/plugins"))
-        .expect("plugins");
-    let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(&dir, plugins));
-    let environments = Arc::new(Environments::new(store, None, Timing::default()));
-    rt.block_on(environments.refresh(env)).expect("loads");
-    let router = app(
-        AppState {
-            environments,
-            default_environment: env.into(),
-            admin: None,
-            plugins: Default::default(),
-            plugin_changes: None,
-            plugin_pool: runtime.pool().clone(),
-            plugin_budget: runtime.limits().request_budget(),
-        },
-        &HttpOptions {
-            body_limit,
-            ..HttpOptions::default()
-        },
-    );
-    (runtime, router)
+    let options = HttpOptions {
+        body_limit,
+        ..HttpOptions::default()
+    };
+    flaghost_benches::ofrep_router(rt, &dir, env, Limits::default(), &options)
 }
 
 /// `count` flags: a third static, a third `if`/`in` on `country`, a third
@@ -218,6 +197,7 @@ fn post_bulk(
     })
 }
 
+/// 50 flags (static, if/in and fractional, in turn) in one bulk answer.
 fn bulk(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (_runtime, router) = router_for(&rt, "bulk", mixed_flags(50, false), 100 << 10);

@@ -7,14 +7,8 @@
 
 use std::time::Duration;
 
-use flaghost_tests::{Dirs, Flaghost, answer_limits, eventually};
+use flaghost_tests::{Dirs, Flaghost, answer_limits, deep_ref_evaluators, eventually};
 use serde_json::{Map, Value, json};
-
-/// `{"!!": [{"!!": [ ... inner ... ]}]}`, `levels` deep (two JSON levels
-/// each).
-fn nested(levels: usize, inner: Value) -> Value {
-    (0..levels).fold(inner, |rule, _| json!({"!!": [rule]}))
-}
 
 fn static_flag() -> Value {
     json!({"state": "ENABLED", "variants": {"a": "A", "b": "B"}, "defaultVariant": "a"})
@@ -35,15 +29,7 @@ fn static_serving(variant: &str) -> Value {
 /// expansion bomb (evaluators that each use the next twice, 26 deep). Each
 /// also changes flag `ok` to serve "B", to show whether it was taken.
 fn hostile_files(dirs: Dirs) -> Dirs {
-    let mut deep = Map::new();
-    for i in 0..33 {
-        let next = if i == 32 {
-            json!(true)
-        } else {
-            json!({"$ref": format!("e{}", i + 1)})
-        };
-        deep.insert(format!("e{i}"), nested(62, next));
-    }
+    let deep = deep_ref_evaluators();
     let mut bomb = Map::new();
     for i in 0..26 {
         let next = json!({"$ref": format!("b{}", i + 1)});

@@ -919,16 +919,7 @@ async fn a_planted_entry_too_deep_to_evaluate_is_a_miss_and_the_process_serves_o
     let fh = Flaghost::start(&config(&dirs, Some(&redis), Duration::from_secs(1)))
         .await
         .expect("starts");
-    let mut evaluators = serde_json::Map::new();
-    for i in 0..33 {
-        let next = if i == 32 {
-            json!(true)
-        } else {
-            json!({"$ref": format!("e{}", i + 1)})
-        };
-        let rule = (0..62).fold(next, |rule, _| json!({"!!": [rule]}));
-        evaluators.insert(format!("e{i}"), rule);
-    }
+    let evaluators = flaghost_tests::deep_ref_evaluators();
     let document = json!({"$evaluators": evaluators, "flags": {
         "greeting": {"state": "ENABLED", "variants": {"hello": "PLANTED", "bye": "bye"},
             "defaultVariant": "hello", "targeting": {"$ref": "e0"}}}});

@@ -128,6 +128,25 @@ impl SigningKey {
         self.mac(parts).verify_slice(tag).is_ok()
     }
 
+    /// [`SigningKey::tag`] as lower-case hex, for text formats (Redis entries).
+    pub fn tag_hex(&self, parts: &[&[u8]]) -> String {
+        format!("{:x}", self.mac(parts).finalize().into_bytes())
+    }
+
+    /// Whether `tag` is the hex of the tag of `parts` (compared in constant
+    /// time); false for text that is not hex.
+    pub fn verify_hex(&self, parts: &[&[u8]], tag: &str) -> bool {
+        let bytes: Option<Vec<u8>> = (tag.len().is_multiple_of(2))
+            .then(|| {
+                (0..tag.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(tag.get(i..i + 2)?, 16).ok())
+                    .collect()
+            })
+            .flatten();
+        bytes.is_some_and(|bytes| self.verify(parts, &bytes))
+    }
+
     fn mac(&self, parts: &[&[u8]]) -> Hmac<Sha256> {
         // NB: an HMAC takes a key of any length; 32 bytes cannot fail.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
@@ -199,6 +218,19 @@ mod tests {
         assert!(!key.verify(&[b"nameb", b"ytes"], &tag));
         assert!(!SigningKey::from_bytes([8; KEY_BYTES]).verify(&[b"name", b"bytes"], &tag));
         assert!(!key.verify(&[b"name", b"bytes"], &tag[..16]));
+    }
+
+    #[test]
+    fn a_hex_tag_verifies_and_text_that_is_not_its_hex_does_not() {
+        let key = SigningKey::from_secret("a shared secret of the fleet");
+        let tag = key.tag_hex(&[b"entry"]);
+        assert_eq!(tag.len(), 2 * TAG_BYTES);
+        assert!(key.verify_hex(&[b"entry"], &tag));
+        assert!(!key.verify_hex(&[b"other"], &tag));
+        for bad in ["", "0", &tag[1..], &tag.replace(&tag[..2], "zz"), "é"] {
+            assert!(!key.verify_hex(&[b"entry"], bad), "{bad:?}");
+        }
+        assert!(!SigningKey::from_secret("another secret").verify_hex(&[b"entry"], &tag));
     }
 
     #[test]

@@ -29,6 +29,16 @@ fn flaghost() -> Command {
     cmd
 }
 
+/// `flaghost validate --flags <flags> <extra>`.
+fn validate(flags: &Path, extra: &[&str]) -> std::process::Output {
+    flaghost()
+        .args(["validate", "--flags"])
+        .arg(flags)
+        .args(extra)
+        .output()
+        .expect("runs")
+}
+
 #[test]
 fn validate_accepts_the_examples() {
     let out = flaghost()
@@ -96,14 +106,7 @@ fn validate_fails_on_rules_that_can_never_be_evaluated_unless_allowed() {
                           "defaultVariant": "off", "targeting": {"if": [{"$ref": "nope"}, "on", "off"]}}}}"#,
     )
     .expect("write");
-    let run = |extra: &[&str]| {
-        flaghost()
-            .args(["validate", "--flags"])
-            .arg(&flags)
-            .args(extra)
-            .output()
-            .expect("runs")
-    };
+    let run = |extra: &[&str]| validate(&flags, extra);
     let out = run(&[]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{said}");
@@ -140,14 +143,7 @@ fn validate_fails_on_what_loads_otherwise_than_written_unless_allowed() {
                     "targeting": {"fractional": [["x", 0.5], ["y", "50"]]}}}}"#,
     )
     .expect("write");
-    let run = |extra: &[&str]| {
-        flaghost()
-            .args(["validate", "--flags"])
-            .arg(&flags)
-            .args(extra)
-            .output()
-            .expect("runs")
-    };
+    let run = |extra: &[&str]| validate(&flags, extra);
     let out = run(&[]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{said}");

@@ -403,3 +403,20 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// The `$evaluators` that killed a running flaghost once, hot-reloaded from a
+/// file or read from Redis: 33 chained evaluators `e0`..`e32`, each 62 levels
+/// of `{"!!": [...]}` (about 4,000 levels once resolved). A rule names `e0`.
+pub fn deep_ref_evaluators() -> serde_json::Map<String, Value> {
+    (0..33)
+        .map(|i| {
+            let next = if i == 32 {
+                Value::Bool(true)
+            } else {
+                serde_json::json!({"$ref": format!("e{}", i + 1)})
+            };
+            let rule = (0..62).fold(next, |rule, _| serde_json::json!({"!!": [rule]}));
+            (format!("e{i}"), rule)
+        })
+        .collect()
+}

@@ -327,7 +327,7 @@ impl EntryReader {
             ));
         }
         if let Some(key) = &self.signing_key {
-            let Some(tag) = entry.signature.as_deref().and_then(hex_bytes) else {
+            let Some(tag) = entry.signature.as_deref() else {
                 return Err("unsigned, and --cache-signing-key is set".into());
             };
             let (written_at, expires_at) =
@@ -339,7 +339,7 @@ impl EntryReader {
                 &expires_at,
                 entry.flag_set.get(),
             );
-            if !key.verify(&parts, &tag) {
+            if !key.verify_hex(&parts, tag) {
                 return Err(
                     "its signature does not verify: forged, altered, or written with another --cache-signing-key"
                         .into(),
@@ -455,26 +455,6 @@ fn unix_millis(at: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Lower-case hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
-}
-
-/// The bytes of a hex string, if it is one.
-fn hex_bytes(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// JSON text as a raw value (serialised JSON always is one).
 fn raw(text: String) -> Box<RawValue> {
     RawValue::from_string(text)
@@ -494,13 +474,13 @@ pub fn encode(
     // NB: serialising a serde_json::Value cannot fail.
     let flag_set = raw(serde_json::to_string(&set.document()).unwrap_or_default());
     let signature = key.map(|key| {
-        hex(&key.tag(&set_signed_parts(
+        key.tag_hex(&set_signed_parts(
             &set.environment,
             &set.digest,
             &written_text,
             &expires_text,
             flag_set.get(),
-        )))
+        ))
     });
     let entry = SetEntry {
         format: SET_FORMAT,
@@ -517,14 +497,14 @@ pub fn encode(
         .map(|(flag_key_name, flag)| {
             let definition = raw(serde_json::to_string(&flag.definition).unwrap_or_default());
             let signature = key.map(|key| {
-                hex(&key.tag(&[
+                key.tag_hex(&[
                     FLAG_FORMAT.as_bytes(),
                     set.environment.as_bytes(),
                     flag_key_name.as_bytes(),
                     set.digest.as_bytes(),
                     expires_text.as_bytes(),
                     definition.get().as_bytes(),
-                ]))
+                ])
             });
             let entry = FlagEntry {
                 format: FLAG_FORMAT,

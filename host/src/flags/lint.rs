@@ -22,7 +22,7 @@ const EXACT_INTEGERS: f64 = 9_007_199_254_740_992.0;
 /// Everything in `bytes` (a flag file that parsed) loaded otherwise than
 /// written, each with its flag when it is inside one.
 pub fn lint(bytes: &[u8], doc: &Json) -> Vec<Problem> {
-    let mut found = Vec::new();
+    let mut found = Found::default();
     let mut path = Vec::new();
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     // NB: the file already parsed; an error here (none expected) only ends
@@ -33,21 +33,44 @@ pub fn lint(bytes: &[u8], doc: &Json) -> Vec<Problem> {
     }
     .deserialize(&mut deserializer);
     weights(doc, &mut path, &mut found);
-    // NB: a file of nothing but duplicate keys would otherwise turn each
-    // few bytes into a formatted problem: keep the first ones and a count.
-    if found.len() > MAX_LINTS {
-        let more = found.len() - MAX_LINTS;
-        found.truncate(MAX_LINTS);
-        found.push(Problem::new(
+    let Found { mut problems, more } = found;
+    if more > 0 {
+        problems.push(Problem::new(
             None,
             format!("and {more} more of the same kinds"),
         ));
     }
-    found
+    problems
 }
 
 /// Warnings listed per file; past them, a count.
 const MAX_LINTS: usize = 100;
+
+/// The warnings so far: the first [`MAX_LINTS`], and how many more.
+///
+/// NB: past the cap a warning is only counted, never formatted, so a file
+/// of nothing but duplicate keys costs no memory per key.
+#[derive(Default)]
+struct Found {
+    problems: Vec<Problem>,
+    more: usize,
+}
+
+impl Found {
+    /// Adds the warning at `path` (and `key` in it), `reason` made only if
+    /// it is kept.
+    fn add(&mut self, path: &[String], key: Option<&str>, reason: impl FnOnce() -> String) {
+        if self.problems.len() >= MAX_LINTS {
+            self.more += 1;
+            return;
+        }
+        let (flag, place) = locate(path, key);
+        self.problems.push(Problem::new(
+            flag.as_deref(),
+            format!("{place}: {}", reason()),
+        ));
+    }
+}
 
 /// The flag `path` is inside, and where in the file it is.
 fn locate(path: &[String], key: Option<&str>) -> (Option<String>, String) {
@@ -65,14 +88,9 @@ fn locate(path: &[String], key: Option<&str>) -> (Option<String>, String) {
     (flag, place)
 }
 
-fn problem(found: &mut Vec<Problem>, path: &[String], key: Option<&str>, reason: String) {
-    let (flag, place) = locate(path, key);
-    found.push(Problem::new(flag.as_deref(), format!("{place}: {reason}")));
-}
-
 /// A streaming pass over one JSON value, `path` the keys leading to it.
 struct Walk<'a> {
-    found: &'a mut Vec<Problem>,
+    found: &'a mut Found,
     path: &'a mut Vec<String>,
 }
 
@@ -96,12 +114,9 @@ impl<'de> Visitor<'de> for Walk<'_> {
         let mut seen = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if !seen.insert(key.clone()) {
-                problem(
-                    found,
-                    path,
-                    Some(&key),
-                    "the key appears more than once; only the last one counts".into(),
-                );
+                found.add(path, Some(&key), || {
+                    "the key appears more than once; only the last one counts".into()
+                });
             }
             path.push(key);
             map.next_value_seed(Walk {
@@ -133,15 +148,12 @@ impl<'de> Visitor<'de> for Walk<'_> {
     fn visit_f64<E>(self, v: f64) -> Result<(), E> {
         // NB: serde_json hands integers past i64/u64 over as f64 too.
         if v.fract() == 0.0 && v.abs() > EXACT_INTEGERS {
-            problem(
-                self.found,
-                self.path,
-                None,
+            self.found.add(self.path, None, || {
                 format!(
                     "the number is past ±2^53 and is not represented exactly: it is served as {}",
                     Json::from(v)
-                ),
-            );
+                )
+            });
         }
         Ok(())
     }
@@ -168,7 +180,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
 }
 
 /// `fractional` buckets whose weight is not a non-negative integer.
-fn weights(value: &Json, path: &mut Vec<String>, found: &mut Vec<Problem>) {
+fn weights(value: &Json, path: &mut Vec<String>, found: &mut Found) {
     match value {
         Json::Object(map) => {
             if let Some(Json::Array(args)) = map.get("fractional") {
@@ -186,14 +198,11 @@ fn weights(value: &Json, path: &mut Vec<String>, found: &mut Vec<Problem>) {
                         .is_some_and(|w| w >= 0.0 && w.fract() == 0.0 && w <= i64::MAX as f64);
                     if !whole {
                         path.extend(["fractional".to_owned(), i.to_string()]);
-                        problem(
-                            found,
-                            path,
-                            None,
+                        found.add(path, None, || {
                             format!(
                                 "the weight {weight} of {variant:?} is not a non-negative integer"
-                            ),
-                        );
+                            )
+                        });
                         path.truncate(path.len() - 2);
                     }
                 }

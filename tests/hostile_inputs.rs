@@ -212,3 +212,89 @@ async fn connections_that_never_finish_their_request_are_closed_and_others_get_t
     );
     fh.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    use std::io::{Read as _, Write as _};
+    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
+    let mut config = dirs.config("prod", answer_limits());
+    config.http.connections.header_timeout = Duration::from_millis(500);
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let address = fh.base.trim_start_matches("http://").to_owned();
+
+    let (answered, closed_after) = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            .expect("sends");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).expect("an answer");
+        let answered = String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200");
+        // Then nothing more is sent: the connection idles.
+        let idle = std::time::Instant::now();
+        let closed = closed_by_server(&mut stream, Duration::from_secs(5));
+        (answered, closed.then(|| idle.elapsed()))
+    })
+    .await
+    .expect("ran");
+    assert!(answered, "the request on the connection was answered");
+    let closed_after = closed_after.expect("an idle keep-alive connection is closed");
+    assert!(
+        closed_after >= Duration::from_millis(300),
+        "kept open while within the timeout: closed after {closed_after:?}"
+    );
+    fh.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holding_its_share_of_connections_leaves_room_for_others() {
+    use std::io::Write as _;
+    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
+    let mut config = dirs.config("prod", answer_limits());
+    // NB: the slow connections outlive the test's checks.
+    config.http.connections.header_timeout = Duration::from_secs(30);
+    config.http.connections.max_connections = 64;
+    config.http.connections.max_per_client = 16;
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let address = fh.base.trim_start_matches("http://").to_owned();
+
+    // Client 127.0.0.1 opens every slot there is, sending half its headers.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        let _ = stream.write_all(b"POST /ofrep/v1/evaluate/flags/ok HTTP/1.1\r\nHost: x\r\n");
+        held.push(stream);
+    }
+    // Past its 16, flaghost closed them at once.
+    let (kept, closed) = tokio::task::spawn_blocking(move || {
+        let closed = held
+            .iter_mut()
+            .map(|stream| closed_by_server(stream, Duration::from_millis(300)))
+            .filter(|closed| *closed)
+            .count();
+        (held, closed)
+    })
+    .await
+    .expect("checked");
+    assert_eq!(closed, 64 - 16, "one client keeps 16 connections");
+
+    // Another client (127.0.0.2 is loopback too) gets through meanwhile.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("client");
+    let response = other
+        .post(format!("{}/ofrep/v1/evaluate/flags/ok", fh.base))
+        .json(&json!({"context": {}}))
+        .send()
+        .await
+        .expect("another client is answered");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["value"], "A");
+    drop(kept);
+    fh.stop().await.expect("clean stop");
+}

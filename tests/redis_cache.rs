@@ -4,7 +4,7 @@
 //! outage, self-healing, staleness, and two instances on one Redis.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use flaghost::cache::{FlagCache, RedisCache, RedisOptions};
@@ -486,6 +486,73 @@ async fn a_stalled_redis_is_skipped_within_the_response_timeout() {
         .await,
         "back on redis after the pause"
     );
+    fh.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_answers_under_cpu_load_keep_redis_and_a_dead_redis_still_trips_at_once() {
+    let mut redis = RedisServer::start();
+    let dirs = Dirs::new().flag_file("production", &flags("hello"));
+    // NB: the background check talks to Redis every 50 ms, so each pause
+    // below meets a request in flight.
+    let mut cfg = config(&dirs, Some(&redis), Duration::from_secs(300));
+    cfg.check_interval = Duration::from_millis(50);
+    let fh = Flaghost::start(&cfg).await.expect("starts");
+    assert_eq!(fh.cache_backend().await, "redis");
+
+    // Both cores busy, as under a build, for the whole test.
+    let busy = Arc::new(AtomicBool::new(true));
+    let burners: Vec<_> = (0..2)
+        .map(|_| {
+            let busy = busy.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while busy.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            })
+        })
+        .collect();
+
+    // Redis answers 150 ms past the 200 ms response timeout, five times:
+    // the request in flight times out, the confirming PING is answered.
+    for _ in 0..5 {
+        redis.query::<()>(&["CLIENT", "PAUSE", "350", "ALL"]);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            fh.cache_backend().await,
+            "redis",
+            "a late answer kept redis"
+        );
+        let (status, body) = greeting(&fh).await;
+        assert_eq!((status, &body["value"]), (200, &json!("hello")), "{body}");
+    }
+    let (_, ready) = fh.get("/readyz").await;
+    let late = ready["cache"]["redis"]["lateAnswers"]
+        .as_u64()
+        .expect("counted");
+    assert!(late >= 1, "the pauses met requests: {ready}");
+
+    // Killed: the next request is refused and the breaker opens at once,
+    // well within the response timeout after the check that meets it.
+    redis.stop();
+    let stopped = Instant::now();
+    let tripped = eventually(Duration::from_secs(2), || async {
+        fh.cache_backend().await == "memory-fallback"
+    })
+    .await;
+    let after = stopped.elapsed();
+    busy.store(false, Ordering::Relaxed);
+    for burner in burners {
+        burner.join().expect("burner");
+    }
+    assert!(tripped, "a dead redis opened the breaker");
+    assert!(
+        after < cfg.check_interval + Duration::from_millis(200) + Duration::from_millis(250),
+        "opened {after:?} after the kill"
+    );
+    let (status, body) = greeting(&fh).await;
+    assert_eq!((status, &body["value"]), (200, &json!("hello")), "{body}");
     fh.stop().await.expect("stops");
 }
 

@@ -63,6 +63,9 @@ pub struct LinkStatus {
     /// The last failure, while not connected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Requests that got no answer within the response timeout while Redis
+    /// still answered the confirming `PING` (so the link stayed up).
+    pub late_answers: u64,
 }
 
 impl LinkStatus {

@@ -304,6 +304,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// Client connections open at once from one address (an IPv6 client
+    /// counts by its /64). Default: half of `--max-connections`, so one
+    /// client never holds every slot. Behind a proxy, where every connection
+    /// comes from the proxy, set it to `--max-connections`.
+    #[arg(long, env = "FLAGHOST_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<usize>,
+
     /// Browser origins allowed to call flaghost (CORS), comma-separated
     /// (`https://app.example.com,https://admin.example.com`), or `*` for any.
     /// Unset: no CORS headers, so browsers refuse cross-origin calls.
@@ -574,12 +581,21 @@ impl ServeArgs {
                 body_limit: self.body_limit,
                 body_timeout: Duration::from_millis(self.body_timeout_ms),
                 cors: parse_cors(&self.cors_allowed_origins)?,
-                connections: crate::http::ConnectionLimits {
-                    header_timeout: Duration::from_millis(self.header_timeout_ms),
-                    max_connections: self
+                connections: {
+                    let max_connections = self
                         .max_connections
                         .unwrap_or_else(crate::http::connections::default_max_connections)
-                        .max(1),
+                        .max(1);
+                    crate::http::ConnectionLimits {
+                        header_timeout: Duration::from_millis(self.header_timeout_ms),
+                        max_connections,
+                        max_per_client: self
+                            .max_connections_per_client
+                            .unwrap_or_else(|| {
+                                crate::http::connections::default_max_per_client(max_connections)
+                            })
+                            .clamp(1, max_connections),
+                    }
                 },
             },
             compiler: Compiler::this_binary().map_err(|e| ConfigError {

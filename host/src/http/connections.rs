@@ -10,11 +10,16 @@
 //! - At most [`ConnectionLimits::max_connections`] are open at once; one past
 //!   that is closed at once, so the descriptors flaghost needs for its flag
 //!   and plugin directories, Redis and child compilers stay free.
+//! - One client (an IPv4 address, or an IPv6 /64, which one host commonly
+//!   holds whole) has at most [`ConnectionLimits::max_per_client`] of them,
+//!   so a single client cannot take every slot from the others.
 //! - A request body must arrive within the body timeout (a router layer,
 //!   see [`super::app`]).
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -46,15 +51,26 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Client connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one client address (IPv6: one /64).
+    pub max_per_client: usize,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
+        let max_connections = default_max_connections();
         Self {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
-            max_connections: default_max_connections(),
+            max_connections,
+            max_per_client: default_max_per_client(max_connections),
         }
     }
+}
+
+/// Half of `max_connections`: whoever holds the most connections, as many
+/// are left for everyone else. (Behind a proxy every connection comes from
+/// the proxy's address: raise it to `max_connections` there.)
+pub fn default_max_per_client(max_connections: usize) -> usize {
+    (max_connections / 2).max(1)
 }
 
 /// The process's open-file limit less [`RESERVED_DESCRIPTORS`], at most
@@ -75,6 +91,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let clients = Clients::new(limits.max_per_client);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -83,9 +100,9 @@ pub async fn serve(
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // NB: out of descriptors (EMFILE) or a connection reset
                     // before it was accepted: wait a moment rather than spin.
@@ -104,6 +121,15 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let Some(client_permit) = clients.admit(peer.ip()) else {
+            debug!(
+                client = %peer.ip(),
+                max = limits.max_per_client,
+                "connection refused: this client has as many open as one may"
+            );
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(
             router
@@ -117,9 +143,113 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection ended");
             }
+            drop(client_permit);
             drop(permit);
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Open connections per client, for [`ConnectionLimits::max_per_client`].
+#[derive(Clone)]
+struct Clients {
+    open: Arc<Mutex<HashMap<ClientKey, usize>>>,
+    max: usize,
+}
+
+/// A client as connections are counted: an IPv4 address, or the /64 an
+/// IPv6 address is in (an IPv4-mapped IPv6 address counts as IPv4).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientKey {
+    V4(Ipv4Addr),
+    V6(u64),
+}
+
+impl ClientKey {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::V4(v4),
+                None => Self::V6((v6.to_bits() >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// One connection of one client; counted down when dropped.
+struct ClientPermit {
+    clients: Clients,
+    key: ClientKey,
+}
+
+impl Clients {
+    fn new(max: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max,
+        }
+    }
+
+    /// Counts a connection from `ip`; `None` when it already has the most.
+    fn admit(&self, ip: IpAddr) -> Option<ClientPermit> {
+        let key = ClientKey::of(ip);
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(key).or_default();
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientPermit {
+            clients: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientPermit {
+    fn drop(&mut self) {
+        let mut open = self
+            .clients
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gets_its_share_and_no_more_and_gets_it_back() {
+        let clients = Clients::new(2);
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let a_mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let first = clients.admit(a).expect("first");
+        let _second = clients.admit(a_mapped).expect("the same client, mapped");
+        assert!(clients.admit(a).is_none(), "a third is refused");
+        assert!(clients.admit(b).is_some(), "another client is not");
+        drop(first);
+        assert!(clients.admit(a).is_some(), "a closed one frees its slot");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_prefix() {
+        let clients = Clients::new(1);
+        let one: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        let _held = clients.admit(one).expect("first");
+        assert!(clients.admit(same_64).is_none(), "the same /64");
+        assert!(clients.admit(other_64).is_some(), "another /64");
+    }
 }

@@ -35,6 +35,7 @@ fn options(url: String) -> RedisOptions {
         response_timeout: Duration::from_millis(250),
         signing_key: None,
         max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
+        documents: Default::default(),
     }
 }
 

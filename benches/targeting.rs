@@ -86,7 +86,14 @@ fn targeting(c: &mut Criterion) {
         .expect("plugins");
     assert!(errors.is_empty());
     let file = flag_file().to_string();
-    let set = parse_flag_file("bench.json", "bench", file.as_bytes(), &plugins).expect("valid");
+    let set = parse_flag_file(
+        "bench.json",
+        "bench",
+        file.as_bytes(),
+        &plugins,
+        &Default::default(),
+    )
+    .expect("valid");
     assert!(set.warnings.is_empty(), "{:?}", set.warnings);
     let ctx = context();
 

@@ -54,6 +54,7 @@ fn config(dirs: &Dirs, redis: Option<&RedisServer>, ttl: Duration) -> ServeConfi
         response_timeout: Duration::from_millis(200),
         signing_key: None,
         max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
+        documents: Default::default(),
     });
     config
 }
@@ -93,6 +94,7 @@ async fn the_cache_port_writes_reads_and_deletes_with_the_key_layout_and_ttl() {
             response_timeout: Duration::from_millis(500),
             signing_key: None,
             max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
+            documents: Default::default(),
         },
         Arc::new(plugins()),
     )
@@ -303,6 +305,7 @@ async fn redis_down_at_start_up_then_started_moves_flaghost_onto_it() {
         response_timeout: Duration::from_millis(200),
         signing_key: None,
         max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
+        documents: Default::default(),
     });
     let fh = Flaghost::start(&cfg).await.expect("starts without redis");
     assert_eq!(fh.cache_backend().await, "memory-fallback");
@@ -832,6 +835,7 @@ async fn port(
             response_timeout: Duration::from_millis(500),
             signing_key: secret.map(|s| Arc::new(flaghost::signing::SigningKey::from_secret(s))),
             max_entry_bytes,
+            documents: Default::default(),
         },
         Arc::new(plugins()),
     )

@@ -306,6 +306,7 @@ fn flagd_testbed_evaluator_suite_passes() {
         "testbed",
         &bytes,
         &PluginSet::default(),
+        &Default::default(),
     )
     .unwrap_or_else(|e| panic!("the testbed's flags must load: {e}"));
 

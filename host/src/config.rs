@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::RedisOptions;
+use crate::flags::DocumentLimits;
 use crate::http::{Cors, HttpOptions};
 use crate::plugins::{Compiler, Isolation, Limits, limits};
 
@@ -89,6 +90,79 @@ pub struct SourceArgs {
     /// Sandbox limits for plugin calls.
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    /// Bounds on flag documents.
+    #[command(flatten)]
+    pub documents: DocumentArgs,
+}
+
+/// Bounds on a flag document, from a file or from Redis alike.
+#[derive(Debug, Clone, Args)]
+pub struct DocumentArgs {
+    /// Largest flag file read, in MiB; a larger one is refused (before it is
+    /// read) and the last good version keeps serving.
+    #[arg(long, env = "FLAGHOST_MAX_FLAG_FILE_MIB", default_value_t = crate::flags::DEFAULT_MAX_FILE_BYTES >> 20)]
+    pub max_flag_file_mib: usize,
+
+    /// How deep a rule may nest (objects and arrays) once its `$ref`s are
+    /// resolved; deeper refuses the file. At most 128.
+    #[arg(long, env = "FLAGHOST_MAX_RULE_DEPTH", default_value_t = crate::flags::MAX_RULE_DEPTH)]
+    pub max_rule_depth: usize,
+
+    /// How many `$ref`s may chain (an evaluator whose rule names another,
+    /// and so on); longer refuses the file.
+    #[arg(long, env = "FLAGHOST_MAX_REF_CHAIN", default_value_t = crate::flags::DEFAULT_MAX_REF_CHAIN)]
+    pub max_ref_chain: usize,
+
+    /// What `$ref`s may add to one file's rules once resolved, in MiB (a
+    /// shared evaluator counts once per use); more refuses the file. It
+    /// stops evaluators that use each other many times over, which grow by
+    /// 2^n.
+    #[arg(long, env = "FLAGHOST_MAX_RULE_EXPANSION_MIB", default_value_t = crate::flags::DEFAULT_MAX_EXPANSION_BYTES >> 20)]
+    pub max_rule_expansion_mib: usize,
+}
+
+impl DocumentArgs {
+    /// The bounds these arguments ask for.
+    pub fn to_limits(&self) -> Result<DocumentLimits, ConfigError> {
+        let mib = |option, value: usize| {
+            if (1..=1024).contains(&value) {
+                Ok(value << 20)
+            } else {
+                Err(ConfigError {
+                    option,
+                    reason: "must be 1 to 1024".into(),
+                })
+            }
+        };
+        if !(1..=crate::flags::MAX_RULE_DEPTH).contains(&self.max_rule_depth) {
+            return Err(ConfigError {
+                option: "--max-rule-depth (FLAGHOST_MAX_RULE_DEPTH)",
+                reason: format!(
+                    "must be 1 to {}: rules are parsed, compiled and evaluated on threads sized for that depth",
+                    crate::flags::MAX_RULE_DEPTH
+                ),
+            });
+        }
+        if !(1..=crate::flags::MAX_RULE_DEPTH).contains(&self.max_ref_chain) {
+            return Err(ConfigError {
+                option: "--max-ref-chain (FLAGHOST_MAX_REF_CHAIN)",
+                reason: format!("must be 1 to {}", crate::flags::MAX_RULE_DEPTH),
+            });
+        }
+        Ok(DocumentLimits {
+            max_file_bytes: mib(
+                "--max-flag-file-mib (FLAGHOST_MAX_FLAG_FILE_MIB)",
+                self.max_flag_file_mib,
+            )?,
+            max_rule_depth: self.max_rule_depth,
+            max_ref_chain: self.max_ref_chain,
+            max_expansion_bytes: mib(
+                "--max-rule-expansion-mib (FLAGHOST_MAX_RULE_EXPANSION_MIB)",
+                self.max_rule_expansion_mib,
+            )?,
+        })
+    }
 }
 
 /// The plugin sandbox's limits.
@@ -264,9 +338,11 @@ pub struct ServeArgs {
     pub cache_signing_key: Option<String>,
 
     /// Largest Redis entry read or written, in MiB; a larger one is ignored
-    /// (never fetched whole) or not written.
-    #[arg(long, env = "FLAGHOST_CACHE_MAX_ENTRY_MIB", default_value_t = crate::cache::DEFAULT_MAX_ENTRY_BYTES >> 20)]
-    pub cache_max_entry_mib: usize,
+    /// (never fetched whole) or not written. Default: the largest entry a
+    /// flag file within the document bounds makes (`--max-flag-file-mib`
+    /// plus `--max-rule-expansion-mib` plus 1; 33 with their defaults).
+    #[arg(long, env = "FLAGHOST_CACHE_MAX_ENTRY_MIB")]
+    pub cache_max_entry_mib: Option<usize>,
 
     /// How often each instance checks that Redis still holds its flag sets
     /// (and rewrites the missing), and retries a failed refresh, in
@@ -366,6 +442,8 @@ pub struct ServeConfig {
     pub http: HttpOptions,
     /// Plugin limits.
     pub limits: Limits,
+    /// Bounds on flag documents, from files and from Redis.
+    pub documents: DocumentLimits,
     /// Where plugins are compiled: a child process of this binary, under
     /// the compile bound of `limits`.
     pub compiler: Compiler,
@@ -506,6 +584,7 @@ impl ServeArgs {
             }
         }
         let cache_ttl = Duration::from_secs(self.cache_ttl);
+        let documents = self.source.documents.to_limits()?;
         let redis = match self.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(url) => {
@@ -529,18 +608,23 @@ impl ServeArgs {
                     }
                     Some(secret) => Some(Arc::new(crate::signing::SigningKey::from_secret(secret))),
                 };
-                if !(1..=1024).contains(&self.cache_max_entry_mib) {
-                    return Err(ConfigError {
-                        option: "--cache-max-entry-mib (FLAGHOST_CACHE_MAX_ENTRY_MIB)",
-                        reason: "must be 1 to 1024".into(),
-                    });
-                }
+                let max_entry_bytes = match self.cache_max_entry_mib {
+                    None => documents.max_entry_bytes(),
+                    Some(mib @ 1..=2048) => mib << 20,
+                    Some(_) => {
+                        return Err(ConfigError {
+                            option: "--cache-max-entry-mib (FLAGHOST_CACHE_MAX_ENTRY_MIB)",
+                            reason: "must be 1 to 2048".into(),
+                        });
+                    }
+                };
                 Some(RedisOptions {
                     url: url.to_owned(),
                     ttl: cache_ttl,
                     response_timeout: Duration::from_millis(self.redis_response_timeout_ms),
                     signing_key,
-                    max_entry_bytes: self.cache_max_entry_mib << 20,
+                    max_entry_bytes,
+                    documents,
                 })
             }
         };
@@ -572,6 +656,7 @@ impl ServeArgs {
             admin_token,
             listen: self.listen,
             limits: self.source.limits.to_limits()?,
+            documents,
             flags: self.source.flags,
             plugins: self.source.plugins,
             plugin_cache_dir: self.source.plugin_cache_dir,

@@ -10,7 +10,57 @@ mod targeting;
 
 pub use crate::rules::{BindError, RuleBinder};
 pub use parse::{FlagFileError, Problem, parse_flag_file};
-pub use targeting::MAX_EXPANSION_BYTES;
+pub use targeting::{DEFAULT_MAX_EXPANSION_BYTES, DEFAULT_MAX_REF_CHAIN, MAX_RULE_DEPTH};
+
+/// Bounds on one flag document (a flag file, or the same document read from
+/// Redis): the same bounds apply wherever a document comes from, at
+/// start-up and on reload alike. A document past one is refused with file
+/// (or key), flag and reason, and the last good set keeps serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocumentLimits {
+    /// Largest flag file read, in bytes.
+    pub max_file_bytes: usize,
+    /// How deep a rule may nest once its `$ref`s are resolved (at most
+    /// [`MAX_RULE_DEPTH`]).
+    pub max_rule_depth: usize,
+    /// How many `$ref`s may chain (an evaluator naming one naming one...).
+    pub max_ref_chain: usize,
+    /// What `$ref`s may add to one document's rules, in bytes.
+    pub max_expansion_bytes: usize,
+}
+
+/// Default of [`DocumentLimits::max_file_bytes`].
+pub const DEFAULT_MAX_FILE_BYTES: usize = 16 << 20;
+
+impl Default for DocumentLimits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_rule_depth: MAX_RULE_DEPTH,
+            max_ref_chain: DEFAULT_MAX_REF_CHAIN,
+            max_expansion_bytes: DEFAULT_MAX_EXPANSION_BYTES,
+        }
+    }
+}
+
+/// `bytes` for a message: whole MiB as such (`16 MiB`), else in bytes.
+pub fn in_words(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+impl DocumentLimits {
+    /// The largest Redis entry a document within these bounds can make:
+    /// the file, what its `$ref`s may add once resolved, and the envelope.
+    pub fn max_entry_bytes(&self) -> usize {
+        self.max_file_bytes
+            .saturating_add(self.max_expansion_bytes)
+            .saturating_add(1 << 20)
+    }
+}
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -173,7 +173,8 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             Some(Arc::new(redis))
         }
     };
-    let store = Arc::new(DirStore::new(&config.flags, registry.clone()));
+    let store =
+        Arc::new(DirStore::new(&config.flags, registry.clone()).with_limits(config.documents));
     let timing = Timing {
         ttl: config.cache_ttl,
         check_interval: config.check_interval,
@@ -346,7 +347,7 @@ pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
     )?;
     let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;
     let mut problems: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
-    let store = DirStore::new(&source.flags, plugins);
+    let store = DirStore::new(&source.flags, plugins).with_limits(source.documents.to_limits()?);
     let environments = store
         .environments_sync()
         .with_context(|| format!("cannot read the flag directory {}", source.flags.display()))?;

@@ -12,10 +12,6 @@ use async_trait::async_trait;
 
 use crate::flags::{FlagFileError, FlagSet};
 
-/// Largest flag file read: a larger one is refused (before it is read) with
-/// its size and this limit, and the last good version keeps serving.
-pub const DEFAULT_MAX_FLAG_FILE_BYTES: usize = 16 << 20;
-
 /// Why a flag store could not give an environment's flag set.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

@@ -164,6 +164,52 @@ fn validate_fails_on_what_loads_otherwise_than_written_unless_allowed() {
 }
 
 #[test]
+fn document_bounds_are_options_and_name_themselves_when_they_refuse() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let flags = dir.path().join("flags");
+    std::fs::create_dir(&flags).expect("mkdir");
+    // Three $refs chained, 300 bytes of file.
+    std::fs::write(
+        flags.join("a.json"),
+        r#"{"$evaluators": {"a": {"$ref": "b"}, "b": {"$ref": "c"},
+                           "c": {"==": [{"var": "country"}, "NL"]}},
+            "flags": {"x": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                            "defaultVariant": "off", "targeting": {"if": [{"$ref": "a"}, "on"]}}}}"#,
+    )
+    .expect("write");
+    let out = validate(&flags, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (options, says) in [
+        (&["--max-ref-chain", "2"][..], "--max-ref-chain"),
+        (&["--max-rule-depth", "2"][..], "--max-rule-depth"),
+        (&["--max-flag-file-mib", "1"][..], ""),
+    ] {
+        let out = validate(&flags, options);
+        let text = String::from_utf8_lossy(&out.stderr);
+        if says.is_empty() {
+            assert!(out.status.success(), "{options:?} is within bounds: {text}");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{options:?}: {text}");
+        assert!(
+            text.contains("a.json") && text.contains("\"x\"") && text.contains(says),
+            "{options:?} names file, flag and bound: {text}"
+        );
+    }
+    // Out of range: refused before anything is read, naming the option.
+    let out = validate(&flags, &["--max-rule-depth", "500"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("--max-rule-depth") && text.contains("1 to 128"),
+        "{text}"
+    );
+}
+
+#[test]
 fn serve_answers_then_stops_cleanly_on_sigterm() {
     let mut child = flaghost()
         // A deadline for a debug build on a loaded machine: this test checks

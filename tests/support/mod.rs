@@ -136,6 +136,7 @@ pub fn config_for(
         admin_token: None,
         http: Default::default(),
         limits,
+        documents: Default::default(),
         compiler: compiler(),
     }
 }

@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 
 use self::link::Link;
 use super::{CacheError, CacheEvent, FlagCache, LinkStatus};
-use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
+use crate::flags::{DocumentLimits, FlagSet, RuleBinder, parse_flag_file};
 use crate::signing::SigningKey;
 
 /// Key prefix of everything flaghost writes.
@@ -161,13 +161,16 @@ pub struct RedisOptions {
     pub signing_key: Option<Arc<SigningKey>>,
     /// Largest entry read or written; a larger one is a miss (or not written).
     pub max_entry_bytes: usize,
+    /// Bounds on the flag document an entry holds: the same as on files.
+    pub documents: DocumentLimits,
 }
 
 /// Default of [`RedisOptions::max_entry_bytes`]: the largest flag file
-/// ([`crate::store::DEFAULT_MAX_FLAG_FILE_BYTES`]), plus what its `$ref`s
-/// may add once resolved, plus the envelope.
+/// ([`crate::flags::DEFAULT_MAX_FILE_BYTES`]), plus what its `$ref`s may add
+/// once resolved (an entry holds the resolved rules), plus the envelope; as
+/// [`DocumentLimits::max_entry_bytes`] gives for other bounds.
 pub const DEFAULT_MAX_ENTRY_BYTES: usize =
-    crate::store::DEFAULT_MAX_FLAG_FILE_BYTES + crate::flags::MAX_EXPANSION_BYTES + (1 << 20);
+    crate::flags::DEFAULT_MAX_FILE_BYTES + crate::flags::DEFAULT_MAX_EXPANSION_BYTES + (1 << 20);
 
 impl RedisOptions {
     /// Checks that `url` is a Redis URL; the error never repeats a password.
@@ -288,6 +291,7 @@ impl RedisCache {
             reader: Arc::new(EntryReader {
                 binder,
                 signing_key: options.signing_key.clone(),
+                documents: options.documents,
                 read_back: Mutex::new(HashMap::new()),
             }),
             instance,
@@ -304,6 +308,8 @@ struct EntryReader {
     binder: Arc<dyn RuleBinder + Send + Sync>,
     /// Entries must be signed with it, when set.
     signing_key: Option<Arc<SigningKey>>,
+    /// Bounds on the document an entry holds.
+    documents: DocumentLimits,
     /// The last set read back per environment, by digest: an entry whose
     /// digest did not change is not parsed again.
     read_back: Mutex<HashMap<String, Arc<FlagSet>>>,
@@ -362,6 +368,7 @@ impl EntryReader {
             environment,
             entry.flag_set.get().as_bytes(),
             &*self.binder,
+            &self.documents,
         )
         .map_err(|e| e.to_string())?;
         set.digest = entry.digest.to_owned();

@@ -83,6 +83,7 @@ fn flag_set() -> FlagSet {
         "test",
         file.to_string().as_bytes(),
         &FixedBinder,
+        &crate::flags::DocumentLimits::default(),
     )
     .expect("the test file is valid")
 }

@@ -15,7 +15,9 @@ use serde_json::{Map, Value as Json};
 use super::targeting::{
     Evaluators, JsonLogicRule, ResolveError, bind_plugins, plugin_args, resolve_refs,
 };
-use super::{FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
+use super::{
+    DocumentLimits, FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType,
+};
 use crate::rules::{BindError, RuleBinder};
 
 /// Why a flag's `targeting` refuses the file.
@@ -74,12 +76,14 @@ pub struct FlagFileError {
 /// Parses and validates one flag file for `environment`.
 ///
 /// `file` names the file in error messages. Rules that use a plugin are bound
-/// through `binder`.
+/// through `binder`; `$ref`s are resolved within `limits`. (The file's size
+/// is bounded where it is read.)
 pub fn parse_flag_file(
     file: &str,
     environment: &str,
     bytes: &[u8],
     binder: &dyn RuleBinder,
+    limits: &DocumentLimits,
 ) -> Result<FlagSet, FlagFileError> {
     let refuse = |problems: Vec<Problem>| FlagFileError {
         file: file.to_owned(),
@@ -117,16 +121,19 @@ pub fn parse_flag_file(
             Default::default()
         }
     };
-    let evaluators = Evaluators::new(match doc.remove("$evaluators") {
-        None => Map::new(),
-        Some(Json::Object(evaluators)) => evaluators,
-        Some(_) => {
-            problems.push(whole(
-                "\"$evaluators\" must be an object mapping names to rules".into(),
-            ));
-            Map::new()
-        }
-    });
+    let evaluators = Evaluators::new(
+        match doc.remove("$evaluators") {
+            None => Map::new(),
+            Some(Json::Object(evaluators)) => evaluators,
+            Some(_) => {
+                problems.push(whole(
+                    "\"$evaluators\" must be an object mapping names to rules".into(),
+                ));
+                Map::new()
+            }
+        },
+        limits,
+    );
 
     let mut flags = FastMap::with_capacity_and_hasher(raw_flags.len(), Default::default());
     let mut warnings = Vec::new();

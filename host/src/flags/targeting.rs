@@ -31,6 +31,7 @@ use datalogic_rs::operator::EvalContext;
 use datalogic_rs::{CustomOperator, DataValue, Engine, Logic};
 use serde_json::{Map, Value as Json, json};
 
+use super::DocumentLimits;
 use super::parse::TargetingError;
 use crate::rules::{EvaluationContext, RuleError, TargetingRule};
 
@@ -40,22 +41,25 @@ const FRACTIONAL: &str = "flaghost_fractional";
 /// The name the bound `plugin` operator is compiled under.
 const PLUGIN: &str = "flaghost_plugin";
 
-/// How deep `$ref`s may nest: deeper is taken for a cycle.
-const MAX_REF_DEPTH: usize = 32;
+/// Default of how many `$ref`s may chain (`DocumentLimits::max_ref_chain`).
+pub const DEFAULT_MAX_REF_CHAIN: usize = 32;
 
 /// How deep a rule may nest (objects and arrays) once its `$ref`s are
-/// resolved: as deep as `serde_json` lets a file nest. Every later step
-/// (binding plugins, compiling, evaluating, serialising) recurses over the
-/// rule; `$ref`s chained through `$evaluators` made a 21 KB file nest
-/// 2,000 levels, which overflowed a thread's stack and killed the process.
+/// resolved: as deep as `serde_json` lets a file nest, and the most
+/// `DocumentLimits::max_rule_depth` may be. Every later step (binding
+/// plugins, compiling, evaluating, serialising) recurses over the rule, and
+/// the threads that do it are sized for this depth; `$ref`s chained through
+/// `$evaluators` made a 21 KB file nest 2,000 levels, which overflowed a
+/// thread's stack and killed the process.
 pub const MAX_RULE_DEPTH: usize = 128;
 
 /// What `$ref`s may add to one flag file's rules, in bytes (each JSON value
 /// counts 32, a string or key its length too). Rules written out are bounded
 /// by the file's size; a `$ref` copies its evaluator, and evaluators that
 /// each use the next twice grow by 2^n: a 1.3 KB file took 9.5 GB. 16 MiB
-/// is a list of 10,000 e-mail addresses used by 50 flags.
-pub const MAX_EXPANSION_BYTES: usize = 16 << 20;
+/// is a list of 10,000 e-mail addresses used by 50 flags. (The default of
+/// `DocumentLimits::max_expansion_bytes`.)
+pub const DEFAULT_MAX_EXPANSION_BYTES: usize = 16 << 20;
 
 /// Why a rule's `$ref`s could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,18 +75,21 @@ pub enum ResolveError {
 }
 
 /// A flag file's `$evaluators`, and what their `$ref`s may still add to its
-/// rules (shared by all its flags: see [`MAX_EXPANSION_BYTES`]).
+/// rules (shared by all its flags: see [`DEFAULT_MAX_EXPANSION_BYTES`]),
+/// under the bounds of its document.
 pub struct Evaluators {
     map: Map<String, Json>,
+    limits: DocumentLimits,
     left: std::cell::Cell<usize>,
 }
 
 impl Evaluators {
-    /// The `$evaluators` of one flag file.
-    pub fn new(map: Map<String, Json>) -> Self {
+    /// The `$evaluators` of one flag file, resolved within `limits`.
+    pub fn new(map: Map<String, Json>, limits: &DocumentLimits) -> Self {
         Self {
             map,
-            left: std::cell::Cell::new(MAX_EXPANSION_BYTES),
+            limits: *limits,
+            left: std::cell::Cell::new(limits.max_expansion_bytes),
         }
     }
 
@@ -96,8 +103,8 @@ impl Evaluators {
             None => {
                 self.left.set(0);
                 Err(ResolveError::TooLarge(format!(
-                    "the flag file's $refs expand its rules past {} MiB (evaluators that use each other many times over?)",
-                    MAX_EXPANSION_BYTES >> 20
+                    "the flag file's $refs expand its rules past {} (evaluators that use each other many times over?; --max-rule-expansion-mib)",
+                    super::in_words(self.limits.max_expansion_bytes)
                 )))
             }
         }
@@ -340,9 +347,9 @@ fn use_our_fractional(rule: &mut Json) {
 /// Parsed JSON makes this insensitive to the whitespace in the file, which
 /// flagd's text substitution has to handle separately.
 ///
-/// Bounded: at most [`MAX_RULE_DEPTH`] levels deep once resolved, and what
-/// the `$ref`s of one file add at most [`MAX_EXPANSION_BYTES`] (checked as
-/// it is built, so a bomb stops at the bound, not after).
+/// Bounded by the evaluators' [`DocumentLimits`]: nesting once resolved,
+/// `$ref` chains, and what the `$ref`s of one file add (checked as it is
+/// built, so a bomb stops at the bound, not after).
 pub fn resolve_refs(rule: &Json, evaluators: &Evaluators) -> Result<Json, ResolveError> {
     resolve(rule, evaluators, &mut Vec::new(), 0)
 }
@@ -355,15 +362,18 @@ fn resolve<'a>(
     refs: &mut Vec<&'a str>,
     depth: usize,
 ) -> Result<Json, ResolveError> {
-    if refs.len() > MAX_REF_DEPTH {
-        return Err(ResolveError::Unresolvable(format!(
-            "$refs chained more than {MAX_REF_DEPTH} deep: {}…",
-            refs[..4].join(" -> ")
+    let limits = &evaluators.limits;
+    if refs.len() > limits.max_ref_chain {
+        return Err(ResolveError::TooLarge(format!(
+            "$refs chained more than {} deep (--max-ref-chain): {}…",
+            limits.max_ref_chain,
+            refs[..refs.len().min(4)].join(" -> ")
         )));
     }
-    if depth > MAX_RULE_DEPTH {
+    if depth > limits.max_rule_depth {
         return Err(ResolveError::TooLarge(format!(
-            "the rule nests more than {MAX_RULE_DEPTH} levels deep once its $refs are resolved"
+            "the rule nests more than {} levels deep once its $refs are resolved (--max-rule-depth)",
+            limits.max_rule_depth
         )));
     }
     if !refs.is_empty() {
@@ -764,7 +774,7 @@ mod tests {
         let Json::Object(evaluators) = evaluators else {
             unreachable!()
         };
-        let evaluators = Evaluators::new(evaluators);
+        let evaluators = Evaluators::new(evaluators, &DocumentLimits::default());
         let rule = json!({"if": [{"$ref": "is_staff"}, "on", "off"]});
         let resolved = resolve_refs(&rule, &evaluators).expect("resolves");
         assert_eq!(
@@ -789,7 +799,7 @@ mod tests {
         }) else {
             unreachable!()
         };
-        let evaluators = Evaluators::new(map);
+        let evaluators = Evaluators::new(map, &DocumentLimits::default());
         let err = resolve_refs(&json!({"$ref": "a"}), &evaluators).expect_err("a cycle");
         assert_eq!(err.to_string(), "$ref cycle: a -> b -> a");
         let err = resolve_refs(&json!({"$ref": "self"}), &evaluators).expect_err("a cycle");
@@ -816,17 +826,18 @@ mod tests {
             };
             map.insert(format!("e{i}"), nested(62, next));
         }
-        let evaluators = Evaluators::new(map);
+        let evaluators = Evaluators::new(map, &DocumentLimits::default());
         let err = resolve_refs(&json!({"$ref": "e0"}), &evaluators).expect_err("too deep");
         assert!(
-            matches!(&err, ResolveError::TooLarge(m) if m.contains("128 levels")),
+            matches!(&err, ResolveError::TooLarge(m) if m.contains("128 levels")
+                || m.contains("chained more than 32")),
             "{err}"
         );
         // A rule within the bound resolves (each `!!` level is an object
         // and an array: 120 levels here).
         let mut map = Map::new();
         map.insert("e".into(), nested(30, json!(true)));
-        let evaluators = Evaluators::new(map);
+        let evaluators = Evaluators::new(map, &DocumentLimits::default());
         assert!(resolve_refs(&nested(30, json!({"$ref": "e"})), &evaluators).is_ok());
     }
 
@@ -840,7 +851,7 @@ mod tests {
             map.insert(format!("e{i}"), json!({"or": [next, next]}));
         }
         map.insert("e30".into(), json!({"==": [{"var": "country"}, "NL"]}));
-        let evaluators = Evaluators::new(map);
+        let evaluators = Evaluators::new(map, &DocumentLimits::default());
         let started = std::time::Instant::now();
         let err = resolve_refs(&json!({"$ref": "e0"}), &evaluators).expect_err("a bomb");
         assert!(
@@ -854,5 +865,46 @@ mod tests {
         );
         // The allowance is the file's: the next flag's $ref is refused too.
         assert!(resolve_refs(&json!({"$ref": "e30"}), &evaluators).is_err());
+    }
+
+    #[test]
+    fn lowered_bounds_are_the_ones_that_refuse() {
+        let mut map = Map::new();
+        for i in 0..4 {
+            map.insert(format!("e{i}"), json!({"$ref": format!("e{}", i + 1)}));
+        }
+        map.insert("e4".into(), json!({"==": [{"var": "country"}, "NL"]}));
+        let tight = |limits: DocumentLimits| Evaluators::new(map.clone(), &limits);
+        let rule = json!({"$ref": "e0"});
+        let default = DocumentLimits::default();
+        assert!(resolve_refs(&rule, &tight(default)).is_ok());
+        let chain = DocumentLimits {
+            max_ref_chain: 3,
+            ..default
+        };
+        let err = resolve_refs(&rule, &tight(chain)).expect_err("chain");
+        assert!(
+            matches!(&err, ResolveError::TooLarge(m) if m.contains("chained more than 3 deep")
+                && m.contains("e0 -> e1 -> e2 -> e3")),
+            "{err}"
+        );
+        let depth = DocumentLimits {
+            max_rule_depth: 1,
+            ..default
+        };
+        let err = resolve_refs(&rule, &tight(depth)).expect_err("depth");
+        assert!(
+            matches!(&err, ResolveError::TooLarge(m) if m.contains("more than 1 levels")),
+            "{err}"
+        );
+        let expansion = DocumentLimits {
+            max_expansion_bytes: 40,
+            ..default
+        };
+        let err = resolve_refs(&rule, &tight(expansion)).expect_err("expansion");
+        assert!(
+            matches!(&err, ResolveError::TooLarge(m) if m.contains("past 40 bytes")),
+            "{err}"
+        );
     }
 }

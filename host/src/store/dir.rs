@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 
 use super::{FlagStore, StoreError, valid_environment_name};
-use crate::flags::{FlagSet, RuleBinder, parse_flag_file};
+use crate::flags::{DocumentLimits, FlagSet, RuleBinder, parse_flag_file};
 use crate::plugins::{PluginRegistry, PluginSet};
 use crate::sha256_hex;
 
@@ -29,6 +29,7 @@ pub struct DirStore {
     /// was bound under: a file whose bytes did not change is not parsed (nor
     /// its plugin configurations checked) again while the plugins stay.
     parsed: Arc<Mutex<Parsed>>,
+    limits: DocumentLimits,
 }
 
 impl DirStore {
@@ -38,7 +39,16 @@ impl DirStore {
             dir: dir.into(),
             plugins: plugins.into(),
             parsed: Arc::default(),
+            limits: DocumentLimits::default(),
         }
+    }
+
+    /// The same store, bounding documents by `limits` instead of the
+    /// defaults.
+    #[must_use]
+    pub fn with_limits(mut self, limits: DocumentLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The directory.
@@ -66,6 +76,7 @@ impl DirStore {
             environment,
             &bytes,
             binder,
+            &self.limits,
         )?);
         self.parsed()
             .insert(environment.to_owned(), (generation, set.clone()));
@@ -75,15 +86,16 @@ impl DirStore {
     /// `environment`'s file and its bytes.
     fn read(&self, environment: &str) -> Result<(PathBuf, Vec<u8>), StoreError> {
         let path = self.dir.join(format!("{environment}.json"));
-        match read_capped(&path, super::DEFAULT_MAX_FLAG_FILE_BYTES) {
+        let max = self.limits.max_file_bytes;
+        match read_capped(&path, max) {
             Ok(Ok(bytes)) => Ok((path, bytes)),
             Ok(Err(size)) => Err(StoreError::Invalid(crate::flags::FlagFileError {
                 file: path.display().to_string(),
                 problems: vec![crate::flags::Problem::new(
                     None,
                     format!(
-                        "the file is {size} bytes or more, over the limit of {} bytes",
-                        super::DEFAULT_MAX_FLAG_FILE_BYTES
+                        "the file is {size} bytes or more, over the limit of {} (--max-flag-file-mib)",
+                        crate::flags::in_words(max)
                     ),
                 )],
             })),
@@ -107,7 +119,13 @@ impl DirStore {
             Err(StoreError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        parse_flag_file(&path.display().to_string(), environment, &bytes, plugins)?;
+        parse_flag_file(
+            &path.display().to_string(),
+            environment,
+            &bytes,
+            plugins,
+            &self.limits,
+        )?;
         Ok(())
     }
 
@@ -207,15 +225,24 @@ mod tests {
         let store = DirStore::new(dir.path(), PluginSet::default());
         std::fs::write(dir.path().join("ok.json"), br#"{"flags": {}}"#).expect("write");
         assert!(store.load_sync("ok").is_ok());
-        let over = vec![b' '; super::super::DEFAULT_MAX_FLAG_FILE_BYTES + 1];
+        let over = vec![b' '; crate::flags::DEFAULT_MAX_FILE_BYTES + 1];
         std::fs::write(dir.path().join("big.json"), over).expect("write");
         let Err(StoreError::Invalid(e)) = store.load_sync("big") else {
             panic!("refused as invalid");
         };
         let text = e.to_string();
         assert!(
-            text.contains("big.json") && text.contains("over the limit"),
+            text.contains("big.json") && text.contains("over the limit of 16 MiB"),
             "{text}"
         );
+        // A lowered bound is the one that refuses.
+        let tight = DirStore::new(dir.path(), PluginSet::default()).with_limits(DocumentLimits {
+            max_file_bytes: 8,
+            ..DocumentLimits::default()
+        });
+        let Err(StoreError::Invalid(e)) = tight.load_sync("ok") else {
+            panic!("refused as invalid");
+        };
+        assert!(e.to_string().contains("over the limit of 8 bytes"), "{e}");
     }
 }

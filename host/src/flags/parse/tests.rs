@@ -12,6 +12,7 @@ fn parse(doc: Json) -> Result<FlagSet, FlagFileError> {
         "env",
         doc.to_string().as_bytes(),
         &PluginSet::default(),
+        &DocumentLimits::default(),
     )
 }
 
@@ -49,8 +50,14 @@ fn parses_every_value_type_and_keeps_integers_and_floats_apart() {
 
 #[test]
 fn refuses_what_is_not_json_with_the_position() {
-    let err = parse_flag_file("bad.json", "e", b"{\"flags\": ", &PluginSet::default())
-        .expect_err("refused");
+    let err = parse_flag_file(
+        "bad.json",
+        "e",
+        b"{\"flags\": ",
+        &PluginSet::default(),
+        &DocumentLimits::default(),
+    )
+    .expect_err("refused");
     assert_eq!(err.file, "bad.json");
     assert!(err.to_string().contains("not valid JSON"), "{err}");
     assert!(err.to_string().contains("line 1"), "{err}");

@@ -10,8 +10,8 @@ mod redis;
 mod snapshot;
 
 pub use redis::{
-    CONNECT_TIMEOUT, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_RESPONSE_TIMEOUT, RedisCache, RedisOptions,
-    redact_url,
+    CONNECT_TIMEOUT, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_RESPONSE_TIMEOUT, EntryReader, RedisCache,
+    RedisOptions, encode, redact_url,
 };
 pub use snapshot::{Clock, Snapshot, Snapshots, SystemClock};
 

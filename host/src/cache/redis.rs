@@ -288,12 +288,11 @@ impl RedisCache {
             ttl: options.ttl,
             signing_key: options.signing_key.clone(),
             max_entry_bytes: options.max_entry_bytes,
-            reader: Arc::new(EntryReader {
+            reader: Arc::new(EntryReader::new(
                 binder,
-                signing_key: options.signing_key.clone(),
-                documents: options.documents,
-                read_back: Mutex::new(HashMap::new()),
-            }),
+                options.signing_key.clone(),
+                options.documents,
+            )),
             instance,
             events,
             tasks,
@@ -302,8 +301,9 @@ impl RedisCache {
 }
 
 /// Reads entries back into flag sets (parsing them, and checking their
-/// plugin configurations in the plugins: blocking work).
-struct EntryReader {
+/// plugin configurations in the plugins: blocking work). Public for the
+/// property tests, which feed it mutated entries without a Redis.
+pub struct EntryReader {
     /// Rebinds plugin rules of sets read back.
     binder: Arc<dyn RuleBinder + Send + Sync>,
     /// Entries must be signed with it, when set.
@@ -316,8 +316,24 @@ struct EntryReader {
 }
 
 impl EntryReader {
+    /// A reader binding plugin rules with `binder`, requiring entries
+    /// signed with `signing_key` when given, bounding documents by
+    /// `documents`.
+    pub fn new(
+        binder: Arc<dyn RuleBinder + Send + Sync>,
+        signing_key: Option<Arc<SigningKey>>,
+        documents: DocumentLimits,
+    ) -> Self {
+        Self {
+            binder,
+            signing_key,
+            documents,
+            read_back: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// Reads an entry back into a flag set; `Err` says why it is unusable.
-    fn read_entry(&self, environment: &str, bytes: &[u8]) -> Result<Arc<FlagSet>, String> {
+    pub fn read_entry(&self, environment: &str, bytes: &[u8]) -> Result<Arc<FlagSet>, String> {
         let entry: SetEntry<'_> =
             serde_json::from_slice(bytes).map_err(|e| format!("not a flag-set entry: {e}"))?;
         if entry.format != SET_FORMAT {

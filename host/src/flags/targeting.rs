@@ -53,11 +53,11 @@ pub const DEFAULT_MAX_REF_CHAIN: usize = 32;
 /// thread's stack and killed the process.
 pub const MAX_RULE_DEPTH: usize = 128;
 
-/// What `$ref`s may add to one flag file's rules, in bytes (each JSON value
-/// counts 32, a string or key its length too). Rules written out are bounded
-/// by the file's size; a `$ref` copies its evaluator, and evaluators that
-/// each use the next twice grow by 2^n: a 1.3 KB file took 9.5 GB. 16 MiB
-/// is a list of 10,000 e-mail addresses used by 50 flags. (The default of
+/// What `$ref`s may add to one flag file's rules, in bytes of memory (see
+/// [`memory_of`]). Rules written out are bounded by the file's size; a
+/// `$ref` copies its evaluator, and evaluators that each use the next twice
+/// grow by 2^n: a 1.3 KB file took 9.5 GB. 16 MiB is a list of 4,000
+/// e-mail addresses used by 50 flags. (The default of
 /// `DocumentLimits::max_expansion_bytes`.)
 pub const DEFAULT_MAX_EXPANSION_BYTES: usize = 16 << 20;
 
@@ -343,6 +343,30 @@ fn use_our_fractional(rule: &mut Json) {
     }
 }
 
+/// What one copy of `value` costs in memory, not counting its children's
+/// own costs, as `serde_json` lays it out: its 32-byte slot; a string's
+/// bytes and their allocation; an array's allocation; an object's
+/// `BTreeMap` nodes (a node holds up to 11 entries and takes about 640
+/// bytes however few it holds) and its keys' allocations.
+///
+/// NB: an earlier count of 32 bytes a value plus its text let the 20-level
+/// expansion bomb grow 124 MB of resident memory before its 16 MiB bound
+/// refused it: a one-entry object (`{"or": [...]}`) costs a whole node.
+fn memory_of(value: &Json) -> usize {
+    const SLOT: usize = 32;
+    const ALLOCATION: usize = 16;
+    const NODE: usize = 640;
+    SLOT + match value {
+        Json::String(s) => s.len() + ALLOCATION,
+        Json::Array(_) => ALLOCATION,
+        Json::Object(map) => {
+            NODE * map.len().div_ceil(11).max(1)
+                + map.keys().map(|k| k.len() + ALLOCATION).sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
 /// Substitutes every `{"$ref": "name"}` in `rule` with the evaluator `name`.
 /// Parsed JSON makes this insensitive to the whitespace in the file, which
 /// flagd's text substitution has to handle separately.
@@ -377,12 +401,7 @@ fn resolve<'a>(
         )));
     }
     if !refs.is_empty() {
-        let own = match rule {
-            Json::String(s) => s.len(),
-            Json::Object(map) => map.keys().map(String::len).sum(),
-            _ => 0,
-        };
-        evaluators.charge(32 + own)?;
+        evaluators.charge(memory_of(rule))?;
     }
     match rule {
         Json::Object(map) if map.len() == 1 && map.contains_key("$ref") => {

@@ -79,3 +79,49 @@ pub fn ofrep_router(
     );
     (runtime, router)
 }
+
+/// The `q` quantile of `sorted` (ascending).
+pub fn percentile(sorted: &[u64], q: f64) -> u64 {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// Sends `body` to `url` at `rate` a second for `run`, open loop (each
+/// request on its own task, so a slow answer delays no other request); each
+/// latency in µs from when the request was sent, sorted, and how many did
+/// not answer 200. (Timed from the send, not from the tick: tokio's timer
+/// has a millisecond grain that would otherwise show as server latency.)
+pub async fn open_loop(
+    url: String,
+    body: &'static str,
+    rate: u64,
+    run: std::time::Duration,
+) -> (Vec<u64>, u64) {
+    use std::time::{Duration, Instant};
+    let client = reqwest::Client::new();
+    let period = Duration::from_micros(1_000_000 / rate);
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    while started.elapsed() < run {
+        ticks.tick().await;
+        let (client, url) = (client.clone(), url.clone());
+        sent.push(tokio::spawn(async move {
+            let sent_at = Instant::now();
+            let response = client.post(&url).body(body).send().await;
+            let ok = matches!(&response, Ok(r) if r.status().is_success());
+            if let Ok(r) = response {
+                let _ = r.bytes().await;
+            }
+            (sent_at.elapsed().as_micros() as u64, ok)
+        }));
+    }
+    let (mut latencies, mut failed) = (Vec::with_capacity(sent.len()), 0);
+    for s in sent {
+        let (latency, ok) = s.await.expect("request task");
+        latencies.push(latency);
+        failed += u64::from(!ok);
+    }
+    latencies.sort_unstable();
+    (latencies, failed)
+}

@@ -22,9 +22,10 @@
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flaghost::plugins::Limits;
+use flaghost_benches::{open_loop, percentile};
 use flaghost_tests::{Dirs, Flaghost, fixture, plugin, spin_iterations};
 use serde_json::json;
 
@@ -56,45 +57,6 @@ fn dirs(spin: u64) -> Dirs {
         )
 }
 
-fn percentile(sorted: &[u64], q: f64) -> u64 {
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
-}
-
-/// Sends `body` to `url` at `rate` a second for `RUN`, open loop (each
-/// request on its own task, so a slow answer delays no other request); each
-/// latency in µs from when the request was sent, and how many did not
-/// answer 200. (Timed from the send, not from the tick: tokio's timer has a
-/// millisecond grain that would otherwise show as server latency.)
-async fn open_loop(url: String, body: &'static str, rate: u64) -> (Vec<u64>, u64) {
-    let client = reqwest::Client::new();
-    let period = Duration::from_micros(1_000_000 / rate);
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let mut sent = Vec::new();
-    while started.elapsed() < RUN {
-        ticks.tick().await;
-        let (client, url) = (client.clone(), url.clone());
-        sent.push(tokio::spawn(async move {
-            let sent_at = Instant::now();
-            let response = client.post(&url).body(body).send().await;
-            let ok = matches!(&response, Ok(r) if r.status().is_success());
-            if let Ok(r) = response {
-                let _ = r.bytes().await;
-            }
-            (sent_at.elapsed().as_micros() as u64, ok)
-        }));
-    }
-    let (mut latencies, mut failed) = (Vec::with_capacity(sent.len()), 0);
-    for s in sent {
-        let (latency, ok) = s.await.expect("request task");
-        latencies.push(latency);
-        failed += u64::from(!ok);
-    }
-    latencies.sort_unstable();
-    (latencies, failed)
-}
-
 /// The child: loads `base`, the attack on `attacked` beside a static flag
 /// at `RATE` and the neighbour plugin flag at a tenth of it; prints
 /// `static-p50 static-p99 static-sent static-failed good-p50 good-p99
@@ -122,8 +84,8 @@ async fn generate(base: String, attacked: Option<String>) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let flag = |key: &str| format!("{base}/ofrep/v1/evaluate/flags/{key}");
     let ((statics, static_failed), (goods, good_failed)) = tokio::join!(
-        open_loop(flag("static"), r#"{"context":{}}"#, RATE),
-        open_loop(flag("good"), r#"{"context":{"country":"NL"}}"#, RATE / 10),
+        open_loop(flag("static"), r#"{"context":{}}"#, RATE, RUN),
+        open_loop(flag("good"), r#"{"context":{"country":"NL"}}"#, RATE / 10, RUN),
     );
     stop.store(true, Ordering::Relaxed);
     for a in attackers {

@@ -554,48 +554,148 @@ impl JsonLogicRule {
     }
 }
 
-/// The data a rule sees, built in `arena`: the context's attributes plus
-/// flagd's `$flagd` (`flagKey`, `timestamp`). Built straight into the arena,
-/// not through a `serde_json` copy of the context: that copy was the largest
-/// cost of a JsonLogic evaluation.
-fn flagd_data<'a>(
+/// The caller's context as JsonLogic data, converted at most once per
+/// request on each thread that evaluates it: a bulk request's flags share
+/// one conversion instead of each converting what it reads. Attributes are
+/// converted when a rule first reads them; a rule that may read any gets
+/// every attribute, converted once, in one slice whose last entry is its
+/// `$flagd`, rewritten in place for each flag.
+#[derive(Default)]
+struct Converted<'a> {
+    /// `$flagd.timestamp`: read once per request, so every flag of a bulk
+    /// request sees the same time.
+    timestamp: i64,
+    /// The attributes converted so far.
+    values: crate::flags::FastMap<&'a str, Option<DataValue<'a>>>,
+    /// Every attribute, then `$flagd`.
+    all: Option<&'a mut [(&'a str, DataValue<'a>)]>,
+}
+
+self_cell::self_cell!(
+    /// [`Converted`] data in the arena it lives in.
+    struct RequestData {
+        owner: Bump,
+        #[not_covariant]
+        dependent: Converted,
+    }
+);
+
+thread_local! {
+    /// The context last evaluated on this thread, by its id, converted.
+    /// NB: kept until another context is evaluated here: at most one
+    /// request's conversion per thread.
+    static REQUEST: RefCell<Option<(u64, RequestData)>> = const { RefCell::new(None) };
+}
+
+impl<'a> Converted<'a> {
+    fn new() -> Self {
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Self {
+            timestamp,
+            ..Self::default()
+        }
+    }
+
+    /// `$flagd` for `flag_key`, in `arena`.
+    fn flagd<'s>(&self, flag_key: &str, arena: &'s Bump) -> DataValue<'s> {
+        DataValue::Object(arena.alloc_slice_copy(&[
+            ("flagKey", DataValue::String(arena.alloc_str(flag_key))),
+            (
+                "timestamp",
+                DataValue::Number(NumberValue::from_i64(self.timestamp)),
+            ),
+        ]))
+    }
+
+    /// Attribute `key` of `context`, converted into `arena` the first time.
+    fn value(
+        &mut self,
+        key: &str,
+        context: &EvaluationContext,
+        arena: &'a Bump,
+    ) -> Option<DataValue<'a>> {
+        if let Some(value) = self.values.get(key) {
+            return *value;
+        }
+        // NB: `$flagd` is flaghost's to give, as in flagd, whatever the
+        // caller sent under that name.
+        let value = context
+            .attributes()
+            .get(key)
+            .filter(|_| key != "$flagd")
+            .map(|v| DataValue::from_serde_value_in(v, arena));
+        self.values.insert(arena.alloc_str(key), value);
+        value
+    }
+}
+
+/// Runs `evaluate` on the data a rule of flag `flag_key` sees for
+/// `context`: the attributes it `reads` (all when `None`) plus flagd's
+/// `$flagd` (`flagKey`, `timestamp`), built from this thread's conversion of
+/// `context` (see [`Converted`]) and, per flag, in `scratch`.
+fn with_flagd_data<T>(
     flag_key: &str,
     context: &EvaluationContext,
     reads: Option<&[String]>,
-    arena: &'a Bump,
-) -> &'a DataValue<'a> {
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    let flagd: &'a [(&'a str, DataValue<'a>)] = arena.alloc_slice_copy(&[
-        ("flagKey", DataValue::String(arena.alloc_str(flag_key))),
-        (
-            "timestamp",
-            DataValue::Number(NumberValue::from_i64(timestamp)),
-        ),
-    ]);
-    let attributes = context.attributes();
-    let mut entries = datalogic_rs::bumpalo::collections::Vec::with_capacity_in(
-        reads.map_or(attributes.len(), <[String]>::len) + 1,
-        arena,
-    );
-    let mut add = |key: &str, value: &Json| {
-        let key: &'a str = arena.alloc_str(key);
-        entries.push((key, DataValue::from_serde_value_in(value, arena)));
-    };
-    match reads {
-        Some(reads) => {
-            for key in reads {
-                if let Some(value) = attributes.get(key) {
-                    add(key, value);
-                }
-            }
+    scratch: &Bump,
+    evaluate: impl for<'d> FnOnce(&'d DataValue<'d>) -> T,
+) -> T {
+    REQUEST.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().map(|(id, _)| *id) != Some(context.id()) {
+            *cell = Some((
+                context.id(),
+                RequestData::new(Bump::new(), |_| Converted::new()),
+            ));
         }
-        None => attributes.iter().for_each(|(key, value)| add(key, value)),
-    }
-    entries.push(("$flagd", DataValue::Object(flagd)));
-    arena.alloc(DataValue::Object(entries.into_bump_slice()))
+        let Some((_, request)) = cell.as_mut() else {
+            unreachable!("set just above")
+        };
+        request.with_dependent_mut(|arena, converted| match reads {
+            Some(reads) => {
+                let mut entries = datalogic_rs::bumpalo::collections::Vec::with_capacity_in(
+                    reads.len() + 1,
+                    scratch,
+                );
+                for key in reads {
+                    if let Some(value) = converted.value(key, context, arena) {
+                        entries.push((key.as_str(), value));
+                    }
+                }
+                entries.push(("$flagd", converted.flagd(flag_key, scratch)));
+                evaluate(scratch.alloc(DataValue::Object(entries.into_bump_slice())))
+            }
+            None => {
+                let flagd = converted.flagd(flag_key, arena);
+                let all = match converted.all.take() {
+                    Some(all) => all,
+                    None => {
+                        let attributes = context.attributes();
+                        let mut all = datalogic_rs::bumpalo::collections::Vec::with_capacity_in(
+                            attributes.len() + 1,
+                            arena,
+                        );
+                        for key in attributes.keys() {
+                            if let Some(value) = converted.value(key, context, arena) {
+                                all.push((arena.alloc_str(key) as &str, value));
+                            }
+                        }
+                        all.push(("$flagd", DataValue::Null));
+                        all.into_bump_slice_mut()
+                    }
+                };
+                if let Some(last) = all.last_mut() {
+                    last.1 = flagd;
+                }
+                let answer = evaluate(&DataValue::Object(&*all));
+                converted.all = Some(all);
+                answer
+            }
+        })
+    })
 }
 
 /// What a rule's answer means: a variant name, `true`/`false` naming the
@@ -629,11 +729,19 @@ impl TargetingRule for JsonLogicRule {
         }
         let answer = ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
-            let data = flagd_data(&self.flag_key, context, self.reads.as_deref(), &arena);
-            let answer = engine()
-                .evaluate(&self.logic, data, &arena)
-                .map_err(|e| RuleError(format!("the targeting rule failed: {e}")))
-                .and_then(to_variant);
+            let scratch: &Bump = &arena;
+            let answer = with_flagd_data(
+                &self.flag_key,
+                context,
+                self.reads.as_deref(),
+                scratch,
+                |data| {
+                    engine()
+                        .evaluate(&self.logic, data, scratch)
+                        .map_err(|e| RuleError(format!("the targeting rule failed: {e}")))
+                        .and_then(to_variant)
+                },
+            );
             arena.reset();
             answer
         });
@@ -673,6 +781,47 @@ mod tests {
         JsonLogicRule::compile(flag, &rule, vec![])
             .expect("compiles")
             .evaluate(&ctx(context))
+    }
+
+    #[test]
+    fn a_conversion_is_shared_by_the_flags_of_one_context_and_no_other() {
+        let reads_some = JsonLogicRule::compile(
+            "some",
+            &json!({"cat": [{"var": "country"}, "/", {"var": "$flagd.flagKey"}]}),
+            vec![],
+        )
+        .expect("compiles");
+        // `{"var": ""}` may read anything: it is given every attribute.
+        let reads_all = |flag: &str| {
+            JsonLogicRule::compile(
+                flag,
+                &json!({"if": [{"var": ""}, {"cat": [{"var": "country"}, "/", {"var": "$flagd.flagKey"}]}, "none"]}),
+                vec![],
+            )
+            .expect("compiles")
+        };
+        let (first, second) = (reads_all("first"), reads_all("second"));
+        let nl = ctx(json!({"country": "NL", "$flagd": {"flagKey": "forged"}}));
+        let be = ctx(json!({"country": "BE"}));
+        for _ in 0..2 {
+            for (context, country) in [(&nl, "NL"), (&be, "BE"), (&nl, "NL")] {
+                assert_eq!(
+                    reads_some.evaluate(context),
+                    Ok(Some(format!("{country}/some")))
+                );
+                assert_eq!(
+                    first.evaluate(context),
+                    Ok(Some(format!("{country}/first")))
+                );
+                assert_eq!(
+                    second.evaluate(context),
+                    Ok(Some(format!("{country}/second")))
+                );
+            }
+        }
+        // A clone is the same context (and shares its conversion).
+        assert_eq!(nl.clone().id(), nl.id());
+        assert_ne!(nl.id(), be.id());
     }
 
     #[test]

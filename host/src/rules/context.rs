@@ -1,6 +1,7 @@
 //! The evaluation context a caller sends: a targeting key and attributes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value as Json};
 
@@ -11,6 +12,10 @@ pub struct EvaluationContext(Arc<Inner>);
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Unique among the contexts of this process (0: the empty default), so
+    /// a conversion of it can be kept for the rest of its request (see
+    /// `flags::targeting`) and never mistaken for another caller's.
+    id: u64,
     targeting_key: Option<String>,
     /// Every attribute the caller sent, `targetingKey` included.
     attributes: Map<String, Json>,
@@ -32,10 +37,18 @@ impl EvaluationContext {
             Some(Json::String(key)) => Some(key.clone()),
             Some(other) => return Err(ContextError::TargetingKeyNotString(other.to_string())),
         };
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(Self(Arc::new(Inner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             targeting_key,
             attributes,
         })))
+    }
+
+    /// This context's id: the same for its clones, another for any other
+    /// context made in this process.
+    pub fn id(&self) -> u64 {
+        self.0.id
     }
 
     /// The targeting key, if the caller sent one.

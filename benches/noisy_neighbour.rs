@@ -85,7 +85,12 @@ async fn generate(base: String, attacked: Option<String>) {
     let flag = |key: &str| format!("{base}/ofrep/v1/evaluate/flags/{key}");
     let ((statics, static_failed), (goods, good_failed)) = tokio::join!(
         open_loop(flag("static"), r#"{"context":{}}"#, RATE, RUN),
-        open_loop(flag("good"), r#"{"context":{"country":"NL"}}"#, RATE / 10, RUN),
+        open_loop(
+            flag("good"),
+            r#"{"context":{"country":"NL"}}"#,
+            RATE / 10,
+            RUN
+        ),
     );
     stop.store(true, Ordering::Relaxed);
     for a in attackers {

@@ -107,7 +107,11 @@ fn main() {
     let dirs = dirs();
     let redis = RedisServer::start();
     for with_redis in [None, Some(&redis)] {
-        let backend = if with_redis.is_some() { "redis" } else { "memory" };
+        let backend = if with_redis.is_some() {
+            "redis"
+        } else {
+            "memory"
+        };
         let mut p50s = [Vec::new(), Vec::new()];
         let mut p99s = [Vec::new(), Vec::new()];
         for round in 0..ROUNDS {
@@ -137,7 +141,9 @@ fn main() {
                 };
                 assert_eq!(failed, 0, "{sent} sent, {failed} failed");
                 let name = ["warm", "refreshing"][which];
-                println!("refresh/{backend}/{name} round {round}: p50 {p50} µs, p99 {p99} µs ({sent} requests)");
+                println!(
+                    "refresh/{backend}/{name} round {round}: p50 {p50} µs, p99 {p99} µs ({sent} requests)"
+                );
                 p50s[which].push(p50);
                 p99s[which].push(p99);
                 rt.block_on(fh.stop()).expect("stops");

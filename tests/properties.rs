@@ -11,7 +11,7 @@
 //!
 //! Every property runs `PROPTEST_CASES` cases (default [`CASES`]), which
 //! bounds its time in CI. A failing case is shrunk, and its seed kept in
-//! `proptest-regressions/properties.txt` (commit it), which is replayed
+//! `tests/properties.proptest-regressions` (commit it), which is replayed
 //! first on every later run.
 
 use std::path::Path;

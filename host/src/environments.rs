@@ -320,6 +320,10 @@ impl Environments {
                     if refused {
                         self.snapshots.remove(environment);
                     }
+                    self.log_once(format!("unavailable {environment}"), || {
+                        warn!(environment, error = %error,
+                              "environment unavailable: its flag file cannot be read or is refused, and no earlier set was good");
+                    });
                     return Err(LookupError::Unavailable {
                         environment: environment.to_owned(),
                         reason: error.to_string(),

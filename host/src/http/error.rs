@@ -48,7 +48,13 @@ pub enum ApiError {
     /// No route.
     NoRoute(String),
     /// The path does not parse (not UTF-8 once decoded, say).
-    BadPath(String),
+    BadPath {
+        /// Why the path does not parse.
+        why: String,
+        /// The flag key as sent, decoded lossily, on a single-flag path:
+        /// OFREP's 400 names the key.
+        key: Option<String>,
+    },
     /// A route that takes another method.
     WrongMethod(String),
     /// The admin API was called but no admin token is configured.
@@ -107,13 +113,15 @@ impl IntoResponse for ApiError {
                     LookupError::NotFound(_) => ErrorCode::FlagNotFound,
                     _ => ErrorCode::General,
                 };
-                (
-                    status,
-                    key.as_deref(),
-                    code.as_str(),
-                    error.to_string(),
-                    None,
-                )
+                // NB: why a flag file is refused names its path on the
+                // server; that is for flaghost's log, not for callers.
+                let details = match error {
+                    LookupError::Unavailable { environment, .. } => format!(
+                        "environment {environment:?} is unavailable: its flag file cannot be read or was refused, and there is no earlier good set (flaghost's log says why)"
+                    ),
+                    other => other.to_string(),
+                };
+                (status, key.as_deref(), code.as_str(), details, None)
             }
             ApiError::Evaluation { key, error } => {
                 let status = match error.code {
@@ -137,9 +145,9 @@ impl IntoResponse for ApiError {
                 ),
                 None,
             ),
-            ApiError::BadPath(why) => (
+            ApiError::BadPath { why, key } => (
                 StatusCode::BAD_REQUEST,
-                None,
+                key.as_deref(),
                 "GENERAL",
                 format!(
                     "the request path is not valid ({why}): flag keys, environments and plugin names are UTF-8 text"
@@ -244,7 +252,40 @@ where
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(value)) => Ok(Self(value)),
-            Err(rejection) => Err(ApiError::BadPath(rejection.body_text())),
+            Err(rejection) => Err(ApiError::BadPath {
+                why: rejection.body_text(),
+                key: parts
+                    .uri
+                    .path()
+                    .rsplit_once("/evaluate/flags/")
+                    .map(|(_, key)| percent_decoded_lossy(key)),
+            }),
         }
     }
+}
+
+/// `text` with its `%XX` escapes decoded, and what is not UTF-8 then
+/// replaced by U+FFFD: a key that does not decode can still be named.
+fn percent_decoded_lossy(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

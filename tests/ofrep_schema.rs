@@ -1,0 +1,31 @@
+//! schemathesis against flaghost's OFREP API, checked against the OFREP
+//! OpenAPI file: `tests/schemathesis/run.sh` (which installs schemathesis,
+//! pinned, into `target/schemathesis-venv`, serves the flags in
+//! `tests/schemathesis/flags/` and runs about 2,500 generated requests with
+//! a fixed seed). Here so that the README's one test command runs it too.
+
+use std::process::Command;
+
+use flaghost_tests::{flaghost_binary, root};
+
+#[test]
+fn every_ofrep_answer_is_documented_and_none_is_a_5xx() {
+    let output = Command::new("bash")
+        .arg(root().join("tests/schemathesis/run.sh"))
+        .env("FLAGHOST_BIN", flaghost_binary())
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "schemathesis failed (reports in target/schemathesis-run/):\n{stdout}\n{stderr}"
+    );
+    // The run reports its case counts; keep them in the test's output.
+    for line in stdout
+        .lines()
+        .filter(|l| l.contains("==> schemathesis: done"))
+    {
+        println!("{line}");
+    }
+}

@@ -166,8 +166,9 @@ impl Environments {
         }
         // NB: a due snapshot keeps serving while one refresh runs beside
         // the requests: a slow Redis or a large file never holds a request.
-        // Its STALE marking is the refresh's to decide, as before.
-        if let Some(served) = self.snapshots.any(environment) {
+        // Its STALE marking is the refresh's to decide, as before. An
+        // invalidated one is not served: its refresh is waited for.
+        if let Some(served) = self.snapshots.servable(environment) {
             self.refresh_in_background(environment);
             return Ok(served);
         }
@@ -320,7 +321,9 @@ impl Environments {
                     if refused {
                         self.snapshots.remove(environment);
                     }
-                    self.log_once(format!("unavailable {environment}"), || {
+                    // NB: one key for every environment: names come from
+                    // requests, and must not grow the table of what was logged.
+                    self.log_once("unavailable".into(), || {
                         warn!(environment, error = %error,
                               "environment unavailable: its flag file cannot be read or is refused, and no earlier set was good");
                     });
@@ -404,11 +407,10 @@ impl Environments {
     /// The store serves `environment` again: its failures may be logged anew.
     fn recovered(&self, environment: &str) {
         let key = format!("store {environment}");
-        let was_failing = self
-            .logged
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&key);
+        let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
+        logged.remove("unavailable");
+        let was_failing = logged.remove(&key);
+        drop(logged);
         if was_failing {
             info!(environment, "flag store serves this environment again");
         }
@@ -417,7 +419,7 @@ impl Environments {
     /// Drops one environment's cached flag set (or every one): in this
     /// instance, in the shared cache, and in every other instance.
     pub async fn invalidate(&self, environment: Option<&str>) -> Invalidation {
-        self.snapshots.expire(environment);
+        self.snapshots.invalidate(environment);
         let mut report = Invalidation {
             environment: environment.map(str::to_owned),
             keys_deleted: None,
@@ -475,7 +477,7 @@ impl Environments {
                 event = next_event(&mut events) => match event {
                     Ok(CacheEvent::Invalidated(environment)) => {
                         debug!(environment = ?environment, "dropping the snapshot: invalidated by another instance");
-                        self.snapshots.expire(environment.as_deref());
+                        self.snapshots.invalidate(environment.as_deref());
                     }
                     Ok(CacheEvent::Reconnected) | Err(RecvError::Lagged(_)) => {
                         self.snapshots.expire(None);
@@ -715,5 +717,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(refreshed, "the refresh's set serves once it is done");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_an_invalidation_the_next_answer_waits_for_the_new_set() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        write(tmp.path(), "old");
+        let store = Arc::new(HeldStore {
+            dir: DirStore::new(tmp.path(), PluginSet::default()),
+            loads: Default::default(),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let environments = Arc::new(Environments::new(store.clone(), None, Timing::default()));
+        let first = environments.get("prod").await.expect("loads");
+        write(tmp.path(), "new");
+        environments.invalidate(Some("prod")).await;
+        // The refresh is held: a request waits for it rather than being
+        // given the invalidated set.
+        let waiting = {
+            let environments = environments.clone();
+            tokio::spawn(async move { environments.get("prod").await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "not answered with the invalidated set"
+        );
+        store.release.add_permits(1);
+        let served = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("answered once the refresh is done")
+            .expect("joined")
+            .expect("served");
+        assert_ne!(served.set.digest, first.set.digest, "the new set");
     }
 }

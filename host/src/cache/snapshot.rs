@@ -50,6 +50,9 @@ pub struct Snapshot {
 struct Entry {
     snapshot: Snapshot,
     refresh_at: Instant,
+    /// Dropped by an invalidation: kept only as the last resort of a
+    /// refresh that fails, never served while one runs.
+    invalidated: bool,
 }
 
 type Entries = HashMap<String, Entry>;
@@ -98,6 +101,16 @@ impl Snapshots {
             .map(|e| e.snapshot.clone())
     }
 
+    /// The environment's snapshot, due or not, unless it was invalidated:
+    /// what requests may be served while a refresh runs beside them.
+    pub fn servable(&self, environment: &str) -> Option<Snapshot> {
+        self.entries
+            .load()
+            .get(environment)
+            .filter(|e| !e.invalidated)
+            .map(|e| e.snapshot.clone())
+    }
+
     /// The expiry count now: pass it to [`Snapshots::insert_since`].
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -133,6 +146,7 @@ impl Snapshots {
                 Entry {
                     snapshot,
                     refresh_at,
+                    invalidated: false,
                 },
             );
         });
@@ -141,12 +155,25 @@ impl Snapshots {
     /// Makes one environment's snapshot (or every one) due for a refresh
     /// now, keeping it to serve from if the refresh fails.
     pub fn expire(&self, environment: Option<&str>) {
+        self.mark(environment, false);
+    }
+
+    /// The same, and the snapshot is no longer served while the refresh
+    /// runs ([`Snapshots::servable`]): after an invalidation (a kill
+    /// switch, a peer's new file) the next answer reflects it, the refresh
+    /// waited for, unless the refresh fails.
+    pub fn invalidate(&self, environment: Option<&str>) {
+        self.mark(environment, true);
+    }
+
+    fn mark(&self, environment: Option<&str>, invalidated: bool) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         let now = self.clock.now();
         self.update(|entries| {
             for (env, entry) in entries.iter_mut() {
                 if environment.is_none_or(|e| e == env) {
                     entry.refresh_at = now;
+                    entry.invalidated |= invalidated;
                 }
             }
         });

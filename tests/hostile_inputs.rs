@@ -298,3 +298,78 @@ async fn one_client_holding_its_share_of_connections_leaves_room_for_others() {
     drop(kept);
     fh.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1mb_context_against_1000_rules_is_answered_whole_and_right_while_others_are_served() {
+    // 1,000 flags: a third static, a third reading `country`, a third
+    // reading the whole data (`{"var": ""}`), the rules that made one
+    // conversion per flag cost most.
+    let mut flags = Map::new();
+    for i in 0..1000 {
+        let flag = match i % 3 {
+            0 => static_flag(),
+            1 => rule_flag(
+                json!({"if": [{"in": [{"var": "country"}, ["NL", format!("X{i}")]]}, "on", "off"]}),
+            ),
+            _ => rule_flag(json!({"if": [
+                {"and": [{"var": ""}, {"==": [{"var": "$flagd.flagKey"}, format!("f{i}")]}]},
+                "on", "off"]})),
+        };
+        flags.insert(format!("f{i}"), flag);
+    }
+    let dirs = Dirs::new().flag_file("prod", &json!({ "flags": flags }));
+    let mut config = dirs.config("prod", answer_limits());
+    config.http.body_limit = 2 << 20;
+    let fh = Flaghost::start(&config).await.expect("starts");
+
+    let mut context = Map::new();
+    context.insert("targetingKey".into(), json!("user-1"));
+    context.insert("country".into(), json!("NL"));
+    for i in 0..62_000 {
+        context.insert(format!("attribute-{i:05}"), json!(i));
+    }
+    let body = json!({ "context": context }).to_string();
+    assert!(body.len() > 1_000_000, "{} bytes", body.len());
+
+    let bulk = || {
+        let (client, url, body) = (
+            fh.client.clone(),
+            format!("{}/ofrep/v1/evaluate/flags", fh.base),
+            body.clone(),
+        );
+        async move {
+            let response = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("answered");
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.expect("json")
+        }
+    };
+    // Two such clients at once, and a static flag served meanwhile.
+    let (a, b, small) = tokio::join!(
+        bulk(),
+        bulk(),
+        fh.evaluate_in(Some("prod"), "f0", json!({}))
+    );
+    assert_eq!(small.0, 200, "{}", small.1);
+    for answer in [a, b] {
+        let flags = answer["flags"].as_array().expect("flags");
+        assert_eq!(flags.len(), 1000);
+        for item in flags {
+            let key = item["key"].as_str().expect("key");
+            let i: usize = key[1..].parse().expect("f<n>");
+            let expected = match i % 3 {
+                0 => json!("A"),
+                // Both rule kinds match: country NL, and each rule sees its
+                // own flag key in $flagd.
+                _ => json!(true),
+            };
+            assert_eq!(item["value"], expected, "{item}");
+        }
+    }
+    fh.stop().await.expect("clean stop");
+}

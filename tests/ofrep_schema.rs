@@ -21,11 +21,21 @@ fn every_ofrep_answer_is_documented_and_none_is_a_5xx() {
         output.status.success(),
         "schemathesis failed (reports in target/schemathesis-run/):\n{stdout}\n{stderr}"
     );
-    // The run reports its case counts; keep them in the test's output.
-    for line in stdout
+    // The run reports its case counts: a run that generated next to
+    // nothing passes vacuously, so it fails here.
+    let done = stdout
         .lines()
-        .filter(|l| l.contains("==> schemathesis: done"))
-    {
-        println!("{line}");
-    }
+        .find(|l| l.contains("==> schemathesis: done"))
+        .unwrap_or_else(|| panic!("no summary line:\n{stdout}"));
+    println!("{done}");
+    let words: Vec<&str> = done.split_whitespace().collect();
+    let counts: Vec<u64> = words
+        .windows(2)
+        .filter(|w| w[1] == "cases")
+        .filter_map(|w| w[0].parse().ok())
+        .collect();
+    assert!(
+        matches!(counts[..], [main, stale] if main >= 1000 && stale >= 200),
+        "too few cases generated: {done}"
+    );
 }

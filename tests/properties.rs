@@ -182,7 +182,16 @@ fn op(name: &str, args: Json) -> Json {
 }
 
 fn var() -> impl Strategy<Value = Json> {
-    select(ATTRIBUTES).prop_map(|a| json!({ "var": a }))
+    prop_oneof![
+        6 => select(ATTRIBUTES).prop_map(|a| json!({ "var": a })),
+        1 => Just(json!({"var": "$flagd.flagKey"})),
+        // A computed path: the rule may read anything, so it is given every
+        // attribute (the other conversion path).
+        1 => (select(ATTRIBUTES), 0usize..4).prop_map(|(a, at)| {
+            let at = at.min(a.len());
+            json!({"var": {"cat": [&a[..at], &a[at..]]}})
+        }),
+    ]
 }
 
 /// A JsonLogic rule over the context, using flagd's operators and `$ref`s
@@ -631,12 +640,15 @@ proptest! {
             .and_then(|d| d["flags"].as_object())
             .map(|flags| flags.keys().cloned().collect())
             .unwrap_or_default();
+        let mut first_answers = Vec::new();
         for context in &contexts {
             let body = serde_json::to_vec(&json!({"context": context})).expect("json");
             let (status, answer) = world
                 .rt
                 .block_on(send(&router, post("/ofrep/v1/evaluate/flags", body.clone())));
             prop_assert_eq!(status, StatusCode::OK, "{}: {}", context, answer);
+            prop_assert!(answer["flags"].is_array(), "{}", answer);
+            first_answers.push(answer.clone());
             let flags = answer["flags"].as_array().cloned().unwrap_or_default();
             for item in &flags {
                 check_answer(item, served.as_ref())?;
@@ -653,6 +665,15 @@ proptest! {
                     check_answer(&answer, served.as_ref())?;
                 }
             }
+        }
+        // Asked again after the other contexts, each context gets the same
+        // answers: nothing of one request reaches the next.
+        for (context, first) in contexts.iter().zip(&first_answers).rev() {
+            let body = serde_json::to_vec(&json!({"context": context})).expect("json");
+            let (_, again) = world
+                .rt
+                .block_on(send(&router, post("/ofrep/v1/evaluate/flags", body)));
+            prop_assert_eq!(&again["flags"], &first["flags"], "{}", context);
         }
     }
 

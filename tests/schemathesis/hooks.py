@@ -132,4 +132,4 @@ def filter_failure(context, failure, case, response):
         return True
     if not isinstance(body, dict):
         return True
-    return body.get("errorCode") not in ("PARSE_ERROR", "GENERAL") or "key" not in body
+    return body.get("errorCode") != "PARSE_ERROR" or body.get("key") != "broken-rule"

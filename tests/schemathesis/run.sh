@@ -47,7 +47,7 @@ if [ "$("$venv/bin/schemathesis" --version 2>/dev/null || true)" != "schemathesi
   say "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --timeout 60 \
     "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 st="$venv/bin/schemathesis"

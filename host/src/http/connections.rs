@@ -74,12 +74,44 @@ pub fn default_max_per_client(max_connections: usize) -> usize {
 }
 
 /// The process's open-file limit less [`RESERVED_DESCRIPTORS`], at most
-/// 10,000 and at least 64.
+/// 10,000 and at least 64. The hard limit: [`serve`] raises the soft one to
+/// it (and lowers the bound again if it cannot).
 pub fn default_max_connections() -> usize {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
+        .maximum
         .unwrap_or(u64::MAX);
     usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS).clamp(64, 10_000)).unwrap_or(10_000)
+}
+
+/// `wanted` connections, or fewer if the process's open-file limit (its
+/// soft limit raised to the hard one first) would not leave
+/// [`RESERVED_DESCRIPTORS`] beside them: running out of descriptors must
+/// never stop flag and plugin reloads, Redis or plugin compiles.
+fn within_descriptors(wanted: usize) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            debug!(error = %e, "cannot raise the open-file limit to its hard limit");
+        }
+    }
+    let Some(soft) = getrlimit(Resource::Nofile).current else {
+        return wanted;
+    };
+    let room = usize::try_from(soft.saturating_sub(RESERVED_DESCRIPTORS))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if wanted > room {
+        warn!(
+            wanted,
+            allowed = room,
+            open_file_limit = soft,
+            "--max-connections is more than the open-file limit leaves beside the {RESERVED_DESCRIPTORS} descriptors kept for flag files, plugins and Redis: using {room}"
+        );
+        return room;
+    }
+    wanted
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then waits for
@@ -90,8 +122,9 @@ pub async fn serve(
     limits: &ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let open = Arc::new(Semaphore::new(limits.max_connections));
-    let clients = Clients::new(limits.max_per_client);
+    let max_connections = within_descriptors(limits.max_connections);
+    let open = Arc::new(Semaphore::new(max_connections));
+    let clients = Clients::new(limits.max_per_client.min(max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -115,7 +148,7 @@ pub async fn serve(
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
             debug!(
-                max = limits.max_connections,
+                max = max_connections,
                 "connection refused: as many are open as may be"
             );
             drop(stream);

@@ -7,14 +7,22 @@ use serde_json::{Map, Value as Json};
 
 /// An evaluation context, cheap to clone (shared by `Arc`), so a plugin call
 /// can hold it for the duration of a call without copying it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EvaluationContext(Arc<Inner>);
 
-#[derive(Debug, Default)]
+impl Default for EvaluationContext {
+    /// An empty context, with an id of its own like any other (a shared id
+    /// would let a thread's conversion of one outlive its request).
+    fn default() -> Self {
+        Self::new(None, Map::new())
+    }
+}
+
+#[derive(Debug)]
 struct Inner {
-    /// Unique among the contexts of this process (0: the empty default), so
-    /// a conversion of it can be kept for the rest of its request (see
-    /// `flags::targeting`) and never mistaken for another caller's.
+    /// Unique among the contexts of this process, so a conversion of it can
+    /// be kept for the rest of its request (see `flags::targeting`) and
+    /// never mistaken for another caller's.
     id: u64,
     targeting_key: Option<String>,
     /// Every attribute the caller sent, `targetingKey` included.
@@ -37,12 +45,16 @@ impl EvaluationContext {
             Some(Json::String(key)) => Some(key.clone()),
             Some(other) => return Err(ContextError::TargetingKeyNotString(other.to_string())),
         };
+        Ok(Self::new(targeting_key, attributes))
+    }
+
+    fn new(targeting_key: Option<String>, attributes: Map<String, Json>) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        Ok(Self(Arc::new(Inner {
+        Self(Arc::new(Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             targeting_key,
             attributes,
-        })))
+        }))
     }
 
     /// This context's id: the same for its clones, another for any other

@@ -172,9 +172,19 @@ impl Link {
     /// at twice the response timeout. One confirmation runs at a time:
     /// requests timing out meanwhile leave the decision to it.
     async fn gone_after_timeout(&self) -> bool {
+        /// Ends the confirmation however its future ends: a request's
+        /// future is dropped mid-`await` when its caller goes away, and a
+        /// flag left set would stop every later timeout from tripping.
+        struct Confirming<'a>(&'a AtomicBool);
+        impl Drop for Confirming<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
         if self.confirming.swap(true, Ordering::AcqRel) {
             return false;
         }
+        let _confirming = Confirming(&self.confirming);
         let mut connection = ConnectionManager::clone(&self.manager.load());
         let command = redis::cmd("PING");
         let ping = command.query_async::<String>(&mut connection);
@@ -182,7 +192,6 @@ impl Link {
             tokio::time::timeout(self.response_timeout, ping).await,
             Ok(Ok(_))
         );
-        self.confirming.store(false, Ordering::Release);
         if answered {
             self.late_answers.fetch_add(1, Ordering::Relaxed);
             warn!(redis = %self.url, "a redis answer came later than the response timeout, but redis answers: staying on redis");

@@ -27,7 +27,6 @@ fn every_ofrep_answer_is_documented_and_none_is_a_5xx() {
         .lines()
         .find(|l| l.contains("==> schemathesis: done"))
         .unwrap_or_else(|| panic!("no summary line:\n{stdout}"));
-    println!("{done}");
     let words: Vec<&str> = done.split_whitespace().collect();
     let counts: Vec<u64> = words
         .windows(2)

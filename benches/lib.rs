@@ -125,3 +125,25 @@ pub async fn open_loop(
     latencies.sort_unstable();
     (latencies, failed)
 }
+
+/// Runs this bench binary again as a load generator (`--generate` then
+/// `args`), which prints whitespace-separated figures on one line; returns
+/// the figures and the line.
+pub fn run_generator(args: &[&str]) -> (Vec<u64>, String) {
+    let output = std::process::Command::new(std::env::current_exe().expect("this binary"))
+        .arg("--generate")
+        .args(args)
+        .output()
+        .expect("the generator runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8_lossy(&output.stdout).into_owned();
+    let figures = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (figures, line)
+}

@@ -19,13 +19,12 @@
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout)] // a load run reports on stdout
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use flaghost::plugins::Limits;
-use flaghost_benches::{open_loop, percentile};
+use flaghost_benches::{open_loop, percentile, run_generator};
 use flaghost_tests::{Dirs, Flaghost, fixture, plugin, spin_iterations};
 use serde_json::json;
 
@@ -179,20 +178,7 @@ fn main() {
         // NB: `cargo bench` builds no flaghost binary to compile in.
         config.compiler = flaghost::plugins::Compiler::InProcess;
         let fh = rt.block_on(Flaghost::start(&config)).expect("starts");
-        let output = Command::new(std::env::current_exe().expect("this binary"))
-            .args(["--generate", &fh.base, attacked])
-            .output()
-            .expect("the generator runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let line = String::from_utf8_lossy(&output.stdout);
-        let figures: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|f| f.parse().ok())
-            .collect();
+        let (figures, line) = run_generator(&[&fh.base, attacked]);
         let [
             p50,
             p99,

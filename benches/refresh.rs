@@ -19,13 +19,12 @@
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout)] // a load run reports on stdout
 
-use std::process::Command;
 use std::time::Duration;
 
 use flaghost::cache::RedisOptions;
 use flaghost::config::ServeConfig;
 use flaghost::plugins::Limits;
-use flaghost_benches::{open_loop, percentile};
+use flaghost_benches::{open_loop, percentile, run_generator};
 use flaghost_tests::{Dirs, Flaghost, RedisServer};
 use serde_json::{Map, json};
 
@@ -179,20 +178,7 @@ fn main() {
                     with_redis,
                 )))
                 .expect("starts");
-            let output = Command::new(std::env::current_exe().expect("this binary"))
-                .args(["--generate", &warm.base, &refreshing.base])
-                .output()
-                .expect("the generator runs");
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let line = String::from_utf8_lossy(&output.stdout);
-            let figures: Vec<u64> = line
-                .split_whitespace()
-                .filter_map(|f| f.parse().ok())
-                .collect();
+            let (figures, line) = run_generator(&[&warm.base, &refreshing.base]);
             let [w50, w99, w_sent, w_failed, r50, r99, r_sent, r_failed] = figures[..] else {
                 panic!("generator said {line:?}");
             };

@@ -69,6 +69,11 @@ impl Default for Timing {
     }
 }
 
+/// How long a request waits for the refresh of an invalidated snapshot
+/// before it is served the invalidated set (a refresh is a file `stat`, and
+/// with Redis a round trip or two: milliseconds, unless something is wrong).
+const INVALIDATION_WAIT: Duration = Duration::from_secs(2);
+
 /// Which cache serves, for `/readyz` and `/healthz`.
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheStatus {
@@ -166,11 +171,13 @@ impl Environments {
         }
         // NB: a due snapshot keeps serving while one refresh runs beside
         // the requests: a slow Redis or a large file never holds a request.
-        // Its STALE marking is the refresh's to decide, as before. An
-        // invalidated one is not served: its refresh is waited for.
+        // Its STALE marking is the refresh's to decide, as before.
         if let Some(served) = self.snapshots.servable(environment) {
             self.refresh_in_background(environment);
             return Ok(served);
+        }
+        if let Some(invalidated) = self.snapshots.any(environment) {
+            return Ok(self.after_invalidation(environment, invalidated).await);
         }
         let gate = self.gate(environment);
         let _turn = gate.lock().await;
@@ -179,6 +186,36 @@ impl Environments {
             return Ok(snapshot);
         }
         self.resolve_or_forget_gate(environment).await
+    }
+
+    /// An invalidated snapshot is not served while its refresh runs: the
+    /// request waits for the refresh (a kill switch takes effect on the
+    /// next answer), at most [`INVALIDATION_WAIT`], then gets what there is.
+    /// The refresh runs in a task of its own, so a caller that goes away
+    /// cannot cancel it; a second one runs if the first raced a newer
+    /// invalidation.
+    async fn after_invalidation(
+        self: &Arc<Self>,
+        environment: &str,
+        invalidated: Snapshot,
+    ) -> Snapshot {
+        let waited = tokio::time::timeout(INVALIDATION_WAIT, async {
+            for _ in 0..2 {
+                self.refresh_in_background(environment);
+                let gate = self.gate(environment);
+                drop(gate.lock().await);
+                if let Some(served) = self.snapshots.servable(environment) {
+                    return Some(served);
+                }
+            }
+            None
+        })
+        .await;
+        waited
+            .ok()
+            .flatten()
+            .or_else(|| self.snapshots.any(environment))
+            .unwrap_or(invalidated)
     }
 
     /// Starts a refresh of `environment` unless one is running (its gate is

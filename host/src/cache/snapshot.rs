@@ -117,36 +117,44 @@ impl Snapshots {
     }
 
     /// Serves `snapshot` until `lifetime` from now, unless an expiry came
-    /// after `generation` was read: then it is served but due at once, so
-    /// an invalidation racing a refresh is never lost.
+    /// after `generation` was read: then it is due at once, and if that was
+    /// an invalidation it stays unservable, so an invalidation racing a
+    /// refresh is never lost (the refresh may have read the old file).
     pub fn insert_since(&self, snapshot: Snapshot, lifetime: Duration, generation: u64) {
-        let lifetime = if self.generation() == generation {
-            lifetime
-        } else {
-            Duration::ZERO
-        };
-        self.insert(snapshot, lifetime);
+        let raced = self.generation() != generation;
+        let lifetime = if raced { Duration::ZERO } else { lifetime };
+        self.put(snapshot, lifetime, raced);
     }
 
-    /// Every environment's snapshot, due or not.
+    /// Every environment's servable snapshot, due or not (an invalidated
+    /// one is not written back anywhere).
     pub fn all(&self) -> Vec<Snapshot> {
         self.entries
             .load()
             .values()
+            .filter(|e| !e.invalidated)
             .map(|e| e.snapshot.clone())
             .collect()
     }
 
     /// Serves `snapshot` until `lifetime` from now.
     pub fn insert(&self, snapshot: Snapshot, lifetime: Duration) {
+        self.put(snapshot, lifetime, false);
+    }
+
+    /// `keep_invalidated`: an invalidated entry this replaces stays so.
+    fn put(&self, snapshot: Snapshot, lifetime: Duration, keep_invalidated: bool) {
         let refresh_at = self.clock.now() + lifetime;
         self.update(|entries| {
+            let environment = snapshot.set.environment.clone();
+            let invalidated =
+                keep_invalidated && entries.get(&environment).is_some_and(|e| e.invalidated);
             entries.insert(
-                snapshot.set.environment.clone(),
+                environment,
                 Entry {
                     snapshot,
                     refresh_at,
-                    invalidated: false,
+                    invalidated,
                 },
             );
         });
@@ -274,5 +282,28 @@ mod tests {
             table.generation(),
         );
         assert!(table.fresh("prod").is_some());
+    }
+
+    #[test]
+    fn a_refresh_that_raced_an_invalidation_leaves_it_unservable() {
+        let table = Snapshots::new(Arc::new(SystemClock));
+        table.insert(snapshot("prod"), Duration::from_secs(60));
+        let before = table.generation();
+        table.invalidate(Some("prod"));
+        assert!(table.servable("prod").is_none(), "invalidated");
+        assert!(table.all().is_empty(), "and not written back anywhere");
+        // A refresh that began before the invalidation may hold the old file.
+        table.insert_since(snapshot("prod"), Duration::from_secs(60), before);
+        assert!(table.servable("prod").is_none(), "still invalidated");
+        assert!(table.any("prod").is_some(), "kept as the last resort");
+        table.insert_since(
+            snapshot("prod"),
+            Duration::from_secs(60),
+            table.generation(),
+        );
+        assert!(table.servable("prod").is_some() && table.fresh("prod").is_some());
+        // An expiry alone keeps the snapshot servable.
+        table.expire(Some("prod"));
+        assert!(table.servable("prod").is_some());
     }
 }

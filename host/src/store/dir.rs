@@ -107,21 +107,27 @@ impl DirStore {
             return Err(StoreError::InvalidEnvironment(environment.to_owned()));
         }
         let generation = self.plugins.generation();
-        // NB: a refresh or a watch of an unchanged file is a `stat`, not a
-        // read and a hash: refreshing a 1,000-flag file every 20 ms cost
-        // requests a quarter more at p99 (`cargo bench --bench refresh`).
-        let stamp = std::fs::metadata(self.path(environment))
-            .ok()
-            .map(|meta| Stamp::of(&meta));
-        if let Some(parse) = self.parsed().get(environment)
-            && parse.generation == generation
-            && stamp.is_some()
-            && parse.stamp == stamp
-        {
-            return Ok(parse.set.clone());
-        }
-        let stamp = stamp.and_then(Stamp::settled);
-        let (path, bytes) = self.read(environment)?;
+        // NB: a refresh or a watch of an unchanged file is an open and a
+        // `stat` of the opened file, not a read and a hash: refreshing a
+        // 1,000-flag file every 20 ms cost requests a quarter more at p99
+        // (`cargo bench --bench refresh`). The stamp comes from the opened
+        // file (not the path: a symlink flipped in between would pair one
+        // file's stamp with another's bytes), and opening makes NFS
+        // revalidate its cached attributes (close-to-open).
+        let known = self
+            .parsed()
+            .get(environment)
+            .filter(|parse| parse.generation == generation)
+            .and_then(|parse| parse.stamp);
+        let (path, read) = self.read(environment, known.as_ref())?;
+        let Some((bytes, stamp)) = read else {
+            if let Some(parse) = self.parsed().get(environment) {
+                return Ok(parse.set.clone());
+            }
+            // NB: forgotten meanwhile: read it whole.
+            return self.load_sync_unstamped(environment);
+        };
+        let stamp = stamp.settled();
         let digest = sha256_hex(&bytes);
         if let Some(parse) = self.parsed().get_mut(environment)
             && parse.set.digest == digest
@@ -149,16 +155,35 @@ impl DirStore {
         Ok(set)
     }
 
+    /// [`DirStore::load_sync`] with nothing remembered of the file.
+    fn load_sync_unstamped(&self, environment: &str) -> Result<Arc<FlagSet>, StoreError> {
+        self.parsed().remove(environment);
+        self.load_sync(environment)
+    }
+
     fn path(&self, environment: &str) -> PathBuf {
         self.dir.join(format!("{environment}.json"))
     }
 
     /// `environment`'s file and its bytes.
-    fn read(&self, environment: &str) -> Result<(PathBuf, Vec<u8>), StoreError> {
+    fn read_whole(&self, environment: &str) -> Result<(PathBuf, Vec<u8>), StoreError> {
+        let (path, read) = self.read(environment, None)?;
+        // NB: with no stamp known the bytes are always read.
+        Ok((path, read.map(|(bytes, _)| bytes).unwrap_or_default()))
+    }
+
+    /// `environment`'s file, and its bytes and stamp unless its stamp is
+    /// `known` (then `None`: unchanged).
+    #[allow(clippy::type_complexity)]
+    fn read(
+        &self,
+        environment: &str,
+        known: Option<&Stamp>,
+    ) -> Result<(PathBuf, Option<(Vec<u8>, Stamp)>), StoreError> {
         let path = self.path(environment);
         let max = self.limits.max_file_bytes;
-        match read_capped(&path, max) {
-            Ok(Ok(bytes)) => Ok((path, bytes)),
+        match read_capped(&path, max, known) {
+            Ok(Ok(read)) => Ok((path, read)),
             Ok(Err(size)) => Err(StoreError::Invalid(crate::flags::FlagFileError {
                 file: path.display().to_string(),
                 problems: vec![crate::flags::Problem::new(
@@ -184,7 +209,7 @@ impl DirStore {
     /// Whether `environment`'s file would load with `plugins` (a candidate
     /// plugin set, not yet in force); a missing file loads.
     pub fn check_with(&self, environment: &str, plugins: &PluginSet) -> Result<(), StoreError> {
-        let (path, bytes) = match self.read(environment) {
+        let (path, bytes) = match self.read_whole(environment) {
             Ok(read) => read,
             Err(StoreError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
@@ -207,7 +232,7 @@ impl DirStore {
             .unwrap_or_default()
             .into_iter()
             .filter_map(|env| {
-                let (_, bytes) = self.read(&env).ok()?;
+                let (_, bytes) = self.read_whole(&env).ok()?;
                 Some((env, sha256_hex(&bytes)))
             })
             .collect();
@@ -270,10 +295,20 @@ impl FlagStore for DirStore {
 /// The file's bytes, or `Err(size)` if it holds more than `max`: checked
 /// before reading and while reading (a file growing meanwhile), so an
 /// oversized file is never read whole.
-fn read_capped(path: &Path, max: usize) -> std::io::Result<Result<Vec<u8>, u64>> {
+#[allow(clippy::type_complexity)]
+fn read_capped(
+    path: &Path,
+    max: usize,
+    known: Option<&Stamp>,
+) -> std::io::Result<Result<Option<(Vec<u8>, Stamp)>, u64>> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
-    let size = file.metadata()?.len();
+    let meta = file.metadata()?;
+    let stamp = Stamp::of(&meta);
+    if known == Some(&stamp) {
+        return Ok(Ok(None));
+    }
+    let size = meta.len();
     if size > max as u64 {
         return Ok(Err(size));
     }
@@ -282,7 +317,7 @@ fn read_capped(path: &Path, max: usize) -> std::io::Result<Result<Vec<u8>, u64>>
     if bytes.len() > max {
         return Ok(Err(bytes.len() as u64));
     }
-    Ok(Ok(bytes))
+    Ok(Ok(Some((bytes, stamp))))
 }
 
 #[cfg(test)]

@@ -560,6 +560,89 @@ async fn late_answers_under_cpu_load_keep_redis_and_a_dead_redis_still_trips_at_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_signing_key_only_signed_fresh_invalidations_are_taken() {
+    let redis = RedisServer::start();
+    let key = Arc::new(flaghost::signing::SigningKey::from_secret(
+        "a secret shared by both instances",
+    ));
+    let signed = |dirs: &Dirs, watch: bool| {
+        let mut cfg = config(dirs, Some(&redis), Duration::from_secs(300));
+        if let Some(options) = cfg.redis.as_mut() {
+            options.signing_key = Some(key.clone());
+        }
+        if !watch {
+            cfg.watch_interval = None;
+        }
+        cfg
+    };
+    let a_dirs = Dirs::new().flag_file("production", &flags("hello"));
+    let b_dirs = Dirs::new().flag_file("production", &flags("hello"));
+    let a = Flaghost::start(&signed(&a_dirs, true))
+        .await
+        .expect("a starts");
+    // B does not watch its files: it learns of changes only by invalidations.
+    let b = Flaghost::start(&signed(&b_dirs, false))
+        .await
+        .expect("b starts");
+    assert_eq!(greeting(&b).await.1["value"], "hello");
+    let subscribed = eventually(Duration::from_secs(10), || async {
+        let counts: Vec<redis::Value> =
+            redis.query(&["PUBSUB", "NUMSUB", "feature_flags:invalidations"]);
+        counts.get(1) == Some(&redis::Value::Int(2))
+    })
+    .await;
+    assert!(subscribed, "both instances listen for invalidations");
+    std::fs::write(
+        b_dirs.flags().join("production.json"),
+        flags("bonjour").to_string(),
+    )
+    .expect("write");
+
+    // Planted: unsigned, forged, and a signed one sent long ago.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let old = now_ms - 3_600_000;
+    let old_tag = key.tag_hex(&[
+        b"flaghost.invalidation/1",
+        b"production",
+        b"intruder",
+        old.to_string().as_bytes(),
+    ]);
+    for planted in [
+        json!({"environment": "production", "origin": "intruder", "sentAt": now_ms}),
+        json!({"environment": "production", "origin": "intruder", "sentAt": now_ms,
+               "signature": "00".repeat(32)}),
+        json!({"environment": "production", "origin": "intruder", "sentAt": old,
+               "signature": old_tag}),
+    ] {
+        redis.query::<i64>(&[
+            "PUBLISH",
+            "feature_flags:invalidations",
+            &planted.to_string(),
+        ]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        greeting(&b).await.1["value"],
+        "hello",
+        "no planted invalidation was taken"
+    );
+
+    // A's own, signed with the shared key, is.
+    let (status, body) = invalidate(&a, r#"{"environment": "production"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = eventually(Duration::from_secs(2), || async {
+        greeting(&b).await.1["value"] == "bonjour"
+    })
+    .await;
+    assert!(seen, "B took A's signed invalidation");
+    a.stop().await.expect("a stops");
+    b.stop().await.expect("b stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_see_each_others_reloads_and_invalidations() {
     let redis = RedisServer::start();
     let a_dirs = Dirs::new().flag_file("production", &flags("hello"));

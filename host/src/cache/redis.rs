@@ -22,7 +22,10 @@
 //! not loaded here) is a miss: logged, and overwritten by the flag store's set.
 //!
 //! Invalidations are published on [`CHANNEL`] so that every instance drops
-//! its snapshot; each instance ignores its own messages.
+//! its snapshot; each instance ignores its own messages. With a signing key
+//! they are signed too, and an unsigned, forged, replayed or old one is
+//! ignored: an invalidation makes the next requests wait for a refresh, so
+//! anyone who can publish on Redis could otherwise hold them again and again.
 
 mod link;
 
@@ -139,11 +142,84 @@ pub struct FlagEntry<'a> {
 
 /// An invalidation, as published.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Invalidation {
     /// One environment, or all when absent.
     environment: Option<String>,
     /// The instance that sent it.
     origin: String,
+    /// Unix milliseconds when it was sent.
+    #[serde(default)]
+    sent_at: u64,
+    /// Hex HMAC-SHA-256 of [`INVALIDATION_FORMAT`], the environment (`*`
+    /// for all), the origin and `sentAt`, when the sender had a signing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signature: Option<String>,
+}
+
+/// What an invalidation's signature starts with.
+const INVALIDATION_FORMAT: &str = "flaghost.invalidation/1";
+
+/// How old a signed invalidation may be when it arrives; older ones (and a
+/// second copy of one already taken) are replays.
+const INVALIDATION_MAX_AGE_MS: u64 = 30_000;
+
+impl Invalidation {
+    fn signed_parts(&self) -> [Vec<u8>; 4] {
+        [
+            INVALIDATION_FORMAT.as_bytes().to_vec(),
+            self.environment
+                .as_deref()
+                .unwrap_or("*")
+                .as_bytes()
+                .to_vec(),
+            self.origin.as_bytes().to_vec(),
+            self.sent_at.to_string().into_bytes(),
+        ]
+    }
+
+    fn sign(mut self, key: Option<&SigningKey>) -> Self {
+        self.signature = key.map(|key| {
+            let parts = self.signed_parts();
+            key.tag_hex(&parts.each_ref().map(Vec::as_slice))
+        });
+        self
+    }
+
+    /// Whether to act on it: always without a key; with one, when it is
+    /// signed with it, recent, and not one already taken (`seen`: the
+    /// recent ones by origin and time).
+    fn trusted(
+        &self,
+        key: Option<&SigningKey>,
+        now_ms: u64,
+        seen: &mut std::collections::VecDeque<(String, u64)>,
+    ) -> Result<(), &'static str> {
+        let Some(key) = key else { return Ok(()) };
+        let Some(tag) = self.signature.as_deref() else {
+            return Err("unsigned, and --cache-signing-key is set");
+        };
+        let parts = self.signed_parts();
+        if !key.verify_hex(&parts.each_ref().map(Vec::as_slice), tag) {
+            return Err("its signature does not verify");
+        }
+        if now_ms.abs_diff(self.sent_at) > INVALIDATION_MAX_AGE_MS {
+            return Err("sent too long ago (a replay?)");
+        }
+        seen.retain(|(_, at)| now_ms.abs_diff(*at) <= INVALIDATION_MAX_AGE_MS);
+        if seen
+            .iter()
+            .any(|(origin, at)| *origin == self.origin && *at == self.sent_at)
+        {
+            return Err("already taken (a replay)");
+        }
+        // NB: bounded: a key holder floods nothing it could not already.
+        if seen.len() >= 10_000 {
+            seen.pop_front();
+        }
+        seen.push_back((self.origin.clone(), self.sent_at));
+        Ok(())
+    }
 }
 
 /// How to reach Redis.
@@ -280,6 +356,7 @@ impl RedisCache {
                 link.clone(),
                 client.clone(),
                 instance.clone(),
+                options.signing_key.clone(),
                 events.clone(),
             )),
         ];
@@ -447,10 +524,15 @@ impl RedisCache {
     }
 
     async fn publish(&self, environment: Option<&str>) -> Result<(), CacheError> {
-        let message = serde_json::to_string(&Invalidation {
-            environment: environment.map(str::to_owned),
-            origin: self.instance.clone(),
-        })
+        let message = serde_json::to_string(
+            &Invalidation {
+                environment: environment.map(str::to_owned),
+                origin: self.instance.clone(),
+                sent_at: unix_millis(SystemTime::now()),
+                signature: None,
+            }
+            .sign(self.signing_key.as_deref()),
+        )
         .unwrap_or_default();
         self.link
             .run("publish", |mut c| async move {
@@ -788,9 +870,12 @@ async fn listen(
     link: Arc<Link>,
     client: redis::Client,
     instance: String,
+    signing_key: Option<Arc<SigningKey>>,
     events: broadcast::Sender<CacheEvent>,
 ) {
     let mut attempt = 0u32;
+    let mut seen = std::collections::VecDeque::new();
+    let mut refused_logged = false;
     loop {
         link.until_up().await;
         attempt = attempt.saturating_add(1);
@@ -838,6 +923,18 @@ async fn listen(
                 continue;
             };
             if invalidation.origin == instance {
+                continue;
+            }
+            let now = unix_millis(SystemTime::now());
+            if let Err(why) = invalidation.trusted(signing_key.as_deref(), now, &mut seen) {
+                // NB: once at warn per subscription: a flood must not
+                // flood the log too.
+                if std::mem::replace(&mut refused_logged, true) {
+                    debug!(channel = CHANNEL, reason = why, "ignoring an invalidation");
+                } else {
+                    warn!(channel = CHANNEL, reason = why, from = %invalidation.origin,
+                          "ignoring an invalidation (further ones are logged at debug)");
+                }
                 continue;
             }
             debug!(environment = ?invalidation.environment, from = %invalidation.origin,

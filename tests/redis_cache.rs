@@ -59,6 +59,17 @@ fn config(dirs: &Dirs, redis: Option<&RedisServer>, ttl: Duration) -> ServeConfi
     config
 }
 
+/// Waits until two instances listen for invalidations on `redis`.
+async fn both_subscribed(redis: &RedisServer) {
+    let subscribed = eventually(Duration::from_secs(10), || async {
+        let counts: Vec<redis::Value> =
+            redis.query(&["PUBSUB", "NUMSUB", "feature_flags:invalidations"]);
+        counts.get(1) == Some(&redis::Value::Int(2))
+    })
+    .await;
+    assert!(subscribed, "both instances listen for invalidations");
+}
+
 async fn greeting(fh: &Flaghost) -> (u16, Value) {
     fh.evaluate("greeting", json!({})).await
 }
@@ -585,13 +596,7 @@ async fn with_a_signing_key_only_signed_fresh_invalidations_are_taken() {
         .await
         .expect("b starts");
     assert_eq!(greeting(&b).await.1["value"], "hello");
-    let subscribed = eventually(Duration::from_secs(10), || async {
-        let counts: Vec<redis::Value> =
-            redis.query(&["PUBSUB", "NUMSUB", "feature_flags:invalidations"]);
-        counts.get(1) == Some(&redis::Value::Int(2))
-    })
-    .await;
-    assert!(subscribed, "both instances listen for invalidations");
+    both_subscribed(&redis).await;
     std::fs::write(
         b_dirs.flags().join("production.json"),
         flags("bonjour").to_string(),
@@ -655,13 +660,7 @@ async fn two_instances_see_each_others_reloads_and_invalidations() {
     b_config.watch_interval = None;
     let b = Flaghost::start(&b_config).await.expect("b starts");
     assert_eq!(greeting(&b).await.1["value"], "hello");
-    let subscribed = eventually(Duration::from_secs(10), || async {
-        let counts: Vec<redis::Value> =
-            redis.query(&["PUBSUB", "NUMSUB", "feature_flags:invalidations"]);
-        counts.get(1) == Some(&redis::Value::Int(2))
-    })
-    .await;
-    assert!(subscribed, "both instances listen for invalidations");
+    both_subscribed(&redis).await;
 
     // An invalidation on A reaches B, which reads its own changed file.
     std::fs::write(

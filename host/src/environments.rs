@@ -705,6 +705,15 @@ mod tests {
         }
     }
 
+    /// A store over `dir` whose loads after the first wait for a permit.
+    fn held(dir: &std::path::Path) -> Arc<HeldStore> {
+        Arc::new(HeldStore {
+            dir: DirStore::new(dir, PluginSet::default()),
+            loads: Default::default(),
+            release: tokio::sync::Semaphore::new(0),
+        })
+    }
+
     fn write(dir: &std::path::Path, greeting: &str) {
         let doc = serde_json::json!({"flags": {"greeting": {"state": "ENABLED",
             "variants": {"v": greeting}, "defaultVariant": "v"}}});
@@ -715,11 +724,7 @@ mod tests {
     async fn a_due_snapshot_keeps_serving_while_one_refresh_runs() {
         let tmp = tempfile::tempdir().expect("tmp");
         write(tmp.path(), "old");
-        let store = Arc::new(HeldStore {
-            dir: DirStore::new(tmp.path(), PluginSet::default()),
-            loads: Default::default(),
-            release: tokio::sync::Semaphore::new(0),
-        });
+        let store = held(tmp.path());
         let timing = Timing {
             ttl: Duration::from_millis(50),
             check_interval: Duration::from_millis(50),
@@ -760,11 +765,7 @@ mod tests {
     async fn after_an_invalidation_the_next_answer_waits_for_the_new_set() {
         let tmp = tempfile::tempdir().expect("tmp");
         write(tmp.path(), "old");
-        let store = Arc::new(HeldStore {
-            dir: DirStore::new(tmp.path(), PluginSet::default()),
-            loads: Default::default(),
-            release: tokio::sync::Semaphore::new(0),
-        });
+        let store = held(tmp.path());
         let environments = Arc::new(Environments::new(store.clone(), None, Timing::default()));
         let first = environments.get("prod").await.expect("loads");
         write(tmp.path(), "new");

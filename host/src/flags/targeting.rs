@@ -610,15 +610,16 @@ impl<'a> Converted<'a> {
         ]))
     }
 
-    /// Attribute `key` of `context`, converted into `arena` the first time.
+    /// Attribute `key` of `context` with its key, both converted into
+    /// `arena` the first time.
     fn value(
         &mut self,
         key: &str,
         context: &EvaluationContext,
         arena: &'a Bump,
-    ) -> Option<DataValue<'a>> {
-        if let Some(value) = self.values.get(key) {
-            return *value;
+    ) -> Option<(&'a str, DataValue<'a>)> {
+        if let Some((&key, value)) = self.values.get_key_value(key) {
+            return value.map(|value| (key, value));
         }
         // NB: `$flagd` is flaghost's to give, as in flagd, whatever the
         // caller sent under that name.
@@ -627,8 +628,9 @@ impl<'a> Converted<'a> {
             .get(key)
             .filter(|_| key != "$flagd")
             .map(|v| DataValue::from_serde_value_in(v, arena));
-        self.values.insert(arena.alloc_str(key), value);
-        value
+        let key: &'a str = arena.alloc_str(key);
+        self.values.insert(key, value);
+        value.map(|value| (key, value))
     }
 }
 
@@ -645,15 +647,15 @@ fn with_flagd_data<T>(
 ) -> T {
     REQUEST.with(|cell| {
         let mut cell = cell.borrow_mut();
-        if cell.as_ref().map(|(id, _)| *id) != Some(context.id()) {
-            *cell = Some((
+        if cell.as_ref().is_some_and(|(id, _)| *id != context.id()) {
+            *cell = None;
+        }
+        let (_, request) = cell.get_or_insert_with(|| {
+            (
                 context.id(),
                 RequestData::new(Bump::new(), |_| Converted::new()),
-            ));
-        }
-        let Some((_, request)) = cell.as_mut() else {
-            unreachable!("set just above")
-        };
+            )
+        });
         request.with_dependent_mut(|arena, converted| match reads {
             Some(reads) => {
                 let mut entries = datalogic_rs::bumpalo::collections::Vec::with_capacity_in(
@@ -661,7 +663,7 @@ fn with_flagd_data<T>(
                     scratch,
                 );
                 for key in reads {
-                    if let Some(value) = converted.value(key, context, arena) {
+                    if let Some((_, value)) = converted.value(key, context, arena) {
                         entries.push((key.as_str(), value));
                     }
                 }
@@ -679,9 +681,7 @@ fn with_flagd_data<T>(
                             arena,
                         );
                         for key in attributes.keys() {
-                            if let Some(value) = converted.value(key, context, arena) {
-                                all.push((arena.alloc_str(key) as &str, value));
-                            }
+                            all.extend(converted.value(key, context, arena));
                         }
                         all.push(("$flagd", DataValue::Null));
                         all.into_bump_slice_mut()

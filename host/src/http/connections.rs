@@ -157,7 +157,7 @@ pub async fn serve(
         let Some(client_permit) = clients.admit(peer.ip()) else {
             debug!(
                 client = %peer.ip(),
-                max = limits.max_per_client,
+                max = clients.max,
                 "connection refused: this client has as many open as one may"
             );
             drop(stream);

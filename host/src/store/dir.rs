@@ -114,19 +114,15 @@ impl DirStore {
         // file (not the path: a symlink flipped in between would pair one
         // file's stamp with another's bytes), and opening makes NFS
         // revalidate its cached attributes (close-to-open).
-        let known = self
-            .parsed()
-            .get(environment)
-            .filter(|parse| parse.generation == generation)
-            .and_then(|parse| parse.stamp);
-        let (path, read) = self.read(environment, known.as_ref())?;
-        let Some((bytes, stamp)) = read else {
-            if let Some(parse) = self.parsed().get(environment) {
-                return Ok(parse.set.clone());
-            }
-            // NB: forgotten meanwhile: read it whole.
-            return self.load_sync_unstamped(environment);
-        };
+        let (path, file, meta) = self.open(environment)?;
+        let stamp = Stamp::of(&meta);
+        if let Some(parse) = self.parsed().get(environment)
+            && parse.generation == generation
+            && parse.stamp == Some(stamp)
+        {
+            return Ok(parse.set.clone());
+        }
+        let bytes = self.read_from(environment, &path, file, &meta)?;
         let stamp = stamp.settled();
         let digest = sha256_hex(&bytes);
         if let Some(parse) = self.parsed().get_mut(environment)
@@ -155,36 +151,43 @@ impl DirStore {
         Ok(set)
     }
 
-    /// [`DirStore::load_sync`] with nothing remembered of the file.
-    fn load_sync_unstamped(&self, environment: &str) -> Result<Arc<FlagSet>, StoreError> {
-        self.parsed().remove(environment);
-        self.load_sync(environment)
-    }
-
     fn path(&self, environment: &str) -> PathBuf {
         self.dir.join(format!("{environment}.json"))
     }
 
     /// `environment`'s file and its bytes.
     fn read_whole(&self, environment: &str) -> Result<(PathBuf, Vec<u8>), StoreError> {
-        let (path, read) = self.read(environment, None)?;
-        // NB: with no stamp known the bytes are always read.
-        Ok((path, read.map(|(bytes, _)| bytes).unwrap_or_default()))
+        let (path, file, meta) = self.open(environment)?;
+        let bytes = self.read_from(environment, &path, file, &meta)?;
+        Ok((path, bytes))
     }
 
-    /// `environment`'s file, and its bytes and stamp unless its stamp is
-    /// `known` (then `None`: unchanged).
-    #[allow(clippy::type_complexity)]
-    fn read(
+    /// `environment`'s file, opened, and its metadata (of the opened file).
+    fn open(
         &self,
         environment: &str,
-        known: Option<&Stamp>,
-    ) -> Result<(PathBuf, Option<(Vec<u8>, Stamp)>), StoreError> {
+    ) -> Result<(PathBuf, std::fs::File, std::fs::Metadata), StoreError> {
         let path = self.path(environment);
+        let opened = std::fs::File::open(&path).and_then(|file| Ok((file.metadata()?, file)));
+        match opened {
+            Ok((meta, file)) => Ok((path, file, meta)),
+            Err(e) => Err(self.io_error(environment, &path, &e)),
+        }
+    }
+
+    /// The bytes of `file` (`meta` its metadata), refused past the size
+    /// bound: checked before reading and while reading.
+    fn read_from(
+        &self,
+        environment: &str,
+        path: &Path,
+        file: std::fs::File,
+        meta: &std::fs::Metadata,
+    ) -> Result<Vec<u8>, StoreError> {
+        use std::io::Read as _;
         let max = self.limits.max_file_bytes;
-        match read_capped(&path, max, known) {
-            Ok(Ok(read)) => Ok((path, read)),
-            Ok(Err(size)) => Err(StoreError::Invalid(crate::flags::FlagFileError {
+        let too_large = |size: u64| {
+            StoreError::Invalid(crate::flags::FlagFileError {
                 file: path.display().to_string(),
                 problems: vec![crate::flags::Problem::new(
                     None,
@@ -193,16 +196,31 @@ impl DirStore {
                         crate::flags::in_words(max)
                     ),
                 )],
-            })),
-            // NB: a missing file in a missing directory is not an unknown
-            // environment but a store that cannot be read.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.dir.is_dir() => {
-                Err(StoreError::NotFound(environment.to_owned()))
-            }
-            Err(e) => Err(StoreError::Io {
+            })
+        };
+        if meta.len() > max as u64 {
+            return Err(too_large(meta.len()));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(max as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.io_error(environment, path, &e))?;
+        if bytes.len() > max {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
+
+    fn io_error(&self, environment: &str, path: &Path, e: &std::io::Error) -> StoreError {
+        // NB: a missing file in a missing directory is not an unknown
+        // environment but a store that cannot be read.
+        if e.kind() == std::io::ErrorKind::NotFound && self.dir.is_dir() {
+            StoreError::NotFound(environment.to_owned())
+        } else {
+            StoreError::Io {
                 path: path.display().to_string(),
                 reason: e.to_string(),
-            }),
+            }
         }
     }
 
@@ -290,34 +308,6 @@ impl FlagStore for DirStore {
     fn describe(&self) -> String {
         format!("directory {}", self.dir.display())
     }
-}
-
-/// The file's bytes, or `Err(size)` if it holds more than `max`: checked
-/// before reading and while reading (a file growing meanwhile), so an
-/// oversized file is never read whole.
-#[allow(clippy::type_complexity)]
-fn read_capped(
-    path: &Path,
-    max: usize,
-    known: Option<&Stamp>,
-) -> std::io::Result<Result<Option<(Vec<u8>, Stamp)>, u64>> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)?;
-    let meta = file.metadata()?;
-    let stamp = Stamp::of(&meta);
-    if known == Some(&stamp) {
-        return Ok(Ok(None));
-    }
-    let size = meta.len();
-    if size > max as u64 {
-        return Ok(Err(size));
-    }
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
-    if bytes.len() > max {
-        return Ok(Err(bytes.len() as u64));
-    }
-    Ok(Ok(Some((bytes, stamp))))
 }
 
 #[cfg(test)]

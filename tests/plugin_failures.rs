@@ -111,18 +111,70 @@ async fn memory_growth_past_the_cap_is_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reading_a_file_traps_for_want_of_the_capability() {
-    fails_alone("reads-file", "wasi:filesystem", limits()).await;
+async fn reading_a_file_fails_for_want_of_any_directory() {
+    // No directory is preopened, so the guest's own open fails and it
+    // answers its error.
+    fails_alone("reads-file", "answered an error", limits()).await;
+}
+
+/// Unix seconds now.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reading_the_clock_traps_for_want_of_the_capability() {
-    fails_alone("reads-clock", "wasi:clocks/wall-clock", limits()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reading_the_environment_traps_for_want_of_the_capability() {
-    fails_alone("reads-env", "wasi:cli/environment", limits()).await;
+async fn the_clock_and_environment_a_guest_reads_are_the_evaluations() {
+    let dirs = Dirs::new()
+        .plugin("reads-clock", &fixture("reads-clock"))
+        .plugin("reads-env", &fixture("reads-env"))
+        .flag_file(
+            "prod",
+            &json!({"flags": {
+                "clock": {"state": "ENABLED", "variants": {"even": 0, "odd": 1}, "defaultVariant": "even",
+                          "targeting": {"plugin": ["reads-clock", {}]}},
+                "env": {"state": "ENABLED", "variants": {"empty": true, "something": false},
+                        "defaultVariant": "something", "targeting": {"plugin": ["reads-env", {}]}}
+            }}),
+        );
+    for isolation in [
+        flaghost::plugins::Isolation::Fresh,
+        flaghost::plugins::Isolation::Reuse,
+    ] {
+        let fh = Flaghost::start(&dirs.config(
+            "prod",
+            Limits {
+                isolation,
+                ..limits()
+            },
+        ))
+        .await
+        .expect("starts");
+        let mut checked = 0;
+        for _ in 0..6 {
+            let before = now_secs();
+            let (status, body) = fh.evaluate("clock", json!({})).await;
+            let after = now_secs();
+            assert_eq!(
+                (status, &body["reason"]),
+                (200, &json!("TARGETING_MATCH")),
+                "{body}"
+            );
+            // The wall clock is the evaluation's time (whole seconds).
+            if before == after {
+                let parity = if before.is_multiple_of(2) { "even" } else { "odd" };
+                assert_eq!(body["variant"], parity, "{isolation:?}: {body}");
+                checked += 1;
+            }
+            let (status, body) = fh.evaluate("env", json!({})).await;
+            assert_eq!((status, &body["variant"]), (200, &json!("empty")), "{body}");
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        assert!(checked > 0, "some evaluation fell within one second");
+        fh.stop().await.expect("clean stop");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

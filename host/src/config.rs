@@ -34,6 +34,11 @@ pub enum Command {
     /// and every rule can be evaluated, else list every problem (file, flag,
     /// reason) and exit 1.
     Validate(ValidateArgs),
+    /// Evaluate a flag (or all) on this machine, without a server: print
+    /// the OFREP answer (stdout) and why (stderr). Exit 0 when every flag
+    /// evaluated, 1 when one answered an error, 3 when the flags, plugins
+    /// or context could not be loaded.
+    Eval(EvalArgs),
     /// Internal: compiles one plugin component from stdin under a bound, for
     /// a running flaghost (see `plugins::compiler`).
     #[command(name = "compile-worker", hide = true)]
@@ -60,6 +65,36 @@ pub struct ValidateArgs {
     /// integers): flagd loads such files too. They are still listed.
     #[arg(long)]
     pub allow_warnings: bool,
+}
+
+/// `flaghost eval`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["flag", "all"])))]
+pub struct EvalArgs {
+    /// Flags and plugins.
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// The environment (flag file `<environment>.json`). Default: the only
+    /// one, or `production`.
+    #[arg(long)]
+    pub environment: Option<String>,
+
+    /// The flag to evaluate.
+    pub flag: Option<String>,
+
+    /// Evaluate every flag of the environment.
+    #[arg(long, conflicts_with = "flag")]
+    pub all: bool,
+
+    /// The evaluation context: a JSON object of attributes
+    /// (`{"targetingKey": "user-1", "country": "NL"}`).
+    #[arg(long, conflicts_with = "context_file")]
+    pub context: Option<String>,
+
+    /// A file holding the evaluation context as a JSON object.
+    #[arg(long)]
+    pub context_file: Option<PathBuf>,
 }
 
 /// Where flags and plugins come from.
@@ -171,6 +206,14 @@ pub struct LimitArgs {
     /// Wall-clock deadline of one plugin call, in milliseconds.
     #[arg(long, env = "FLAGHOST_PLUGIN_DEADLINE_MS", default_value_t = limits::DEFAULT_DEADLINE.as_millis() as u64)]
     pub plugin_deadline_ms: u64,
+
+    /// Wall-clock deadline of a plugin's start-up, in milliseconds: creating
+    /// an instance, its configuration check, and creating a flag's rule in
+    /// it. Apart from the evaluation deadline because a Python or
+    /// JavaScript runtime starts far slower than it evaluates; the
+    /// request's plugin budget does not cut it either.
+    #[arg(long, env = "FLAGHOST_PLUGIN_INIT_DEADLINE_MS", default_value_t = limits::DEFAULT_INIT_DEADLINE.as_millis() as u64)]
+    pub plugin_init_deadline_ms: u64,
 
     /// Cap on a plugin instance's linear memory, in MiB.
     #[arg(long, env = "FLAGHOST_PLUGIN_MEMORY_MIB", default_value_t = limits::DEFAULT_MEMORY_BYTES >> 20)]
@@ -458,6 +501,12 @@ impl LimitArgs {
                 reason: "must be at least 1".into(),
             });
         }
+        if self.plugin_init_deadline_ms == 0 || self.plugin_init_deadline_ms > MAX_INTERVAL_MS {
+            return Err(ConfigError {
+                option: "--plugin-init-deadline-ms (FLAGHOST_PLUGIN_INIT_DEADLINE_MS)",
+                reason: format!("must be between 1 and {MAX_INTERVAL_MS}"),
+            });
+        }
         if self.plugin_memory_mib == 0 || self.plugin_memory_mib > 4096 {
             return Err(ConfigError {
                 option: "--plugin-memory-mib (FLAGHOST_PLUGIN_MEMORY_MIB)",
@@ -495,6 +544,7 @@ impl LimitArgs {
             .clamp(1, 256);
         let limits = Limits {
             deadline,
+            init_deadline: Duration::from_millis(self.plugin_init_deadline_ms),
             memory_bytes: self.plugin_memory_mib << 20,
             max_component_bytes: self.plugin_max_file_mib << 20,
             max_answer_bytes: self.plugin_max_answer_bytes.max(1),

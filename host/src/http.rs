@@ -13,6 +13,7 @@ mod ofrep;
 pub use admin::AdminToken;
 pub use connections::ConnectionLimits;
 pub use error::ApiError;
+pub use ofrep::answer_json;
 
 use std::sync::Arc;
 

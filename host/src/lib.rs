@@ -34,6 +34,7 @@ pub mod environments;
 pub mod evaluation;
 pub mod flags;
 pub mod http;
+pub mod local;
 pub mod plugin_changes;
 pub mod plugins;
 pub mod rules;

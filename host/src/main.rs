@@ -32,6 +32,10 @@ fn main() -> ExitCode {
             }
         }
         Command::CompileWorker(args) => flaghost::plugins::compiler::worker(&args),
+        Command::Eval(args) => {
+            telemetry::init(LogFormat::Text);
+            ExitCode::from(flaghost::local::run(&args))
+        }
         Command::Validate(args) => {
             telemetry::init(LogFormat::Text);
             match server::validate(&args.source) {

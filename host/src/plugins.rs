@@ -32,6 +32,7 @@ mod rule;
 mod runtime;
 mod slots;
 mod stats;
+pub mod wasi;
 
 pub use artifacts::Origin;
 pub use compiler::Compiler;
@@ -54,7 +55,7 @@ const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// `text` cut to at most `max` bytes on a character boundary, saying how
 /// long it was: how a plugin's (or its compiler's) text is kept for logs and
 /// listings.
-fn cut(text: &str, max: usize) -> String {
+pub(crate) fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }

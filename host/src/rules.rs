@@ -20,6 +20,14 @@ pub trait TargetingRule: Send + Sync {
     /// What the rule is, for logs (`plugin percentage-rollout`).
     fn describe(&self) -> String;
 
+    /// Why the rule answers what it does for `context`, a line per step,
+    /// for `flaghost eval`: it evaluates the rule again, plugins included.
+    /// Empty where the rule has no steps to show (a plugin's answer is
+    /// shown by the caller).
+    fn explain(&self, _context: &EvaluationContext) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The lane of the plugin pool this rule's evaluations wait in, if it
     /// runs guest code: the plugin's name, or for a rule that runs several,
     /// their names joined by `/` (a lane of its own: see [`lane_of`]). NB: a

@@ -377,3 +377,52 @@ pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
         lints,
     })
 }
+
+/// `flaghost eval`: the flag set of `environment` (or the one environment,
+/// or `production`) loaded from `source` as `serve` would load it, every
+/// plugin included; an error names what did not load.
+pub fn load_locally(
+    source: &SourceArgs,
+    environment: Option<&str>,
+) -> anyhow::Result<Arc<crate::flags::FlagSet>> {
+    let runtime = runtime(
+        source.limits.to_limits()?,
+        Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
+        source.plugin_cache_dir.as_deref(),
+        source.plugin_cache_key.as_deref(),
+    )?;
+    let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;
+    if !plugin_errors.is_empty() {
+        let list: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("plugins refused:\n  {}", list.join("\n  "));
+    }
+    let store = DirStore::new(&source.flags, plugins).with_limits(source.documents.to_limits()?);
+    let environment = match environment {
+        Some(name) => name.to_owned(),
+        None => {
+            let found = store.environments_sync().with_context(|| {
+                format!("cannot read the flag directory {}", source.flags.display())
+            })?;
+            match found.as_slice() {
+                [only] => only.clone(),
+                _ if found.iter().any(|e| e == "production") => "production".into(),
+                _ => anyhow::bail!(
+                    "{} holds the environments {found:?}: choose one with --environment",
+                    source.flags.display()
+                ),
+            }
+        }
+    };
+    store.load_sync(&environment).map_err(|e| match e {
+        StoreError::Invalid(e) => anyhow::anyhow!(
+            "{} was refused:\n  {}",
+            e.file,
+            e.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ),
+        other => anyhow::anyhow!("{other}"),
+    })
+}

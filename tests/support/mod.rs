@@ -37,6 +37,15 @@ pub fn plugin(name: &str) -> PathBuf {
     root().join("target/plugins").join(format!("{name}.wasm"))
 }
 
+/// A rule written in Python or JavaScript (`allow-list-py`), as
+/// `plugins/build.sh` builds it when their toolchains are installed.
+pub fn language_plugin(name: &str) -> PathBuf {
+    build_plugins();
+    root()
+        .join("target/language-plugins")
+        .join(format!("{name}.wasm"))
+}
+
 /// The `flaghost` binary `cargo test --workspace` builds beside the test
 /// binaries (`target/<profile>/flaghost`): flaghost compiles plugins in
 /// child processes of it, under the compile bound.

@@ -23,7 +23,6 @@
 
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use datalogic_rs::bumpalo::Bump;
 use datalogic_rs::datavalue::NumberValue;
@@ -588,13 +587,9 @@ thread_local! {
 }
 
 impl<'a> Converted<'a> {
-    fn new() -> Self {
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+    fn new(context: &EvaluationContext) -> Self {
         Self {
-            timestamp,
+            timestamp: context.timestamp(),
             ..Self::default()
         }
     }
@@ -653,7 +648,7 @@ fn with_flagd_data<T>(
         let (_, request) = cell.get_or_insert_with(|| {
             (
                 context.id(),
-                RequestData::new(Bump::new(), |_| Converted::new()),
+                RequestData::new(Bump::new(), |_| Converted::new(context)),
             )
         });
         request.with_dependent_mut(|arena, converted| match reads {
@@ -764,7 +759,78 @@ impl TargetingRule for JsonLogicRule {
     fn lane(&self) -> Option<&str> {
         self.lane.as_deref()
     }
+
+    /// Each operator the rule ran, in order, with what it answered (from
+    /// datalogic's trace): an `if` shows which condition held, so which
+    /// branch decided. Slow (it keeps every step); only `flaghost eval`
+    /// asks.
+    fn explain(&self, context: &EvaluationContext) -> Vec<String> {
+        let mut data = context.attributes().clone();
+        data.insert(
+            "$flagd".into(),
+            serde_json::json!({"flagKey": self.flag_key, "timestamp": context.timestamp()}),
+        );
+        let data = Json::Object(data);
+        if !self.plugins.is_empty() {
+            PLUGIN_CALL.with(|c| {
+                *c.borrow_mut() = Some(PluginCall {
+                    plugins: self.plugins.clone(),
+                    context: context.clone(),
+                    error: None,
+                });
+            });
+        }
+        let run = engine().trace().eval(&self.logic, &data);
+        PLUGIN_CALL.with(|c| c.borrow_mut().take());
+        let mut expressions = std::collections::HashMap::new();
+        let mut nodes = vec![&run.expression_tree];
+        while let Some(node) = nodes.pop() {
+            expressions.insert(node.id, node.expression.as_str());
+            nodes.extend(&node.children);
+        }
+        let mut lines: Vec<String> = run
+            .steps
+            .iter()
+            .filter(|step| step.iteration_index.is_none())
+            .map(|step| {
+                let expression = expressions.get(&step.node_id).copied().unwrap_or("?");
+                let answer = match (&step.result, &step.error) {
+                    (Some(result), _) => result.to_string(),
+                    (None, Some(error)) => format!("error: {error}"),
+                    (None, None) => "nothing".into(),
+                };
+                format!(
+                    "{} => {answer}",
+                    crate::plugins::cut(&self.as_written(expression), 160)
+                )
+            })
+            .collect();
+        if lines.len() > MAX_EXPLAINED_STEPS {
+            let more = lines.len() - MAX_EXPLAINED_STEPS;
+            lines.truncate(MAX_EXPLAINED_STEPS);
+            lines.push(format!("... and {more} more steps"));
+        }
+        lines
+    }
 }
+
+impl JsonLogicRule {
+    /// A compiled sub-expression in the flag file's words: the bound
+    /// operators by their names there, a plugin by its name.
+    fn as_written(&self, expression: &str) -> String {
+        let mut text = expression.replace(&format!("\"{FRACTIONAL}\""), "\"fractional\"");
+        for (index, plugin) in self.plugins.iter().enumerate() {
+            text = text.replace(
+                &format!("{{\"{PLUGIN}\": {index}}}"),
+                &format!("{{\"plugin\": {:?}}}", plugin.lane().unwrap_or("?")),
+            );
+        }
+        text
+    }
+}
+
+/// Steps of a rule `flaghost eval` shows; the rest are counted.
+const MAX_EXPLAINED_STEPS: usize = 64;
 
 #[cfg(test)]
 mod tests {

@@ -254,6 +254,16 @@ fn success<'a>(key: &'a str, r: &Resolution<'a>, stale: bool) -> Success<'a> {
     }
 }
 
+/// One flag's answer as OFREP's single-flag evaluation sends it (a failure
+/// as a bulk entry: key, errorCode, errorDetails), for `flaghost eval`.
+pub fn answer_json(key: &str, answer: &Result<Resolution<'_>, EvaluationError>) -> Json {
+    let value = match answer {
+        Ok(resolution) => serde_json::to_value(success(key, resolution, false)),
+        Err(e) => serde_json::to_value(failure(key, e)),
+    };
+    value.unwrap_or(Json::Null)
+}
+
 fn failure<'a>(key: &'a str, e: &'a EvaluationError) -> Failure<'a> {
     Failure {
         key,

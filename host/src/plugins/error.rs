@@ -68,7 +68,7 @@ pub enum PluginError {
     },
     /// The guest trapped (a panic, `unreachable`, a stack overflow, a call to
     /// a capability it does not have...).
-    #[error("plugin {plugin} trapped: {reason}")]
+    #[error("plugin {plugin} trapped: {reason}{}", written(output))]
     Trap {
         /// The plugin.
         plugin: String,
@@ -77,6 +77,10 @@ pub enum PluginError {
         /// The wasm trap, if it was one (not a trapping import or a failed
         /// instantiation): wasmtime's own words, which no plugin chose.
         code: Option<wasmtime::Trap>,
+        /// What the guest wrote to stdout and stderr during the call (its
+        /// last bytes, see `wasi::OUTPUT_CAP`): an uncaught exception's
+        /// message and traceback, where the language runtime prints one.
+        output: Option<String>,
     },
     /// The guest read more of the context than the context cap.
     #[error("plugin {plugin} read more than the context cap of {cap} bytes")]
@@ -151,4 +155,12 @@ pub enum PluginError {
         /// The guest's message.
         message: String,
     },
+}
+
+/// A trap's output, as its message shows it.
+fn written(output: &Option<String>) -> String {
+    match output {
+        Some(text) => format!("; it wrote: {text}"),
+        None => String::new(),
+    }
 }

@@ -51,6 +51,8 @@ thread_local! {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct CallLimit {
     ticks: u64,
+    /// The deadline these ticks enforce, for the error when it is reached.
+    deadline: Duration,
     /// The request's budget, when it (not the deadline) bounds the call: an
     /// interrupt is then the budget running out, not the plugin's fault.
     budget: Option<Duration>,
@@ -61,6 +63,7 @@ impl CallLimit {
     pub(super) fn deadline(plugin: &Plugin) -> Self {
         Self {
             ticks: ticks(plugin.limits.deadline),
+            deadline: plugin.limits.deadline,
             budget: None,
         }
     }
@@ -72,9 +75,29 @@ impl CallLimit {
         }
         Self {
             ticks: ticks(left),
+            deadline: plugin.limits.deadline,
             budget: Some(total),
         }
     }
+
+    /// The start-up deadline (`Limits::init_deadline`): instantiating and
+    /// creating a rule, whatever the request's budget has left, so a runtime
+    /// that starts slowly never fails its first evaluation by chance.
+    fn start_up(plugin: &Plugin) -> Self {
+        Self {
+            ticks: ticks(plugin.limits.init_deadline),
+            deadline: plugin.limits.init_deadline,
+            budget: None,
+        }
+    }
+}
+
+/// What an evaluation cost: its time starting up (instantiating, creating
+/// the rule), kept apart from its evaluation's.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Cost {
+    /// Time spent instantiating and creating the rule.
+    pub start_up: Duration,
 }
 
 /// Evaluates `rule` for `context` under the plugin's limits.
@@ -82,22 +105,27 @@ pub(super) fn evaluate(
     rule: &PluginRule,
     context: &EvaluationContext,
     limit: CallLimit,
+    cost: &mut Cost,
 ) -> Result<Option<String>, PluginError> {
     let plugin = &rule.plugin;
     match plugin.isolation {
         Isolation::Fresh => {
-            let (mut store, bindings) = instantiate(plugin, limit)?;
+            let started = std::time::Instant::now();
+            let (mut store, bindings) = instantiate(plugin)?;
+            begin(&store, rule, context);
             store.data_mut().context = Some(context.clone());
             // NB: each guest call gets the whole deadline; instantiating and
             // parsing the configuration must not eat into the evaluation's.
-            store.set_epoch_deadline(limit.ticks);
-            let handle = create(plugin, &mut store, &bindings, rule, limit)?;
-            store.set_epoch_deadline(limit.ticks);
-            call(plugin, &mut store, &bindings, handle, limit)
+            let result = create(plugin, &mut store, &bindings, rule).and_then(|handle| {
+                cost.start_up = started.elapsed();
+                store.set_epoch_deadline(limit.ticks);
+                call(plugin, &mut store, &bindings, handle, limit)
+            });
+            finish(plugin, &rule.flag_key, &store, result)
         }
         Isolation::Reuse => WARM.with(|warm| {
             let mut warm = ForgetOnUnwind(warm.borrow_mut(), plugin.id);
-            let result = evaluate_warm(&mut warm.0, rule, context, limit);
+            let result = evaluate_warm(&mut warm.0, rule, context, limit, cost);
             if let Err(e) = &result
                 && !matches!(e, PluginError::Guest { .. })
             {
@@ -127,8 +155,10 @@ fn evaluate_warm(
     rule: &PluginRule,
     context: &EvaluationContext,
     limit: CallLimit,
+    cost: &mut Cost,
 ) -> Result<Option<String>, PluginError> {
     let plugin = &rule.plugin;
+    let started = std::time::Instant::now();
     let reusable = warm
         .get(&plugin.id)
         .is_some_and(|w| w.rules.len() < MAX_RULES_PER_INSTANCE);
@@ -138,7 +168,7 @@ fn evaluate_warm(
         // before taking a slot, so a reload never needs twice the pool.
         sweep(warm);
         warm.remove(&plugin.id);
-        let (store, bindings) = instantiate(plugin, limit)?;
+        let (store, bindings) = instantiate(plugin)?;
         warm.insert(
             plugin.id,
             Warm {
@@ -152,20 +182,65 @@ fn evaluate_warm(
     let Some(slot) = warm.get_mut(&plugin.id) else {
         unreachable!("the instance was found or inserted just above");
     };
-    slot.store.set_epoch_deadline(limit.ticks);
+    begin(&slot.store, rule, context);
     slot.store.data_mut().context = Some(context.clone());
     let handle = match slot.rules.get(&rule.id) {
-        Some(handle) => *handle,
-        None => {
-            let handle = create(plugin, &mut slot.store, &slot.bindings, rule, limit)?;
-            slot.rules.insert(rule.id, handle);
-            slot.store.set_epoch_deadline(limit.ticks);
-            handle
-        }
+        Some(handle) => Ok(*handle),
+        None => create(plugin, &mut slot.store, &slot.bindings, rule).inspect(|handle| {
+            slot.rules.insert(rule.id, *handle);
+        }),
     };
-    let result = call(plugin, &mut slot.store, &slot.bindings, handle, limit);
+    cost.start_up = started.elapsed();
+    let result = handle.and_then(|handle| {
+        slot.store.set_epoch_deadline(limit.ticks);
+        call(plugin, &mut slot.store, &slot.bindings, handle, limit)
+    });
     slot.store.data_mut().context = None;
-    result
+    finish(plugin, &rule.flag_key, &slot.store, result)
+}
+
+/// Sets what the guest's WASI answers in an evaluation of `rule` for
+/// `context`: random bytes from the rule's seed, the evaluation's time.
+fn begin(store: &Store<HostState>, rule: &PluginRule, context: &EvaluationContext) {
+    let now = u64::try_from(context.timestamp()).unwrap_or(0);
+    store.data().wasi.begin(rule.seed, now);
+}
+
+/// `result` of a call on `store`, with what the guest wrote during it: kept
+/// in a trap's error (an uncaught exception prints its traceback, then
+/// traps), logged otherwise, under the plugin's name.
+fn finish<T>(
+    plugin: &Plugin,
+    flag_key: &str,
+    store: &Store<HostState>,
+    result: Result<T, PluginError>,
+) -> Result<T, PluginError> {
+    plugin.stats.instance_bytes(store.data().used_bytes());
+    let Some(written) = store.data().wasi.take_output() else {
+        return result;
+    };
+    match result {
+        Err(PluginError::Trap {
+            plugin,
+            reason,
+            code,
+            output: None,
+        }) => Err(PluginError::Trap {
+            plugin,
+            reason,
+            code,
+            output: Some(written),
+        }),
+        result => {
+            if plugin.stats.may_log() {
+                // NB: `?`: the plugin's text escaped, so its newlines cannot
+                // forge log lines of their own.
+                tracing::info!(plugin = %plugin.name, flag = %flag_key, output = ?written,
+                               "plugin wrote to stdout or stderr");
+            }
+            result
+        }
+    }
 }
 
 /// Drops warm instances of plugins that no longer exist (replaced or removed).
@@ -186,15 +261,44 @@ pub(super) fn check_config(
     variants: &[String],
     config: &str,
 ) -> Result<(), PluginError> {
-    let limit = CallLimit::deadline(plugin);
+    // NB: a check is the plugin's first call: it runs under the start-up
+    // deadline, as instantiating does.
+    let limit = CallLimit::start_up(plugin);
     // NB: checks wait for a turn rather than fail: see `Gate`.
     let _turn = plugin.checks.enter();
-    let (mut store, bindings) = instantiate_with(plugin, limit, None)?;
-    let answer = bindings
-        .flaghost_rules_rule()
-        .call_check_config(&mut store, flag_key, variants, config)
-        .map_err(|e| classify(plugin, &store, e, limit))?;
-    answer.map_err(|message| guest_error(plugin, message, ""))
+    let (mut store, bindings) = instantiate_with(plugin, None)?;
+    store.set_epoch_deadline(limit.ticks);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    store.data().wasi.begin(plugin.seed_for(flag_key), now);
+    let answer = off_runtime(|| {
+        bindings
+            .flaghost_rules_rule()
+            .call_check_config(&mut store, flag_key, variants, config)
+    })
+    .map_err(|e| classify(plugin, &store, e, limit))
+    .and_then(|answer| answer.map_err(|message| guest_error(plugin, message, "")));
+    finish(plugin, flag_key, &store, answer)
+}
+
+/// Runs `f`, a guest call, off any tokio runtime: `wasmtime-wasi`'s
+/// synchronous streams block on a runtime, which panics on one of its
+/// workers. Evaluations run on the plugin pool (plain threads); a
+/// configuration check may run wherever a flag file is loaded, so there it
+/// gets a thread of its own when a runtime is current.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("flaghost-check".into())
+            .spawn_scoped(scope, f)
+            .map(|thread| thread.join())
+    })
+    .unwrap_or_else(|e| panic!("cannot start a thread for a configuration check: {e}"))
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// `d` in epoch ticks, at least one.
@@ -205,10 +309,7 @@ fn ticks(d: Duration) -> u64 {
 
 /// A new instance of `plugin` for evaluations: one of its slots, up to one
 /// per plugin thread.
-fn instantiate(
-    plugin: &Plugin,
-    limit: CallLimit,
-) -> Result<(Store<HostState>, Bindings), PluginError> {
+fn instantiate(plugin: &Plugin) -> Result<(Store<HostState>, Bindings), PluginError> {
     let max = plugin.limits.pool_threads;
     let slot = plugin
         .instances
@@ -219,17 +320,17 @@ fn instantiate(
                 "all {max} of its instances for evaluations are in use (one per plugin thread)"
             ),
         })?;
-    instantiate_with(plugin, limit, Some(slot))
+    instantiate_with(plugin, Some(slot))
 }
 
 /// A new instance holding `slot` (evaluations), or none: a configuration
 /// check, whose instances the plugin's check gate bounds.
 fn instantiate_with(
     plugin: &Plugin,
-    limit: CallLimit,
     slot: Option<Slot>,
 ) -> Result<(Store<HostState>, Bindings), PluginError> {
-    let mut state = HostState::new(&plugin.limits);
+    let limit = CallLimit::start_up(plugin);
+    let mut state = HostState::new(&plugin.limits, plugin.insecure_seed());
     state.slot = slot;
     let mut store = Store::new(&plugin.engine, state);
     store.limiter(|state| state);
@@ -241,14 +342,16 @@ fn instantiate_with(
     Ok((store, bindings))
 }
 
-/// Creates the guest's `targeting` resource for `rule` (parses its configuration).
+/// Creates the guest's `targeting` resource for `rule` (parses its
+/// configuration), under the start-up deadline.
 fn create(
     plugin: &Plugin,
     store: &mut Store<HostState>,
     bindings: &Bindings,
     rule: &PluginRule,
-    limit: CallLimit,
 ) -> Result<ResourceAny, PluginError> {
+    let limit = CallLimit::start_up(plugin);
+    store.set_epoch_deadline(limit.ticks);
     let answer = bindings
         .flaghost_rules_rule()
         .targeting()
@@ -330,19 +433,21 @@ fn classify(
             },
             None => PluginError::Deadline {
                 plugin: name,
-                deadline: plugin.limits.deadline,
+                deadline: limit.deadline,
             },
         },
         Some(trap) => PluginError::Trap {
             plugin: name,
             reason: trap.to_string(),
             code: Some(*trap),
+            output: None,
         },
         // Not a wasm trap: a trapping import stub, a failed instantiation.
         None => PluginError::Trap {
             plugin: name,
             reason: err.root_cause().to_string(),
             code: None,
+            output: None,
         },
     }
 }

@@ -8,6 +8,10 @@ use crate::rules::EvaluationContext;
 
 /// Default evaluation deadline.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);
+/// Default deadline of a plugin's start-up (instantiation, configuration
+/// check, creating a rule). See `DEFAULT_INIT_DEADLINE`'s measurement in the
+/// README ("Writing a targeting plugin").
+pub const DEFAULT_INIT_DEADLINE: Duration = Duration::from_millis(250);
 /// Default cap on a plugin instance's linear memory.
 pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
 /// Default cap on the wasm stack of a call.
@@ -119,6 +123,10 @@ impl std::fmt::Display for Isolation {
 pub struct Limits {
     /// Wall-clock budget of one call (epoch interruption).
     pub deadline: Duration,
+    /// Wall-clock budget of each start-up call: instantiation, the
+    /// configuration check, creating a rule. Not cut by the request budget,
+    /// and not charged to it.
+    pub init_deadline: Duration,
     /// Cap on an instance's linear memories and tables together, in bytes
     /// (a table element counts [`TABLE_ELEMENT_BYTES`]).
     pub memory_bytes: usize,
@@ -178,6 +186,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             deadline: DEFAULT_DEADLINE,
+            init_deadline: DEFAULT_INIT_DEADLINE,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             wasm_stack_bytes: DEFAULT_WASM_STACK_BYTES,
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
@@ -263,10 +272,13 @@ pub(super) struct HostState {
     pub context_exceeded: bool,
     /// The plugin's instance slot this store holds, given back with it.
     pub slot: Option<super::slots::Slot>,
+    /// The WASI the guest's runtime may call (see `wasi`).
+    pub wasi: super::wasi::Guest,
 }
 
 impl HostState {
-    pub fn new(limits: &Limits) -> Self {
+    /// A store's state under `limits`, its WASI's insecure seed `insecure_seed`.
+    pub fn new(limits: &Limits, insecure_seed: u128) -> Self {
         Self {
             context: None,
             memory_bytes: limits.memory_bytes,
@@ -276,6 +288,7 @@ impl HostState {
             max_context_bytes: limits.max_context_bytes,
             context_exceeded: false,
             slot: None,
+            wasi: super::wasi::Guest::new(insecure_seed),
         }
     }
 
@@ -296,6 +309,11 @@ impl HostState {
 }
 
 impl HostState {
+    /// Bytes of every memory and table of the instance now.
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+
     /// Counts `more` bytes of memory or table toward the instance's cap.
     fn grow(&mut self, what: &str, more: usize) -> wasmtime::Result<bool> {
         let after = self.used_bytes.saturating_add(more);

@@ -189,6 +189,7 @@ impl RuleBinder for PluginSet {
             })?;
         Ok(Arc::new(PluginRule {
             id: super::next_id(),
+            seed: plugin.seed_for(flag_key),
             plugin: plugin.clone(),
             flag_key: flag_key.to_owned(),
             variants: variants.to_vec(),

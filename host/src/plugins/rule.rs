@@ -81,6 +81,9 @@ thread_local! {
 pub struct PluginRule {
     /// Process-unique: keys the guest's parsed configuration in each instance.
     pub(super) id: u64,
+    /// What the guest's random bytes are drawn from in each evaluation
+    /// ([`Plugin::seed_for`] the flag).
+    pub(super) seed: [u8; 32],
     pub(super) plugin: Arc<Plugin>,
     pub(super) flag_key: String,
     pub(super) variants: Vec<String>,
@@ -112,11 +115,15 @@ impl PluginRule {
             }
         };
         let started = std::time::Instant::now();
-        let result = instance::evaluate(self, context, limit);
+        let mut cost = instance::Cost::default();
+        let result = instance::evaluate(self, context, limit, &mut cost);
         drop(permit);
         let elapsed = started.elapsed();
+        // NB: start-up has its own deadline and is not the request's to pay
+        // (see `Limits::init_deadline`): only the evaluation is charged.
+        let evaluating = elapsed.saturating_sub(cost.start_up);
         if let Some(budget) = &budget {
-            budget.spend(elapsed);
+            budget.spend(evaluating);
         }
         plugin.stats.record(elapsed, &result);
         // NB: a call slow on the wall clock is judged on CPU: a call the
@@ -124,13 +131,23 @@ impl PluginRule {
         // it) is slow through no fault of the plugin's. The CPU its job has
         // used on this thread bounds the call's own, and costs one clock
         // read per job, and one more per slow call only.
-        let cost = match budget {
-            Some(budget) if elapsed > plugin.guard.strike_after() => {
-                elapsed.min(thread_cpu_time().saturating_sub(budget.cpu_at_start))
+        let judged = match budget {
+            Some(budget) if evaluating > plugin.guard.strike_after() => {
+                evaluating.min(thread_cpu_time().saturating_sub(budget.cpu_at_start))
             }
-            _ => elapsed,
+            _ => evaluating,
         };
-        plugin.guard.record(&plugin.name, &result, cost);
+        // A start-up is judged against its own deadline: one past its strike
+        // share of the start-up deadline is a strike as a slow evaluation is
+        // (so a rule cannot spin in `create`, which fresh isolation runs for
+        // every evaluation, just under the start-up deadline).
+        let start_up = cost.start_up.mul_f64(
+            plugin.limits.deadline.as_secs_f64()
+                / plugin.limits.init_deadline.as_secs_f64().max(1e-9),
+        );
+        plugin
+            .guard
+            .record(&plugin.name, &result, judged.max(start_up));
         result
     }
 }
@@ -213,8 +230,10 @@ impl PluginRule {
             message: full.clone(),
         });
         if log {
+            // NB: `?`: the plugin's text escaped, so its newlines cannot
+            // forge log lines of their own.
             tracing::warn!(plugin = %self.plugin.name, flag = %self.flag_key, error_id = %id,
-                           kind, error = %full, "plugin evaluation failed");
+                           kind, error = ?full, "plugin evaluation failed");
         }
         RuleError(format!(
             "{shown} (error id {id}: its details are in flaghost's log and admin listing)"

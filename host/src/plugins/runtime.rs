@@ -53,6 +53,7 @@ impl PluginRuntime {
             &mut linker,
             |state| state,
         )?;
+        super::wasi::add_to_linker(&mut linker)?;
         let pool = PluginPool::new(PoolSize {
             threads: limits.pool_threads,
             share: limits.max_concurrency,
@@ -113,12 +114,11 @@ impl PluginRuntime {
         let digest = crate::sha256_hex(bytes);
         let (component, origin) = self.component(name, &digest, bytes)?;
 
-        // NB: anything the component imports beyond the contract (a
-        // wasm32-wasip2 build imports WASI) is linked to a function that traps:
-        // the sandbox gives no capability, and a rule that never calls them runs.
+        // NB: anything the component imports beyond the contract and the
+        // deterministic WASI (`wasi`) is linked to a function that traps: the
+        // sandbox gives no capability, and a rule that never calls them runs.
         let mut linker = self.linker.clone();
-        linker
-            .define_unknown_imports_as_traps(&component)
+        super::wasi::stub_the_rest(&mut linker, &self.engine, &component)
             .map_err(|e| invalid(format!("cannot link: {e:#}")))?;
         let trapped_imports = foreign_imports(&self.engine, &component);
         let contract = |e: wasmtime::Error| PluginError::Contract {
@@ -496,13 +496,14 @@ fn contract_version(engine: &Engine, component: &Component) -> Result<&'static s
         })
 }
 
-/// The component's imports that are not part of the contract: they trap.
+/// The component's imports that neither the contract nor flaghost's WASI
+/// answers: they trap.
 fn foreign_imports(engine: &Engine, component: &Component) -> Vec<String> {
     component
         .component_type()
         .imports(engine)
         .map(|(name, _)| name.to_owned())
-        .filter(|name| !name.starts_with("flaghost:rules/context@"))
+        .filter(|name| !name.starts_with("flaghost:rules/context@") && !super::wasi::provides(name))
         .collect()
 }
 
@@ -589,7 +590,25 @@ impl Plugin {
         self.isolation
     }
 
-    /// Imports outside the contract, each linked to a trap.
+    /// What a guest's random bytes are drawn from in evaluations of flag
+    /// `flag_key`: the same for the same plugin file and flag, so a rule that
+    /// draws random bytes answers the same for the same inputs.
+    pub(super) fn seed_for(&self, flag_key: &str) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        hash.update(self.digest.as_bytes());
+        hash.update([0]);
+        hash.update(flag_key.as_bytes());
+        hash.finalize().into()
+    }
+
+    /// The seed a guest's `wasi:random/insecure-seed` answers: from the
+    /// plugin's digest, the same in every instance of it.
+    pub(super) fn insecure_seed(&self) -> u128 {
+        u128::from_str_radix(self.digest.get(..32).unwrap_or_default(), 16).unwrap_or_default()
+    }
+
+    /// Imports outside the contract and flaghost's WASI, each linked to a trap.
     pub fn trapped_imports(&self) -> &[String] {
         &self.trapped_imports
     }

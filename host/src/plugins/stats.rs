@@ -31,6 +31,8 @@ pub struct Stats {
     guest: AtomicU64,
     refused: AtomicU64,
     latency: [AtomicU64; BUCKETS + 1],
+    /// The most memory (linear memories and tables) an instance has held.
+    peak_instance_bytes: AtomicU64,
     /// The last [`RECENT_ERRORS`] failures, newest last.
     recent: Mutex<VecDeque<RecentError>>,
     /// Failures logged in the current second, and which second (Unix): at
@@ -79,6 +81,10 @@ pub struct StatsSnapshot {
     /// buckets); absent before the first evaluation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<Percentiles>,
+    /// The most memory (linear memories and tables) one of its instances
+    /// has held, in bytes: what an instance costs (a Rust rule about 1 MiB,
+    /// a Python or JavaScript runtime 10 or more).
+    pub peak_instance_bytes: u64,
     /// The last failures, newest last, with their full text.
     pub recent_errors: Vec<RecentError>,
 }
@@ -148,12 +154,31 @@ impl Stats {
             }
             recent.push_back(error);
         }
+        self.may_log_at(second)
+    }
+
+    /// Whether a line about this plugin may be logged now: at most
+    /// [`LOGGED_PER_SECOND`] a second, failures and output together.
+    pub fn may_log(&self) -> bool {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.may_log_at(second)
+    }
+
+    fn may_log_at(&self, second: u64) -> bool {
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
         if logged.0 != second {
             *logged = (second, 0);
         }
         logged.1 += 1;
         logged.1 <= LOGGED_PER_SECOND
+    }
+
+    /// Records that an instance holds `bytes` of memory and tables.
+    pub fn instance_bytes(&self, bytes: usize) {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        self.peak_instance_bytes.fetch_max(bytes, Ordering::Relaxed);
     }
 
     /// Records an evaluation refused without running.
@@ -187,6 +212,7 @@ impl Stats {
             evaluations: self.evaluations.load(Ordering::Relaxed),
             timeouts: deadline,
             refused: self.refused.load(Ordering::Relaxed),
+            peak_instance_bytes: self.peak_instance_bytes.load(Ordering::Relaxed),
             errors: ErrorCounts {
                 deadline,
                 memory: self.memory.load(Ordering::Relaxed),

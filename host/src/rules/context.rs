@@ -27,6 +27,8 @@ struct Inner {
     targeting_key: Option<String>,
     /// Every attribute the caller sent, `targetingKey` included.
     attributes: Map<String, Json>,
+    /// Unix seconds of the evaluation, read the first time it is asked.
+    timestamp: std::sync::OnceLock<i64>,
 }
 
 /// A context of the wrong shape.
@@ -54,7 +56,20 @@ impl EvaluationContext {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             targeting_key,
             attributes,
+            timestamp: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The evaluation's time in Unix seconds (`$flagd.timestamp`, and a
+    /// plugin's wall clock): read once, the first time it is asked, so every
+    /// flag and plugin of a request sees the same time.
+    pub fn timestamp(&self) -> i64 {
+        *self.0.timestamp.get_or_init(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0)
+        })
     }
 
     /// This context's id: the same for its clones, another for any other

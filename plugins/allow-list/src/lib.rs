@@ -6,12 +6,8 @@
 //! `values` may hold strings, numbers and booleans, compared by type (`1` does
 //! not match `"1"`). `otherwise` is optional.
 
-#![allow(missing_docs)] // generated bindings
-
-wit_bindgen::generate!({ path: "../../wit", world: "targeting-rule" });
-
-use exports::flaghost::rules::rule::{Guest, GuestTargeting, Targeting};
-use flaghost::rules::context::{self, Value};
+use flaghost_rule::Rule;
+use flaghost_rule::context::{self, Value};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -88,27 +84,9 @@ impl AllowList {
     }
 }
 
-struct Component;
-
-impl Guest for Component {
-    type Targeting = AllowList;
-
-    fn check_config(
-        _flag_key: String,
-        variants: Vec<String>,
-        config: String,
-    ) -> Result<(), String> {
-        parse(&variants, &config).map(drop)
-    }
-}
-
-impl GuestTargeting for AllowList {
-    fn create(
-        _flag_key: String,
-        variants: Vec<String>,
-        config: String,
-    ) -> Result<Targeting, String> {
-        parse(&variants, &config).map(Targeting::new)
+impl Rule for AllowList {
+    fn parse(_flag_key: &str, variants: &[String], config: &str) -> Result<Self, String> {
+        parse(variants, config)
     }
 
     fn evaluate(&self) -> Result<Option<String>, String> {
@@ -121,4 +99,4 @@ impl GuestTargeting for AllowList {
     }
 }
 
-export!(Component);
+flaghost_rule::export_rule!(AllowList);

@@ -10,12 +10,7 @@
 //! (`otherwise` and `salt` optional). Without a targeting key the rule answers
 //! the flag's default: there is nothing stable to bucket by.
 
-#![allow(missing_docs)] // generated bindings
-
-wit_bindgen::generate!({ path: "../../wit", world: "targeting-rule" });
-
-use exports::flaghost::rules::rule::{Guest, GuestTargeting, Targeting};
-use flaghost::rules::context;
+use flaghost_rule::{Rule, context};
 use serde::Deserialize;
 
 /// Buckets per 100%: rollouts are precise to a hundredth of a percent.
@@ -72,23 +67,9 @@ fn bucket(salt: &str, targeting_key: &str) -> u32 {
     hash % BUCKETS
 }
 
-struct Component;
-
-impl Guest for Component {
-    type Targeting = Rollout;
-
-    fn check_config(flag_key: String, variants: Vec<String>, config: String) -> Result<(), String> {
-        parse(&flag_key, &variants, &config).map(drop)
-    }
-}
-
-impl GuestTargeting for Rollout {
-    fn create(
-        flag_key: String,
-        variants: Vec<String>,
-        config: String,
-    ) -> Result<Targeting, String> {
-        parse(&flag_key, &variants, &config).map(Targeting::new)
+impl Rule for Rollout {
+    fn parse(flag_key: &str, variants: &[String], config: &str) -> Result<Self, String> {
+        parse(flag_key, variants, config)
     }
 
     fn evaluate(&self) -> Result<Option<String>, String> {
@@ -103,4 +84,4 @@ impl GuestTargeting for Rollout {
     }
 }
 
-export!(Component);
+flaghost_rule::export_rule!(Rollout);

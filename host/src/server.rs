@@ -335,17 +335,24 @@ impl Validation {
     }
 }
 
-/// `flaghost validate`: every problem with the plugins and flag files.
-/// Plugins are compiled by children running this binary (which must be
-/// `flaghost`).
-pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
+/// The plugins of `source` for a command run without a server (`validate`,
+/// `eval`), compiled by children running this binary (which must be
+/// `flaghost`), and the errors of those that did not load.
+fn local_plugins(source: &SourceArgs) -> anyhow::Result<(PluginSet, Vec<PluginError>)> {
     let runtime = runtime(
         source.limits.to_limits()?,
         Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
         source.plugin_cache_dir.as_deref(),
         source.plugin_cache_key.as_deref(),
     )?;
-    let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;
+    load_plugins(&runtime, source.plugins.as_deref())
+}
+
+/// `flaghost validate`: every problem with the plugins and flag files.
+/// Plugins are compiled by children running this binary (which must be
+/// `flaghost`).
+pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
+    let (plugins, plugin_errors) = local_plugins(source)?;
     let mut problems: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
     let store = DirStore::new(&source.flags, plugins).with_limits(source.documents.to_limits()?);
     let environments = store
@@ -385,13 +392,7 @@ pub fn load_locally(
     source: &SourceArgs,
     environment: Option<&str>,
 ) -> anyhow::Result<Arc<crate::flags::FlagSet>> {
-    let runtime = runtime(
-        source.limits.to_limits()?,
-        Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
-        source.plugin_cache_dir.as_deref(),
-        source.plugin_cache_key.as_deref(),
-    )?;
-    let (plugins, plugin_errors) = load_plugins(&runtime, source.plugins.as_deref())?;
+    let (plugins, plugin_errors) = local_plugins(source)?;
     if !plugin_errors.is_empty() {
         let list: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
         anyhow::bail!("plugins refused:\n  {}", list.join("\n  "));

@@ -292,10 +292,12 @@ impl HostState {
         }
     }
 
-    /// Starts a call's context budget over.
+    /// Starts a call's context budget over, and forgets a refused growth a
+    /// guest went on from.
     pub fn begin_call(&mut self) {
         self.context_read = 0;
         self.context_exceeded = false;
+        self.memory_exceeded = false;
     }
 
     /// Counts `bytes` read from the context; whether they fit the cap.
@@ -314,18 +316,24 @@ impl HostState {
         self.used_bytes
     }
 
-    /// Counts `more` bytes of memory or table toward the instance's cap.
-    fn grow(&mut self, what: &str, more: usize) -> wasmtime::Result<bool> {
+    /// Counts `more` bytes of memory or table toward the instance's cap:
+    /// whether they fit.
+    ///
+    /// NB: a growth past the cap is refused (`memory.grow` answers -1, as
+    /// the wasm spec has it when memory runs out), not trapped: a runtime
+    /// with a garbage collector (JavaScript's) collects and goes on, where a
+    /// trap failed an evaluation of a warm instance whose heap had grown to
+    /// the cap. A guest that cannot go on traps, and the trap is reported as
+    /// a memory overrun (`memory_exceeded`). An instance whose initial
+    /// memories and tables do not fit is refused at instantiation.
+    fn grow(&mut self, more: usize) -> bool {
         let after = self.used_bytes.saturating_add(more);
         if after > self.memory_bytes {
             self.memory_exceeded = true;
-            wasmtime::bail!(
-                "memory cap exceeded: {what} would bring the instance's memories and tables to {after} bytes, the cap is {}",
-                self.memory_bytes
-            );
+            return false;
         }
         self.used_bytes = after;
-        Ok(true)
+        true
     }
 }
 
@@ -339,7 +347,7 @@ impl ResourceLimiter for HostState {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        self.grow("a memory", desired.saturating_sub(current))
+        Ok(self.grow(desired.saturating_sub(current)))
     }
 
     fn table_growing(
@@ -349,7 +357,7 @@ impl ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let elements = desired.saturating_sub(current);
-        self.grow("a table", elements.saturating_mul(TABLE_ELEMENT_BYTES))
+        Ok(self.grow(elements.saturating_mul(TABLE_ELEMENT_BYTES)))
     }
 
     fn instances(&self) -> usize {

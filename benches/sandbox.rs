@@ -14,6 +14,15 @@
 //!   cap, resource limiter, context and answer caps, concurrency guard and
 //!   quarantine, counters and latency histogram.
 //!
+//!
+//! `languages/allow-list`: the same rule written in Rust, Python
+//! (componentize-py) and JavaScript (componentize-js), evaluated warm as
+//! flaghost runs it, in each isolation mode; printed beside it, each one's
+//! size, first-load (compile) and precompiled load time, start-up (an
+//! instance and a configuration check) and memory per instance. The Python
+//! and JavaScript rules need `plugins/toolchains.sh`; without it they are
+//! skipped, saying so.
+//!
 //! `cargo bench -p flaghost-benches --bench sandbox`
 
 // criterion_group!/criterion_main! generate undocumented items.
@@ -26,7 +35,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use flaghost::flags::RuleBinder;
 use flaghost::plugins::{Compiler, Limits, PluginRuntime};
 use flaghost_benches::typical_context;
-use flaghost_tests::plugin;
+use flaghost_tests::{language_plugin, plugin};
 use serde_json::{Value as Json, json};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceAny};
 use wasmtime::{Config, Engine, Store};
@@ -433,5 +442,86 @@ fn isolation(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sandbox, isolation);
+/// The allow-list in three languages: see the module's documentation.
+fn languages(c: &mut Criterion) {
+    use flaghost::plugins::Isolation;
+    use std::time::{Duration, Instant};
+
+    let context = typical_context();
+    let mut group = c.benchmark_group("languages/allow-list");
+    for (language, path) in [
+        ("rust", plugin("allow-list")),
+        ("python", language_plugin("allow-list-py")),
+        ("javascript", language_plugin("allow-list-js")),
+    ] {
+        if !path.exists() {
+            eprintln!(
+                "languages/allow-list/{language}: skipped, not built (run plugins/toolchains.sh)"
+            );
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("plugin");
+        let cache = tempfile::tempdir().expect("cache dir");
+        let key =
+            flaghost::signing::SigningKey::load_or_create(&cache.path().join("key")).expect("key");
+        let limits = |isolation| Limits {
+            isolation,
+            deadline: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let runtime = |isolation| {
+            PluginRuntime::new(limits(isolation), Compiler::InProcess)
+                .expect("engine")
+                .cache_compiled_in(&cache.path().join("compiled"), key.clone())
+                .expect("cache")
+        };
+        let started = Instant::now();
+        let compiled = runtime(Isolation::Reuse)
+            .load("rule", &bytes)
+            .expect("compiles");
+        let compile = started.elapsed();
+        drop(compiled);
+        // Start-up: a fresh instance and a configuration check, as every
+        // flag that uses the plugin gets at load.
+        let mut start_ups = Vec::new();
+        let mut precompiled = Duration::ZERO;
+        for isolation in [Isolation::Reuse, Isolation::Fresh] {
+            let started = Instant::now();
+            let loaded = runtime(isolation).load("rule", &bytes).expect("loads");
+            precompiled = started.elapsed();
+            for _ in 0..40 {
+                let started = Instant::now();
+                loaded
+                    .check_config(FLAG, &variants(), &rule_config().to_string())
+                    .expect("accepts");
+                start_ups.push(started.elapsed());
+            }
+            let mut plugins = flaghost::plugins::PluginSet::default();
+            plugins.insert(loaded.clone());
+            let rule = plugins
+                .bind(FLAG, &variants(), "rule", &rule_config())
+                .expect("binds");
+            assert_eq!(rule.evaluate(&context), Ok(Some("eu".into())), "{language}");
+            group.bench_function(format!("{language}, {isolation}"), |b| {
+                b.iter(|| black_box(rule.evaluate(black_box(&context))))
+            });
+            eprintln!(
+                "languages/allow-list/{language}: {} bytes; memory per instance {:.1} MiB",
+                bytes.len(),
+                loaded.stats().peak_instance_bytes as f64 / (1 << 20) as f64
+            );
+        }
+        start_ups.sort();
+        let at = |q: f64| start_ups[((start_ups.len() - 1) as f64 * q) as usize];
+        eprintln!(
+            "languages/allow-list/{language}: first load (compile) {compile:.2?}, precompiled load {precompiled:.2?}; \
+             start-up (instance + configuration check) p50 {:.2?}, p99 {:.2?}",
+            at(0.5),
+            at(0.99)
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sandbox, isolation, languages);
 criterion_main!(benches);

@@ -164,7 +164,11 @@ async fn the_clock_and_environment_a_guest_reads_are_the_evaluations() {
             );
             // The wall clock is the evaluation's time (whole seconds).
             if before == after {
-                let parity = if before.is_multiple_of(2) { "even" } else { "odd" };
+                let parity = if before.is_multiple_of(2) {
+                    "even"
+                } else {
+                    "odd"
+                };
                 assert_eq!(body["variant"], parity, "{isolation:?}: {body}");
                 checked += 1;
             }

@@ -224,6 +224,7 @@ pub struct Flaghost {
 impl Flaghost {
     /// Builds and serves `config`; fails as start-up would.
     pub async fn start(config: &ServeConfig) -> anyhow::Result<Self> {
+        log_to_test_output();
         let service = flaghost::server::build(config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let base = format!("http://{}", listener.local_addr()?);
@@ -429,4 +430,17 @@ pub fn deep_ref_evaluators() -> serde_json::Map<String, Value> {
             (format!("e{i}"), rule)
         })
         .collect()
+}
+
+/// flaghost's warnings and errors in the test's captured output, so a
+/// failing test shows why flaghost refused what it refused (libtest prints
+/// it only for a test that fails). Once per test binary.
+pub fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("flaghost=warn")),
+        )
+        .try_init();
 }

@@ -261,25 +261,72 @@ pub(super) fn check_config(
     variants: &[String],
     config: &str,
 ) -> Result<(), PluginError> {
+    // NB: a check that ran out of wall-clock time having used little CPU
+    // was starved by the machine (a build beside it, busy workers), not
+    // slow of itself: refusing the flag file for it would make an
+    // environment unavailable by chance. It runs again, a few times at
+    // most; a check that spins is refused at the first deadline.
+    const STARVED_RETRIES: u32 = 3;
+    let mut attempt = 0;
+    loop {
+        let (result, cpu) = check_config_once(plugin, flag_key, variants, config);
+        let starved = matches!(result, Err(PluginError::Deadline { .. }))
+            && cpu < plugin.limits.init_deadline / 2;
+        if !starved || attempt == STARVED_RETRIES {
+            return result;
+        }
+        attempt += 1;
+        tracing::info!(
+            plugin = %plugin.name,
+            flag = flag_key,
+            cpu_ms = cpu.as_secs_f64() * 1e3,
+            "configuration check ran out of time without using it (the machine is busy); checking again"
+        );
+    }
+}
+
+/// One configuration check, and the CPU time it used (instantiating and
+/// the guest call, which may run on another thread: see [`off_runtime`]).
+fn check_config_once(
+    plugin: &Plugin,
+    flag_key: &str,
+    variants: &[String],
+    config: &str,
+) -> (Result<(), PluginError>, Duration) {
     // NB: a check is the plugin's first call: it runs under the start-up
     // deadline, as instantiating does.
     let limit = CallLimit::start_up(plugin);
     // NB: checks wait for a turn rather than fail: see `Gate`.
     let _turn = plugin.checks.enter();
-    let (mut store, bindings) = instantiate_with(plugin, None)?;
+    let cpu_at_start = super::rule::thread_cpu_time();
+    let instance = instantiate_with(plugin, None);
+    let instantiating = super::rule::thread_cpu_time().saturating_sub(cpu_at_start);
+    let (mut store, bindings) = match instance {
+        Ok(instance) => instance,
+        Err(e) => return (Err(e), instantiating),
+    };
     store.set_epoch_deadline(limit.ticks);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     store.data().wasi.begin(plugin.seed_for(flag_key), now);
-    let answer = off_runtime(|| {
-        bindings
+    let (answer, cpu) = off_runtime(|| {
+        let cpu_at_start = super::rule::thread_cpu_time();
+        let answer = bindings
             .flaghost_rules_rule()
-            .call_check_config(&mut store, flag_key, variants, config)
-    })
-    .map_err(|e| classify(plugin, &store, e, limit))
-    .and_then(|answer| answer.map_err(|message| guest_error(plugin, message, "")));
-    finish(plugin, flag_key, &store, answer)
+            .call_check_config(&mut store, flag_key, variants, config);
+        (
+            answer,
+            super::rule::thread_cpu_time().saturating_sub(cpu_at_start),
+        )
+    });
+    let answer = answer
+        .map_err(|e| classify(plugin, &store, e, limit))
+        .and_then(|answer| answer.map_err(|message| guest_error(plugin, message, "")));
+    (
+        finish(plugin, flag_key, &store, answer),
+        instantiating + cpu,
+    )
 }
 
 /// Runs `f`, a guest call, off any tokio runtime: `wasmtime-wasi`'s

@@ -258,7 +258,7 @@ impl PluginRuntime {
         paths.sort();
         // NB: [`COMPILE_JOBS`] workers take the files in turn: a directory of
         // many files starts no more threads than compiles may run.
-        let next = std::sync::Mutex::new(paths.iter());
+        let next = std::sync::Mutex::new(paths.iter().enumerate());
         let work = || {
             let mut done = Vec::new();
             loop {
@@ -266,7 +266,9 @@ impl PluginRuntime {
                     Ok(mut paths) => paths.next(),
                     Err(_) => None,
                 };
-                let Some(path) = path else { break done };
+                let Some((index, path)) = path else {
+                    break done;
+                };
                 let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                     continue;
                 };
@@ -280,29 +282,33 @@ impl PluginRuntime {
                         reason: "loading it panicked; see the logs".into(),
                     })
                 });
-                done.push(loaded);
+                done.push((index, loaded));
             }
         };
-        let loaded: Vec<Result<Arc<Plugin>, PluginError>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (1..COMPILE_JOBS.min(paths.len()))
-                .filter_map(|_| {
-                    std::thread::Builder::new()
-                        .name("flaghost-load".into())
-                        .spawn_scoped(scope, work)
-                        .ok()
-                })
-                .collect();
-            // This thread works too, so a failure to start others only
-            // makes loading slower.
-            let mut loaded = work();
-            for worker in workers {
-                loaded.extend(worker.join().unwrap_or_default());
-            }
-            loaded
-        });
+        let mut loaded: Vec<(usize, Result<Arc<Plugin>, PluginError>)> =
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = (1..COMPILE_JOBS.min(paths.len()))
+                    .filter_map(|_| {
+                        std::thread::Builder::new()
+                            .name("flaghost-load".into())
+                            .spawn_scoped(scope, work)
+                            .ok()
+                    })
+                    .collect();
+                // This thread works too, so a failure to start others only
+                // makes loading slower.
+                let mut loaded = work();
+                for worker in workers {
+                    loaded.extend(worker.join().unwrap_or_default());
+                }
+                loaded
+            });
+        // Errors in file order, whichever worker met them: what `validate`
+        // prints and the logs say does not change from run to run.
+        loaded.sort_by_key(|(index, _)| *index);
         let mut plugins = HashMap::new();
         let mut errors = Vec::new();
-        for result in loaded {
+        for (_, result) in loaded {
             match result {
                 Ok(plugin) => {
                     plugins.insert(plugin.name().to_owned(), plugin);

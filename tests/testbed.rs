@@ -226,7 +226,7 @@ fn run(set: &FlagSet, scenario: &Scenario) -> Result<(), String> {
                         .map(|v| serde_json::to_value(v).unwrap_or(Json::Null))
                         .unwrap_or_else(|| w.fallback.clone());
                     w.reason = r.reason.as_str().to_owned();
-                    w.metadata = r.metadata.clone();
+                    w.metadata = r.metadata.entries().clone();
                 }
                 Err(e) => {
                     w.value = w.fallback.clone();

@@ -151,6 +151,17 @@ pub fn evaluate<'a>(
             metadata: None,
         });
     };
+    evaluate_flag(flag, context, expected)
+}
+
+/// Evaluates `flag` for `context`: [`evaluate`] once the flag is found (a
+/// bulk evaluation walks the set's flags and looks none up).
+pub fn evaluate_flag<'a>(
+    flag: &'a Flag,
+    context: &EvaluationContext,
+    expected: Option<ValueType>,
+) -> Result<Resolution<'a>, EvaluationError> {
+    let key = flag.key.as_str();
     let fail = |code, details| EvaluationError {
         code,
         details,

@@ -143,7 +143,7 @@ impl FlagSet {
             .iter()
             .map(|(key, flag)| (key.clone(), serde_json::Value::clone(&flag.definition)))
             .collect();
-        serde_json::json!({ "metadata": &*self.metadata, "flags": flags })
+        serde_json::json!({ "metadata": self.metadata.entries(), "flags": flags })
     }
 }
 
@@ -158,8 +158,62 @@ impl std::fmt::Display for ValueType {
     }
 }
 
-/// A metadata value: flagd allows strings, numbers and booleans.
-pub type Metadata = serde_json::Map<String, serde_json::Value>;
+/// Metadata of a flag or flag set: flagd allows strings, numbers and
+/// booleans as values.
+///
+/// Serialised once, when it is built: every answer carries its flag's
+/// metadata, and writing the map again for each one was the largest single
+/// cost of a 1,000-flag bulk answer. It serialises as that JSON.
+#[derive(Clone)]
+pub struct Metadata {
+    entries: serde_json::Map<String, serde_json::Value>,
+    json: Box<serde_json::value::RawValue>,
+}
+
+impl Metadata {
+    /// Metadata of `entries`.
+    pub fn new(entries: serde_json::Map<String, serde_json::Value>) -> Self {
+        // NB: a map of JSON values always serialises (string keys).
+        let json = serde_json::value::to_raw_value(&entries).unwrap_or_default();
+        Self { entries, json }
+    }
+
+    /// The entries, by key.
+    pub fn entries(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.entries
+    }
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Self::new(serde_json::Map::new())
+    }
+}
+
+impl std::ops::Deref for Metadata {
+    type Target = serde_json::Map<String, serde_json::Value>;
+    fn deref(&self) -> &Self::Target {
+        &self.entries
+    }
+}
+
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl std::fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.entries.fmt(f)
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(serializer)
+    }
+}
 
 /// Whether a flag is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,8 +289,8 @@ impl Flag {
 pub struct FlagSet {
     /// The environment these flags belong to.
     pub environment: String,
-    /// Flag key to flag.
-    pub flags: FastMap<String, Flag>,
+    /// The flags, by key.
+    pub flags: Flags,
     /// The flag set's own metadata (`metadata` at the top of the file).
     pub metadata: Arc<Metadata>,
     /// Hex digest of the file the set was built from: two sets with the same
@@ -249,4 +303,99 @@ pub struct FlagSet {
     /// `fractional` weights that are not non-negative integers), each with
     /// its flag and place.
     pub lints: Vec<Problem>,
+}
+
+/// One set's flags: looked up by key, and walked in key order.
+///
+/// NB: kept sorted by key when built, so a bulk answer (every flag, in key
+/// order, so equal answers are equal bytes) neither sorts nor looks a flag up
+/// again on each request.
+#[derive(Debug, Default)]
+pub struct Flags {
+    sorted: Vec<Flag>,
+    /// Key to its place in `sorted`.
+    index: FastMap<String, usize>,
+}
+
+impl Flags {
+    /// The flag `key`.
+    pub fn get(&self, key: &str) -> Option<&Flag> {
+        self.index.get(key).map(|&at| &self.sorted[at])
+    }
+
+    /// Whether there is a flag `key`.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// How many flags.
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty()
+    }
+
+    /// Each flag with its key, in key order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &Flag)> {
+        self.sorted.iter().map(|flag| (&flag.key, flag))
+    }
+
+    /// The keys, in order.
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &String> {
+        self.sorted.iter().map(|flag| &flag.key)
+    }
+
+    /// The flags, in key order.
+    pub fn values(&self) -> impl ExactSizeIterator<Item = &Flag> {
+        self.sorted.iter()
+    }
+}
+
+impl FromIterator<Flag> for Flags {
+    /// The flags, each under its own key (the last of equal keys wins).
+    fn from_iter<I: IntoIterator<Item = Flag>>(flags: I) -> Self {
+        let mut sorted: Vec<Flag> = flags.into_iter().collect();
+        // NB: stable, then keeping the last of a run: the last of equal keys wins.
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut deduplicated: Vec<Flag> = Vec::with_capacity(sorted.len());
+        for flag in sorted {
+            match deduplicated.last_mut() {
+                Some(last) if last.key == flag.key => *last = flag,
+                _ => deduplicated.push(flag),
+            }
+        }
+        let index = deduplicated
+            .iter()
+            .enumerate()
+            .map(|(at, flag)| (flag.key.clone(), at))
+            .collect();
+        Self {
+            sorted: deduplicated,
+            index,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Flags {
+    type Item = (&'a String, &'a Flag);
+    type IntoIter = Box<dyn Iterator<Item = (&'a String, &'a Flag)> + 'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl std::ops::Index<&str> for Flags {
+    type Output = Flag;
+    /// # Panics
+    ///
+    /// When there is no flag `key` (as a map's index does).
+    fn index(&self, key: &str) -> &Flag {
+        match self.get(key) {
+            Some(flag) => flag,
+            None => panic!("no flag {key:?}"),
+        }
+    }
 }

@@ -21,6 +21,7 @@
 mod artifacts;
 mod bindings;
 pub mod compiler;
+mod epoch;
 mod error;
 mod guard;
 mod host;

@@ -1,6 +1,7 @@
 //! Support for the end-to-end tests and benches: build the guest components,
 //! lay out flag and plugin directories, and serve flaghost on a free port.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -443,4 +444,49 @@ pub fn log_to_test_output() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("flaghost=warn")),
         )
         .try_init();
+}
+
+/// Each thread of process `pid` with its context switches so far (how
+/// often it went to sleep or was put off the CPU), by name and thread id.
+pub fn thread_switches(pid: u32) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let switches = field("voluntary_ctxt_switches:").parse().unwrap_or(0u64)
+            + field("nonvoluntary_ctxt_switches:").parse().unwrap_or(0u64);
+        out.insert(
+            format!("{} {}", field("Name:"), task.file_name().to_string_lossy()),
+            switches,
+        );
+    }
+    out
+}
+
+/// The thread of process `pid` that woke most often during `over`, and
+/// how often a second: what an idle process costs the machine.
+pub fn busiest_idle_thread(pid: u32, over: Duration) -> (String, f64) {
+    let before = thread_switches(pid);
+    std::thread::sleep(over);
+    let after = thread_switches(pid);
+    after
+        .iter()
+        .map(|(name, n)| {
+            let woke = n.saturating_sub(before.get(name).copied().unwrap_or(0));
+            (name.clone(), woke as f64 / over.as_secs_f64())
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or_default()
 }

@@ -102,10 +102,10 @@ pub fn parse_flag_file(
 
     let mut problems = Vec::new();
     let set_metadata = match doc.remove("metadata") {
-        None => Metadata::new(),
+        None => Map::new(),
         Some(m) => parse_metadata(m).unwrap_or_else(|reason| {
             problems.push(whole(format!("metadata: {reason}")));
-            Metadata::new()
+            Map::new()
         }),
     };
     let raw_flags = match doc.remove("flags") {
@@ -135,7 +135,7 @@ pub fn parse_flag_file(
         limits,
     );
 
-    let mut flags = FastMap::with_capacity_and_hasher(raw_flags.len(), Default::default());
+    let mut flags = Vec::with_capacity(raw_flags.len());
     let mut warnings = Vec::new();
     for (key, raw) in raw_flags {
         match parse_flag(&key, raw, &set_metadata, &evaluators, binder) {
@@ -143,7 +143,7 @@ pub fn parse_flag_file(
                 if let Targeting::Unparsable(reason) = &flag.targeting {
                     warnings.push(Problem::new(Some(&key), reason.clone()));
                 }
-                flags.insert(key, flag);
+                flags.push(flag);
             }
             Err(flag_problems) => problems.extend(flag_problems),
         }
@@ -154,8 +154,8 @@ pub fn parse_flag_file(
     warnings.sort_by(|a, b| a.flag.cmp(&b.flag));
     Ok(FlagSet {
         environment: environment.to_owned(),
-        flags,
-        metadata: Arc::new(set_metadata),
+        flags: flags.into_iter().collect(),
+        metadata: Arc::new(Metadata::new(set_metadata)),
         digest: crate::sha256_hex(bytes),
         warnings,
         lints,
@@ -166,7 +166,7 @@ pub fn parse_flag_file(
 fn parse_flag(
     key: &str,
     raw: Json,
-    set_metadata: &Metadata,
+    set_metadata: &Map<String, Json>,
     evaluators: &Evaluators,
     binder: &dyn RuleBinder,
 ) -> Result<Flag, Vec<Problem>> {
@@ -266,7 +266,7 @@ fn parse_flag(
         variants,
         default_variant,
         targeting,
-        metadata: Arc::new(metadata),
+        metadata: Arc::new(Metadata::new(metadata)),
         definition: Arc::new(definition),
     })
 }
@@ -279,7 +279,7 @@ fn definition(
     variants: &FastMap<String, Value>,
     default_variant: Option<&str>,
     rule: Option<Json>,
-    metadata: &Metadata,
+    metadata: &Map<String, Json>,
 ) -> Json {
     let mut out = Map::new();
     let state = match state {
@@ -352,7 +352,7 @@ fn parse_variants(raw: Json) -> Result<FastMap<String, Value>, String> {
 }
 
 /// Metadata: an object of strings, numbers and booleans.
-fn parse_metadata(raw: Json) -> Result<Metadata, String> {
+fn parse_metadata(raw: Json) -> Result<Map<String, Json>, String> {
     let Json::Object(map) = raw else {
         return Err("must be an object".into());
     };

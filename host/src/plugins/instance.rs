@@ -108,6 +108,8 @@ pub(super) fn evaluate(
     cost: &mut Cost,
 ) -> Result<Option<String>, PluginError> {
     let plugin = &rule.plugin;
+    // NB: deadlines fire only while the ticker ticks.
+    let _ticking = plugin.ticker.hold();
     match plugin.isolation {
         Isolation::Fresh => {
             let started = std::time::Instant::now();
@@ -298,6 +300,7 @@ fn check_config_once(
     let limit = CallLimit::start_up(plugin);
     // NB: checks wait for a turn rather than fail: see `Gate`.
     let _turn = plugin.checks.enter();
+    let _ticking = plugin.ticker.hold();
     let cpu_at_start = super::rule::thread_cpu_time();
     let instance = instantiate_with(plugin, None);
     let instantiating = super::rule::thread_cpu_time().saturating_sub(cpu_at_start);

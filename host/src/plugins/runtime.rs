@@ -20,11 +20,13 @@ use super::pool::{PluginPool, PoolSize};
 use super::registry::PluginSet;
 use super::slots::{Gate, Slot, Slots};
 use super::stats::{self, StatsSnapshot};
-use super::{CONTRACT_VERSIONS, EPOCH_TICK, PluginError, guard, instance};
+use super::{CONTRACT_VERSIONS, PluginError, epoch, guard, instance};
 
 /// Builds engines and compiles plugins. One per process.
 pub struct PluginRuntime {
     engine: Engine,
+    /// Advances the engine's epoch while guest code runs.
+    ticker: Arc<epoch::Ticker>,
     /// The contract's imports (`context`), shared by every plugin's linker.
     linker: Linker<HostState>,
     limits: Arc<Limits>,
@@ -47,7 +49,7 @@ impl PluginRuntime {
         let mut config = engine_config(limits.wasm_stack_bytes);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&limits)));
         let engine = Engine::new(&config)?;
-        spawn_epoch_ticker(&engine);
+        let ticker = epoch::Ticker::start(&engine);
         let mut linker = Linker::new(&engine);
         v0_1::flaghost::rules::context::add_to_linker::<_, wasmtime::component::HasSelf<HostState>>(
             &mut linker,
@@ -62,6 +64,7 @@ impl PluginRuntime {
         })?;
         Ok(Self {
             engine,
+            ticker,
             linker,
             limits: Arc::new(limits),
             artifacts: None,
@@ -166,6 +169,7 @@ impl PluginRuntime {
             isolation: self.limits.isolation_of(name),
             limits: self.limits.clone(),
             engine: self.engine.clone(),
+            ticker: self.ticker.clone(),
             instances: Arc::default(),
             checks: Gate::new(CONFIG_CHECK_INSTANCES),
             _live: live,
@@ -427,25 +431,6 @@ pub fn pagemap_reset() -> bool {
 /// runtime more.
 const KEEP_RESIDENT: usize = 4 << 20;
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
-fn spawn_epoch_ticker(engine: &Engine) {
-    let weak = engine.weak();
-    let spawned = std::thread::Builder::new()
-        .name("flaghost-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        });
-    if let Err(e) = spawned {
-        // Without the ticker no deadline fires; refuse to run plugins rather
-        // than run them unbounded.
-        panic!("cannot start the epoch ticker thread: {e}");
-    }
-}
-
 /// Refuses what is not a component before handing it to the compiler, with a
 /// message that says what it is instead.
 fn check_header(bytes: &[u8], max_bytes: usize) -> Result<(), String> {
@@ -532,6 +517,8 @@ pub struct Plugin {
     pub(super) isolation: super::Isolation,
     pub(super) limits: Arc<Limits>,
     pub(super) engine: Engine,
+    /// Held around its guest calls, so their deadlines fire.
+    pub(super) ticker: Arc<epoch::Ticker>,
     /// Its instances for evaluations now: at most one per plugin thread.
     pub(super) instances: Arc<Slots>,
     /// Its configuration checks at once (each holds an instance): at most

@@ -1,0 +1,481 @@
+//! The load harness: flaghost beside a bare axum OFREP "floor", under the
+//! same HTTP load, in CPU per request, requests a second and latency.
+//!
+//! Three servers run at once, each a process of its own built with the
+//! release profile: the floor (this binary re-run with `--floor`: an axum
+//! handler that parses an OFREP body and answers a fixed OFREP JSON, the
+//! least any OFREP server must do), flaghost from memory, and flaghost with
+//! `REDIS_URL` (a `redis-server` of the harness's own). Debian's `wrk`
+//! (`apt-get install wrk`) drives one at a time, `LOAD_CONNECTIONS` (64)
+//! connections on 2 threads for `LOAD_SECS` (3) each, interleaved: every
+//! round runs every scenario on every server, so all meet the machine's
+//! slow spells alike. Over `LOAD_ROUNDS` (5) rounds it prints medians of the
+//! server's CPU per request (its utime + stime over the requests wrk
+//! counted), requests a second, and wrk's p50/p99, with flaghost's CPU as a
+//! ratio to the floor's for the single-flag scenarios. Then each flaghost's
+//! resident memory after the bulk runs, and the most any of its threads
+//! woke in a second while idle.
+//!
+//! Scenarios: one flag, static / JsonLogic (`if`/`in`) / `fractional` /
+//! plugin (the allow-list rule, default isolation); bulk of 50 mixed flags
+//! (20 static, 25 JsonLogic, 5 plugin) and of 1,000 (20 times that mix).
+//! flaghost loads the `startup` bench's 4 plugins (allow-list,
+//! percentage-rollout, trap, picky-config). `LOAD_ONLY` (a substring of a
+//! scenario's name) runs fewer.
+//!
+//! `cargo bench -p flaghost-benches --bench load`
+
+#![allow(missing_docs)]
+#![allow(clippy::print_stdout)] // a load run reports on stdout
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flaghost_tests::{
+    Dirs, RedisServer, build_plugins, busiest_idle_thread, fixture, plugin, root,
+};
+use serde_json::{Map, Value as Json, json};
+
+/// What each request sends: a typical caller's context.
+const BODY: &str = r#"{"context":{"targetingKey":"user-4242","country":"NL","plan":"pro","age":34,"appVersion":"5.2.1"}}"#;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One load: a name, the path it posts to, and whether the floor serves it.
+struct Scenario {
+    name: &'static str,
+    path: &'static str,
+    single: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "single static",
+        path: "/ofrep/v1/evaluate/flags/static",
+        single: true,
+    },
+    Scenario {
+        name: "single JsonLogic",
+        path: "/ofrep/v1/evaluate/flags/logic",
+        single: true,
+    },
+    Scenario {
+        name: "single fractional",
+        path: "/ofrep/v1/evaluate/flags/fractional",
+        single: true,
+    },
+    Scenario {
+        name: "single plugin",
+        path: "/ofrep/v1/evaluate/flags/plugin",
+        single: true,
+    },
+    Scenario {
+        name: "bulk 50 mixed",
+        path: "/environments/bulk50/ofrep/v1/evaluate/flags",
+        single: false,
+    },
+    Scenario {
+        name: "bulk 1000 mixed",
+        path: "/environments/bulk1000/ofrep/v1/evaluate/flags",
+        single: false,
+    },
+];
+
+/// The `i`th flag of the bulk mix: of each 50, 20 static, 25 JsonLogic
+/// (`if`/`in`, `fractional`, `starts_with`, `sem_ver`, a nested `==` in
+/// turn), 5 plugin.
+fn mixed_flag(i: usize) -> Json {
+    let boolean = |targeting: Json| {
+        json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+               "defaultVariant": "off", "targeting": targeting})
+    };
+    match i % 50 {
+        0..20 => json!({"state": "ENABLED", "variants": {"a": "A", "b": "B"},
+                        "defaultVariant": "a", "metadata": {"team": "web", "ticket": i}}),
+        n @ 20..45 => boolean(match n % 5 {
+            0 => {
+                json!({"if": [{"in": [{"var": "country"}, ["NL", "BE", format!("X{i}")]]}, "on", "off"]})
+            }
+            1 => {
+                json!({"fractional": [{"cat": [{"var": "$flagd.flagKey"}, {"var": "targetingKey"}]},
+                                       ["on", 50], ["off", 50]]})
+            }
+            2 => json!({"if": [{"starts_with": [{"var": "targetingKey"}, "user-4"]}, "on", "off"]}),
+            3 => json!({"if": [{"sem_ver": [{"var": "appVersion"}, ">=", "5.0.0"]}, "on", "off"]}),
+            _ => {
+                json!({"if": [{"and": [{"==": [{"var": "plan"}, "pro"]}, {">": [{"var": "age"}, 18]}]}, "on", "off"]})
+            }
+        }),
+        _ => boolean(json!({"plugin": ["allow-list",
+            {"attribute": "country", "values": ["NL", "DE", format!("X{i}")], "variant": "on"}]})),
+    }
+}
+
+/// The flag and plugin directories every flaghost serves.
+fn dirs() -> Dirs {
+    build_plugins();
+    let single = json!({"flags": {
+        "static": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"},
+        "logic": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                  "targeting": {"if": [{"in": [{"var": "country"}, ["NL", "BE", "LU"]]}, "on", "off"]}},
+        "fractional": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                       "targeting": {"fractional": [["on", 50], ["off", 50]]}},
+        "plugin": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                   "targeting": {"plugin": ["allow-list",
+                       {"attribute": "country", "values": ["NL", "BE", "LU"], "variant": "on"}]}},
+    }});
+    let bulk = |count: usize| {
+        let flags: Map<String, Json> = (0..count)
+            .map(|i| (format!("flag-{i:04}"), mixed_flag(i)))
+            .collect();
+        json!({"metadata": {"owner": "load"}, "flags": flags})
+    };
+    Dirs::new()
+        .flag_file("production", &single)
+        .flag_file("bulk50", &bulk(50))
+        .flag_file("bulk1000", &bulk(1000))
+        .plugin("allow-list", &plugin("allow-list"))
+        .plugin("percentage-rollout", &plugin("percentage-rollout"))
+        .plugin("trap", &fixture("trap"))
+        .plugin("picky-config", &fixture("picky-config"))
+}
+
+/// `target/release/flaghost`, built first (the harness measures what the
+/// README's first command runs).
+fn release_flaghost() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "flaghost", "--bin", "flaghost"])
+        .current_dir(root())
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build --release -p flaghost failed");
+    root().join("target/release/flaghost")
+}
+
+/// A server under load: its process, where it answers, and its name.
+struct Server {
+    name: &'static str,
+    base: String,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(name: &'static str, command: &mut Command, port: u16) -> Self {
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let server = Self {
+            name,
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// Waits until the single static flag answers 200.
+    fn wait_ready(&self) {
+        let started = Instant::now();
+        let url = format!("{}/ofrep/v1/evaluate/flags/static", self.base);
+        let client = reqwest::blocking::Client::new();
+        loop {
+            if client
+                .post(&url)
+                .body(BODY)
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{} did not answer",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The process's CPU time so far (user + system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // NB: after the command name's closing parenthesis, utime and stime are
+    // the 12th and 13th fields.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+fn clock_ticks_per_second() -> u64 {
+    let out = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100)
+}
+
+/// The process's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One wrk run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    cpu_us_per_request: f64,
+    requests_per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// A wrk latency (`812.00us`, `1.23ms`, `2.00s`) in µs.
+fn micros(text: &str) -> f64 {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (text, 1.0)
+    };
+    number.parse::<f64>().unwrap_or(f64::NAN) * scale
+}
+
+fn wrk(server: &Server, path: &str, script: &Path, secs: u64, connections: u64) -> Run {
+    let ticks = clock_ticks_per_second() as f64;
+    let cpu_before = cpu_ticks(server.pid());
+    let output = Command::new("wrk")
+        .args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s")])
+        .args(["--latency", "-s"])
+        .arg(script)
+        .arg(format!("{}{path}", server.base))
+        .output()
+        .expect("wrk runs (apt-get install wrk)");
+    let cpu = (cpu_ticks(server.pid()) - cpu_before) as f64 / ticks;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "wrk failed: {text}");
+    assert!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "{} answered errors on {path}:\n{text}",
+        server.name
+    );
+    let mut run = Run {
+        cpu_us_per_request: f64::NAN,
+        requests_per_second: f64::NAN,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+    };
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => run.p50_us = micros(v),
+            ["99%", v] => run.p99_us = micros(v),
+            ["Requests/sec:", v] => run.requests_per_second = v.parse().unwrap_or(f64::NAN),
+            [n, "requests", "in", ..] => {
+                let requests: f64 = n.parse().unwrap_or(f64::NAN);
+                run.cpu_us_per_request = cpu * 1e6 / requests;
+            }
+            _ => {}
+        }
+    }
+    run
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// `--floor PORT`: the bare OFREP server.
+async fn floor(port: u16) {
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+
+    async fn evaluate(
+        axum::extract::Path(key): axum::extract::Path<String>,
+        body: Bytes,
+    ) -> impl IntoResponse {
+        // The least an OFREP server does: parse the request, answer in JSON.
+        let Ok(Json::Object(mut request)) = serde_json::from_slice::<Json>(&body) else {
+            return (StatusCode::BAD_REQUEST, Vec::new()).into_response();
+        };
+        let _context = request.remove("context");
+        let answer = json!({"key": key, "value": true, "reason": "STATIC",
+                            "variant": "on", "metadata": {}});
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_vec(&answer).unwrap_or_default(),
+        )
+            .into_response()
+    }
+
+    let app = Router::new().route("/ofrep/v1/evaluate/flags/{key}", post(evaluate));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    axum::serve(listener, app).await.expect("serve");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--floor") {
+        let port = args[at + 1].parse().expect("a port");
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(floor(port));
+        return;
+    }
+    // NB: `cargo bench` passes `--bench`; a filter is a scenario name part.
+    let only = std::env::var("LOAD_ONLY").unwrap_or_default();
+    let rounds = env_or("LOAD_ROUNDS", 5);
+    let secs = env_or("LOAD_SECS", 3);
+    let connections = env_or("LOAD_CONNECTIONS", 64);
+
+    let binary = release_flaghost();
+    let dirs = dirs();
+    let redis = RedisServer::start();
+    let flaghost = |redis_url: Option<String>| {
+        let port = RedisServer::reserve_port();
+        let mut command = Command::new(&binary);
+        command
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--flags")
+            .arg(dirs.flags())
+            .arg("--plugins")
+            .arg(dirs.plugins())
+            .env("RUST_LOG", "warn")
+            .env_remove("REDIS_URL");
+        if let Some(url) = redis_url {
+            command.env("REDIS_URL", url);
+        }
+        (command, port)
+    };
+    let floor_port = RedisServer::reserve_port();
+    let floor = Server::start(
+        "floor",
+        Command::new(std::env::current_exe().expect("this binary"))
+            .args(["--floor", &floor_port.to_string()]),
+        floor_port,
+    );
+    let (mut memory_command, memory_port) = flaghost(None);
+    let memory = Server::start("flaghost", &mut memory_command, memory_port);
+    let (mut redis_command, redis_port) = flaghost(Some(redis.url()));
+    let with_redis = Server::start("flaghost+redis", &mut redis_command, redis_port);
+    // Every environment loaded (and with Redis, written there) before the
+    // first measured request.
+    let client = reqwest::blocking::Client::new();
+    for server in [&memory, &with_redis] {
+        for scenario in SCENARIOS {
+            let _ = client
+                .post(format!("{}{}", server.base, scenario.path))
+                .body(BODY)
+                .send();
+        }
+    }
+
+    let script = tempfile::NamedTempFile::new().expect("script");
+    std::fs::write(
+        script.path(),
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{BODY}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
+    )
+    .expect("write script");
+
+    let scenarios: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| s.name.contains(only.as_str()))
+        .collect();
+    let mut runs: BTreeMap<(usize, &str), Vec<Run>> = BTreeMap::new();
+    for round in 1..=rounds {
+        eprintln!("round {round} of {rounds}");
+        for (at, scenario) in scenarios.iter().enumerate() {
+            let servers: Vec<&Server> = if scenario.single {
+                vec![&floor, &memory, &with_redis]
+            } else {
+                vec![&memory, &with_redis]
+            };
+            for server in servers {
+                let run = wrk(server, scenario.path, script.path(), secs, connections);
+                runs.entry((at, server.name)).or_default().push(run);
+            }
+        }
+    }
+
+    println!(
+        "\nmedians of {rounds} rounds of {secs} s, wrk -t2 -c{connections}; CPU = the server's user+system time per request"
+    );
+    println!(
+        "{:<18} {:<15} {:>10} {:>9} {:>10} {:>10} {:>9}",
+        "scenario", "server", "CPU µs/req", "vs floor", "req/s", "p50 µs", "p99 µs"
+    );
+    for (at, scenario) in scenarios.iter().enumerate() {
+        let floor_cpu = runs
+            .get(&(at, "floor"))
+            .map(|r| median(r.iter().map(|r| r.cpu_us_per_request).collect()));
+        for name in ["floor", "flaghost", "flaghost+redis"] {
+            let Some(r) = runs.get(&(at, name)) else {
+                continue;
+            };
+            let cpu = median(r.iter().map(|r| r.cpu_us_per_request).collect());
+            let ratio = floor_cpu.map_or(String::from("—"), |f| format!("{:.2}×", cpu / f));
+            println!(
+                "{:<18} {:<15} {:>10.2} {:>9} {:>10.0} {:>10.0} {:>9.0}",
+                scenario.name,
+                name,
+                cpu,
+                ratio,
+                median(r.iter().map(|r| r.requests_per_second).collect()),
+                median(r.iter().map(|r| r.p50_us).collect()),
+                median(r.iter().map(|r| r.p99_us).collect()),
+            );
+        }
+    }
+    println!();
+    for server in [&memory, &with_redis] {
+        let rss = rss_kib(server.pid());
+        std::thread::sleep(Duration::from_secs(1));
+        let (thread, per_second) = busiest_idle_thread(server.pid(), Duration::from_secs(3));
+        println!(
+            "{:<15} RSS after the load {:.1} MiB; idle, its busiest thread ({thread}) woke {per_second:.1} times a second",
+            server.name,
+            rss as f64 / 1024.0
+        );
+    }
+}

@@ -21,7 +21,9 @@
 //! (20 static, 25 JsonLogic, 5 plugin) and of 1,000 (20 times that mix).
 //! flaghost loads the `startup` bench's 4 plugins (allow-list,
 //! percentage-rollout, trap, picky-config). `LOAD_ONLY` (a substring of a
-//! scenario's name) runs fewer.
+//! scenario's name) runs fewer; `LOAD_FLAGHOST_ARGS` adds options to both
+//! flaghosts (`--plugin-isolation reuse` parts a plugin flag's own cost
+//! from the rest).
 //!
 //! `cargo bench -p flaghost-benches --bench load`
 
@@ -365,6 +367,7 @@ fn main() {
     let rounds = env_or("LOAD_ROUNDS", 5);
     let secs = env_or("LOAD_SECS", 3);
     let connections = env_or("LOAD_CONNECTIONS", 64);
+    let extra_args = std::env::var("LOAD_FLAGHOST_ARGS").unwrap_or_default();
 
     let binary = release_flaghost();
     let dirs = dirs();
@@ -379,6 +382,7 @@ fn main() {
             .arg(dirs.flags())
             .arg("--plugins")
             .arg(dirs.plugins())
+            .args(extra_args.split_whitespace())
             .env("RUST_LOG", "warn")
             .env_remove("REDIS_URL");
         if let Some(url) = redis_url {

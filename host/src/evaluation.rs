@@ -8,7 +8,7 @@ pub use crate::rules::{ContextError, EvaluationContext, RuleError, TargetingRule
 
 use std::sync::Arc;
 
-use crate::flags::{Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType};
+use crate::flags::{Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType, Variant};
 
 /// Why a flag resolved as it did (OpenFeature's resolution reasons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,8 @@ pub struct Resolution<'a> {
     pub reason: Reason,
     /// The flag's metadata laid over the flag set's.
     pub metadata: &'a Metadata,
+    /// The variant served, whole (`value` with its JSON), when there is one.
+    pub served: Option<&'a Variant>,
 }
 
 /// A [`Resolution`] without borrows, to carry back from the thread that
@@ -123,10 +125,11 @@ impl Verdict {
             .as_deref()
             .and_then(|v| flag.variants.get_key_value(v));
         Resolution {
-            value: served.map(|(_, value)| value),
+            value: served.map(|(_, variant)| &variant.value),
             variant: served.map(|(name, _)| name.as_str()),
             reason: self.reason,
             metadata: &flag.metadata,
+            served: served.map(|(_, variant)| variant),
         }
     }
 }
@@ -197,11 +200,12 @@ pub fn evaluate_flag<'a>(
                 Reason::Default,
             )),
             Ok(Some(variant)) => match flag.variants.get_key_value(variant.as_str()) {
-                Some((name, value)) => Ok(Resolution {
-                    value: Some(value),
+                Some((name, variant)) => Ok(Resolution {
+                    value: Some(&variant.value),
                     variant: Some(name),
                     reason: Reason::TargetingMatch,
                     metadata: &flag.metadata,
+                    served: Some(variant),
                 }),
                 // NB: a rule that runs plugins may have made the name from a
                 // plugin's answer (which may carry another caller's data):
@@ -231,11 +235,13 @@ pub fn evaluate_flag<'a>(
 fn resolved<'a>(flag: &'a Flag, variant: Option<&'a str>, reason: Reason) -> Resolution<'a> {
     // NB: `variant` is the flag's default variant, which parsing checked is
     // one of its variants.
+    let served = variant.and_then(|v| flag.variants.get(v));
     Resolution {
-        value: variant.and_then(|v| flag.variants.get(v)),
+        value: served.map(|v| &v.value),
         variant,
         reason,
         metadata: &flag.metadata,
+        served,
     }
 }
 

@@ -178,6 +178,11 @@ impl Metadata {
         Self { entries, json }
     }
 
+    /// The metadata as JSON.
+    pub fn json(&self) -> &str {
+        self.json.get()
+    }
+
     /// The entries, by key.
     pub fn entries(&self) -> &serde_json::Map<String, serde_json::Value> {
         &self.entries
@@ -253,8 +258,8 @@ pub struct Flag {
     pub key: String,
     /// Enabled or disabled.
     pub state: FlagState,
-    /// Variant name to value; never empty, all of one [`ValueType`].
-    pub variants: FastMap<String, Value>,
+    /// Variant name to variant; never empty, all of one [`ValueType`].
+    pub variants: FastMap<String, Variant>,
     /// The variant served when no rule applies; `None` means the caller's code
     /// default. NB: when set, it names one of `variants` (checked at parse).
     pub default_variant: Option<String>,
@@ -266,6 +271,50 @@ pub struct Flag {
     /// The flag in the flagd format as evaluated (`$ref`s resolved, metadata
     /// merged): parsed alone, it gives this flag back. Cached in Redis.
     pub definition: Arc<serde_json::Value>,
+    /// The key as a JSON string, for answers.
+    pub key_json: Box<str>,
+}
+
+/// One variant of a flag: its value, and its name and value as JSON, made
+/// once at load.
+///
+/// NB: an answer is then copies of these, not serialisation: writing each
+/// flag's strings again (escaping them byte by byte) was the largest single
+/// cost of a 1,000-flag bulk answer.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// What the variant stands for.
+    pub value: Value,
+    /// `value` as JSON.
+    pub value_json: Box<str>,
+    /// The variant's name as a JSON string.
+    pub name_json: Box<str>,
+}
+
+impl Variant {
+    /// Variant `name` serving `value`.
+    pub fn new(name: &str, value: Value) -> Self {
+        Self {
+            value_json: json_text(&value),
+            name_json: json_text(name),
+            value,
+        }
+    }
+}
+
+impl PartialEq for Variant {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+/// `value` as compact JSON, as serde_json writes it.
+pub fn json_text(value: &(impl Serialize + ?Sized)) -> Box<str> {
+    // NB: flag values, names and keys always serialise (string keys,
+    // finite numbers: the parser refuses others).
+    serde_json::to_string(value)
+        .unwrap_or_else(|_| "null".into())
+        .into_boxed_str()
 }
 
 impl Flag {
@@ -280,7 +329,7 @@ impl Flag {
 
     /// The type of the flag's variants.
     pub fn value_type(&self) -> Option<ValueType> {
-        self.variants.values().next().map(Value::value_type)
+        self.variants.values().next().map(|v| v.value.value_type())
     }
 }
 

@@ -17,6 +17,7 @@ use super::targeting::{
 };
 use super::{
     DocumentLimits, FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType,
+    Variant,
 };
 use crate::rules::{BindError, RuleBinder};
 
@@ -268,6 +269,7 @@ fn parse_flag(
         targeting,
         metadata: Arc::new(Metadata::new(metadata)),
         definition: Arc::new(definition),
+        key_json: super::json_text(&key),
     })
 }
 
@@ -276,7 +278,7 @@ fn parse_flag(
 /// flag. This is what the shared cache stores.
 fn definition(
     state: FlagState,
-    variants: &FastMap<String, Value>,
+    variants: &FastMap<String, Variant>,
     default_variant: Option<&str>,
     rule: Option<Json>,
     metadata: &Map<String, Json>,
@@ -289,7 +291,7 @@ fn definition(
     out.insert("state".into(), state.into());
     let variants: Map<String, Json> = variants
         .iter()
-        .map(|(name, value)| (name.clone(), value.to_json()))
+        .map(|(name, variant)| (name.clone(), variant.value.to_json()))
         .collect();
     out.insert("variants".into(), variants.into());
     out.insert(
@@ -306,7 +308,7 @@ fn definition(
 }
 
 /// Variants: a non-empty object whose values share one type.
-fn parse_variants(raw: Json) -> Result<FastMap<String, Value>, String> {
+fn parse_variants(raw: Json) -> Result<FastMap<String, Variant>, String> {
     let Json::Object(raw) = raw else {
         return Err("\"variants\" must be an object mapping variant names to values".into());
     };
@@ -346,7 +348,8 @@ fn parse_variants(raw: Json) -> Result<FastMap<String, Value>, String> {
             }
             Some(_) => {}
         }
-        variants.insert(name, value);
+        let variant = Variant::new(&name, value);
+        variants.insert(name, variant);
     }
     Ok(variants)
 }
@@ -422,7 +425,7 @@ fn parse_targeting(
     Ok((targeting, Some(resolved)))
 }
 
-fn sorted_names(variants: &FastMap<String, Value>) -> Vec<String> {
+fn sorted_names(variants: &FastMap<String, Variant>) -> Vec<String> {
     let mut names: Vec<String> = variants.keys().cloned().collect();
     names.sort();
     names

@@ -15,7 +15,7 @@ use crate::cache::Snapshot;
 use crate::evaluation::{
     self, ErrorCode, EvaluationContext, EvaluationError, Reason, Resolution, Verdict,
 };
-use crate::flags::{FastMap as HashMap, Flag, FlagSet, FlagState, Metadata, Value};
+use crate::flags::{FastMap as HashMap, Flag, FlagSet, FlagState, Metadata, json_text};
 use crate::plugins::Budget;
 
 /// Path parameters of both route families.
@@ -58,10 +58,12 @@ pub async fn evaluate_one(
         (None, _) => evaluation::evaluate(set, &key, &context, None),
     };
     match answer {
-        Ok(resolution) => Ok(json_response(
-            StatusCode::OK,
-            &success(&key, &resolution, served.stale),
-        )),
+        Ok(resolution) => {
+            let mut body = Vec::with_capacity(256);
+            let key_json = flag.map_or_else(|| json_text(&key), |f| f.key_json.clone());
+            write_success(&mut body, &key_json, &resolution, served.stale);
+            Ok(raw_json_response(StatusCode::OK, body))
+        }
         Err(error) => Err(ApiError::Evaluation { key, error }),
     }
 }
@@ -201,20 +203,6 @@ async fn flag_set(
         })
 }
 
-/// A successful evaluation as OFREP sends it.
-#[derive(Serialize)]
-struct Success<'a> {
-    key: &'a str,
-    /// Absent when the caller's code default applies (ADR-0006).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<&'a Value>,
-    reason: &'static str,
-    /// Always present: the Python provider fails on a success without it.
-    /// Empty when no variant was served, as flagd sends it.
-    variant: &'a str,
-    metadata: &'a Metadata,
-}
-
 /// A failed evaluation inside a bulk answer.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -226,42 +214,50 @@ struct Failure<'a> {
     metadata: Option<&'a Metadata>,
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Entry<'a> {
-    Success(Success<'a>),
-    Failure(Failure<'a>),
-}
-
-#[derive(Serialize)]
-struct Bulk<'a> {
-    flags: Vec<Entry<'a>>,
-    metadata: &'a Metadata,
-}
-
+/// Writes a successful evaluation as OFREP sends it, from JSON made at load
+/// (the flag's key as `key_json`, its variants', its metadata):
+/// `{"key":…,"value":…,"reason":…,"variant":…,"metadata":{…}}`, the bytes
+/// serde_json would write for those fields, without serialising anything.
+///
+/// `value` is absent when the caller's code default applies (ADR-0006).
+/// `variant` is always present (the Python provider fails on a success
+/// without it), empty when no variant was served, as flagd sends it.
 /// `stale`: the flag set is served past its TTL because nothing could
 /// refresh it; a value it gives says so with OpenFeature's reason STALE
 /// (DISABLED and errors keep theirs: they carry no value to doubt).
-fn success<'a>(key: &'a str, r: &Resolution<'a>, stale: bool) -> Success<'a> {
+fn write_success(out: &mut Vec<u8>, key_json: &str, r: &Resolution<'_>, stale: bool) {
     let reason = if stale && r.value.is_some() {
         Reason::Stale
     } else {
         r.reason
     };
-    Success {
-        key,
-        value: r.value,
-        reason: reason.as_str(),
-        variant: r.variant.unwrap_or(""),
-        metadata: r.metadata,
+    out.extend_from_slice(b"{\"key\":");
+    out.extend_from_slice(key_json.as_bytes());
+    if let Some(variant) = r.served {
+        out.extend_from_slice(b",\"value\":");
+        out.extend_from_slice(variant.value_json.as_bytes());
     }
+    out.extend_from_slice(b",\"reason\":\"");
+    out.extend_from_slice(reason.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"variant\":");
+    match r.served {
+        Some(variant) => out.extend_from_slice(variant.name_json.as_bytes()),
+        None => out.extend_from_slice(b"\"\""),
+    }
+    out.extend_from_slice(b",\"metadata\":");
+    out.extend_from_slice(r.metadata.json().as_bytes());
+    out.push(b'}');
 }
 
 /// One flag's answer as OFREP's single-flag evaluation sends it (a failure
 /// as a bulk entry: key, errorCode, errorDetails), for `flaghost eval`.
 pub fn answer_json(key: &str, answer: &Result<Resolution<'_>, EvaluationError>) -> Json {
     let value = match answer {
-        Ok(resolution) => serde_json::to_value(success(key, resolution, false)),
+        Ok(resolution) => {
+            let mut out = Vec::new();
+            write_success(&mut out, &json_text(key), resolution, false);
+            serde_json::from_slice(&out)
+        }
         Err(e) => serde_json::to_value(failure(key, e)),
     };
     value.unwrap_or(Json::Null)
@@ -321,25 +317,25 @@ async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -
             }
         }
     }
-    let entries = flags
-        .iter()
-        .zip(&results)
-        .map(|(flag, r)| match r {
-            Ok(r) => Entry::Success(success(&flag.key, r, served.stale)),
-            Err(e) => Entry::Failure(failure(&flag.key, e)),
-        })
-        .collect();
     // NB: about 100 bytes a flag; sized so a large answer is not copied as
     // it grows.
     let mut body = Vec::with_capacity(128 + 128 * flags.len());
-    // NB: serialising these types cannot fail: string keys, finite values.
-    let bulk = Bulk {
-        flags: entries,
-        metadata: &set.metadata,
-    };
-    if serde_json::to_writer(&mut body, &bulk).is_err() {
-        body.clear();
+    body.extend_from_slice(b"{\"flags\":[");
+    for (at, (flag, result)) in flags.iter().zip(&results).enumerate() {
+        if at > 0 {
+            body.push(b',');
+        }
+        match result {
+            Ok(r) => write_success(&mut body, &flag.key_json, r, served.stale),
+            // NB: a failure's fields always serialise (strings).
+            Err(e) => {
+                let _ = serde_json::to_writer(&mut body, &failure(&flag.key, e));
+            }
+        }
     }
+    body.extend_from_slice(b"],\"metadata\":");
+    body.extend_from_slice(set.metadata.json().as_bytes());
+    body.push(b'}');
     body
 }
 
@@ -352,10 +348,6 @@ fn not_evaluated() -> EvaluationError {
     }
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
-    raw_json_response(status, serde_json::to_vec(body).unwrap_or_default())
-}
-
 fn raw_json_response(status: StatusCode, body: Vec<u8>) -> Response {
     (
         status,
@@ -366,4 +358,57 @@ fn raw_json_response(status: StatusCode, body: Vec<u8>) -> Response {
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::flags::{DocumentLimits, parse_flag_file};
+    use crate::plugins::PluginSet;
+
+    /// The answers written from JSON made at load are what serialising each
+    /// field would give, escapes, numbers and empty cases included.
+    #[test]
+    fn a_written_answer_is_the_json_of_its_fields() {
+        let file = json!({
+            "metadata": {"team": "wé \"quoted\"", "n": 1.5},
+            "flags": {
+                "k\"ey\n\u{1F600}": {"state": "ENABLED", "variants": {"v\\1": "va\"lue\u{7}", "b": "x"},
+                                     "defaultVariant": "v\\1", "metadata": {"own": true}},
+                "float": {"state": "ENABLED", "variants": {"f": 1.0, "g": -2.5e-300}, "defaultVariant": "g"},
+                "object": {"state": "ENABLED", "variants": {"o": {"a": [1, null, "ü"]}}, "defaultVariant": "o"},
+                "no-default": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": null},
+                "off": {"state": "DISABLED", "variants": {"a": 1}, "defaultVariant": "a"}
+            }
+        });
+        let set = parse_flag_file(
+            "t.json",
+            "t",
+            file.to_string().as_bytes(),
+            &PluginSet::default(),
+            &DocumentLimits::default(),
+        )
+        .expect("valid");
+        let context = EvaluationContext::default();
+        for (key, flag) in &set.flags {
+            let answer = evaluation::evaluate_flag(flag, &context, None).expect("evaluates");
+            for stale in [false, true] {
+                let mut written = Vec::new();
+                write_success(&mut written, &flag.key_json, &answer, stale);
+                let written: Json = serde_json::from_slice(&written).expect("valid JSON");
+                let mut expected = json!({
+                    "key": key,
+                    "reason": if stale && answer.value.is_some() { "STALE" } else { answer.reason.as_str() },
+                    "variant": answer.variant.unwrap_or(""),
+                    "metadata": answer.metadata.entries(),
+                });
+                if let Some(value) = answer.value {
+                    expected["value"] = value.to_json();
+                }
+                assert_eq!(written, expected, "flag {key:?}");
+            }
+        }
+    }
 }

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -62,11 +62,6 @@ pub struct PoolSize {
     pub nice: i32,
 }
 
-/// How long a thread that ran out of work watches for more before it
-/// sleeps: waking a sleeping thread costs a futex round trip and a
-/// reschedule, several microseconds, on every request of a steady stream.
-const SPIN_FOR: Duration = Duration::from_micros(50);
-
 /// How long an idle thread waits before it looks at its warm instances
 /// (drops those of plugins that are gone).
 const IDLE_SWEEP: Duration = Duration::from_secs(1);
@@ -85,8 +80,6 @@ struct Shared {
     queues: Mutex<Queues>,
     work: Condvar,
     size: PoolSize,
-    /// Jobs submitted so far: an idle thread spins on it before it sleeps.
-    submitted: AtomicU64,
     /// Threads asleep on `work`. NB: changed only under the queues' lock,
     /// and read by `submit` after it released it, so a thread about to sleep
     /// is either seen here or sees the job.
@@ -137,7 +130,6 @@ impl PluginPool {
             queues: Mutex::default(),
             work: Condvar::new(),
             size,
-            submitted: AtomicU64::new(0),
             sleeping: AtomicUsize::new(0),
         });
         for n in 0..size.threads {
@@ -210,7 +202,6 @@ impl PluginPool {
             queues.turns.push_back(key);
         }
         entry.waiting.push_back(job);
-        self.shared.submitted.fetch_add(1, Ordering::Release);
         drop(guard);
         if self.shared.sleeping.load(Ordering::Acquire) > 0 {
             self.shared.work.notify_one();
@@ -226,7 +217,12 @@ fn work(shared: &Shared) {
     loop {
         let (lane, job) = {
             let mut queues = shared.lock();
-            let mut spun = false;
+            // NB: a thread out of work sleeps at once. Watching for more
+            // (50 µs) spared a futex wake per request of a steady stream, but
+            // cost more CPU than it saved on a 2-core machine under load
+            // (`cargo bench --bench load`, side by side: a reuse plugin flag
+            // 20.3 µs CPU a request without it, 22.7 µs with; bulk of 50
+            // 36 vs 40 µs), and it took a core from the HTTP workers.
             loop {
                 if queues.stopping {
                     return;
@@ -234,15 +230,6 @@ fn work(shared: &Shared) {
                 if let Some(next) = take(&mut queues, shared.size.share) {
                     break next;
                 }
-                if !spun {
-                    let seen = shared.submitted.load(Ordering::Acquire);
-                    drop(queues);
-                    spin_for_work(shared, seen);
-                    spun = true;
-                    queues = shared.lock();
-                    continue;
-                }
-                spun = false;
                 shared.sleeping.fetch_add(1, Ordering::AcqRel);
                 let (guard, waited) = shared
                     .work
@@ -276,14 +263,6 @@ fn work(shared: &Shared) {
         if shared.sleeping.load(Ordering::Acquire) > 0 {
             shared.work.notify_one();
         }
-    }
-}
-
-/// Watches for a job submitted after `seen`, up to [`SPIN_FOR`].
-fn spin_for_work(shared: &Shared, seen: u64) {
-    let until = std::time::Instant::now() + SPIN_FOR;
-    while shared.submitted.load(Ordering::Acquire) == seen && std::time::Instant::now() < until {
-        std::hint::spin_loop();
     }
 }
 

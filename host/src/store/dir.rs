@@ -354,7 +354,7 @@ mod tests {
         };
         let served = |store: &DirStore| {
             let set = store.load_sync("env").expect("loads");
-            set.flags["f"].variants["v"].clone()
+            set.flags["f"].variants["v"].value.clone()
         };
         let value = |s: &str| crate::flags::Value::String(s.into());
         write(&file, "AAAA");

@@ -37,8 +37,8 @@ fn parses_every_value_type_and_keeps_integers_and_floats_apart() {
         "t": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {}}
     }}))
     .expect("valid");
-    assert_eq!(set.flags["i"].variants["one"], Value::Integer(1));
-    assert_eq!(set.flags["f"].variants["zero"], Value::Float(0.0));
+    assert_eq!(set.flags["i"].variants["one"].value, Value::Integer(1));
+    assert_eq!(set.flags["f"].variants["zero"].value, Value::Float(0.0));
     assert_eq!(set.flags["o"].state, FlagState::Disabled);
     assert_eq!(set.flags["n"].default_variant, None);
     assert!(

@@ -12,13 +12,16 @@
 //! slow spells alike. Over `LOAD_ROUNDS` (5) rounds it prints medians of the
 //! server's CPU per request (its utime + stime over the requests wrk
 //! counted), requests a second, and wrk's p50/p99, with flaghost's CPU as a
-//! ratio to the floor's for the single-flag scenarios. Then each flaghost's
-//! resident memory after the bulk runs, and the most any of its threads
-//! woke in a second while idle.
+//! ratio to the floor's for the single-flag scenarios. Then the most any
+//! thread of each flaghost woke in a second while idle, and the resident
+//! memory of a flaghost serving 1,000 flags and the 4 plugins after a bulk
+//! load, its plugins compiled at start-up and then precompiled.
 //!
 //! Scenarios: one flag, static / JsonLogic (`if`/`in`) / `fractional` /
 //! plugin (the allow-list rule, default isolation); bulk of 50 mixed flags
-//! (20 static, 25 JsonLogic, 5 plugin) and of 1,000 (20 times that mix).
+//! (20 static, 25 JsonLogic, 5 plugin) and of 1,000 (20 times that mix),
+//! and both without their plugin flags (45 and 900), so the plugin flags'
+//! share is the difference.
 //! flaghost loads the `startup` bench's 4 plugins (allow-list,
 //! percentage-rollout, trap, picky-config). `LOAD_ONLY` (a substring of a
 //! scenario's name) runs fewer; `LOAD_FLAGHOST_ARGS` adds options to both
@@ -88,6 +91,17 @@ const SCENARIOS: &[Scenario] = &[
         path: "/environments/bulk1000/ofrep/v1/evaluate/flags",
         single: false,
     },
+    // The same two without their plugin flags: what the rest costs.
+    Scenario {
+        name: "bulk 45 no plugin",
+        path: "/environments/bulk50-static-logic/ofrep/v1/evaluate/flags",
+        single: false,
+    },
+    Scenario {
+        name: "bulk 900 no plugin",
+        path: "/environments/bulk1000-static-logic/ofrep/v1/evaluate/flags",
+        single: false,
+    },
 ];
 
 /// The `i`th flag of the bulk mix: of each 50, 20 static, 25 JsonLogic
@@ -120,6 +134,16 @@ fn mixed_flag(i: usize) -> Json {
     }
 }
 
+/// A flag file of `count` flags of the bulk mix, without its plugin flags
+/// unless `plugins`.
+fn bulk_file(count: usize, plugins: bool) -> Json {
+    let flags: Map<String, Json> = (0..count)
+        .filter(|i| plugins || i % 50 < 45)
+        .map(|i| (format!("flag-{i:04}"), mixed_flag(i)))
+        .collect();
+    json!({"metadata": {"owner": "load"}, "flags": flags})
+}
+
 /// The flag and plugin directories every flaghost serves.
 fn dirs() -> Dirs {
     build_plugins();
@@ -133,16 +157,12 @@ fn dirs() -> Dirs {
                    "targeting": {"plugin": ["allow-list",
                        {"attribute": "country", "values": ["NL", "BE", "LU"], "variant": "on"}]}},
     }});
-    let bulk = |count: usize| {
-        let flags: Map<String, Json> = (0..count)
-            .map(|i| (format!("flag-{i:04}"), mixed_flag(i)))
-            .collect();
-        json!({"metadata": {"owner": "load"}, "flags": flags})
-    };
     Dirs::new()
         .flag_file("production", &single)
-        .flag_file("bulk50", &bulk(50))
-        .flag_file("bulk1000", &bulk(1000))
+        .flag_file("bulk50", &bulk_file(50, true))
+        .flag_file("bulk1000", &bulk_file(1000, true))
+        .flag_file("bulk50-static-logic", &bulk_file(50, false))
+        .flag_file("bulk1000-static-logic", &bulk_file(1000, false))
         .plugin("allow-list", &plugin("allow-list"))
         .plugin("percentage-rollout", &plugin("percentage-rollout"))
         .plugin("trap", &fixture("trap"))
@@ -178,6 +198,11 @@ impl Drop for Server {
 
 impl Server {
     fn start(name: &'static str, command: &mut Command, port: u16) -> Self {
+        Self::start_at(name, command, port, "/ofrep/v1/evaluate/flags/static")
+    }
+
+    /// Starts `command`, ready once `ready_path` answers 200.
+    fn start_at(name: &'static str, command: &mut Command, port: u16, ready_path: &str) -> Self {
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -188,14 +213,14 @@ impl Server {
             base: format!("http://127.0.0.1:{port}"),
             child,
         };
-        server.wait_ready();
+        server.wait_ready(ready_path);
         server
     }
 
-    /// Waits until the single static flag answers 200.
-    fn wait_ready(&self) {
+    /// Waits until `path` answers 200.
+    fn wait_ready(&self, path: &str) {
         let started = Instant::now();
-        let url = format!("{}/ofrep/v1/evaluate/flags/static", self.base);
+        let url = format!("{}{path}", self.base);
         let client = reqwest::blocking::Client::new();
         loop {
             if client
@@ -473,13 +498,50 @@ fn main() {
     }
     println!();
     for server in [&memory, &with_redis] {
-        let rss = rss_kib(server.pid());
         std::thread::sleep(Duration::from_secs(1));
         let (thread, per_second) = busiest_idle_thread(server.pid(), Duration::from_secs(3));
         println!(
-            "{:<15} RSS after the load {:.1} MiB; idle, its busiest thread ({thread}) woke {per_second:.1} times a second",
+            "{:<15} idle after the load: its busiest thread ({thread}) woke {per_second:.1} times a second",
             server.name,
-            rss as f64 / 1024.0
+        );
+    }
+    drop((floor, memory, with_redis));
+
+    // Resident memory as the goal sets it: 1,000 flags and the 4 plugins,
+    // after a bulk load at c64, the plugins compiled at start-up (in a
+    // child process) and then loaded precompiled from a cache directory.
+    let memory_dirs = Dirs::new()
+        .flag_file("production", &bulk_file(1000, true))
+        .plugin("allow-list", &plugin("allow-list"))
+        .plugin("percentage-rollout", &plugin("percentage-rollout"))
+        .plugin("trap", &fixture("trap"))
+        .plugin("picky-config", &fixture("picky-config"));
+    let cache = tempfile::tempdir().expect("cache dir");
+    for how in ["compiled at start", "precompiled"] {
+        let port = RedisServer::reserve_port();
+        let mut command = Command::new(&binary);
+        command
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--flags")
+            .arg(memory_dirs.flags())
+            .arg("--plugins")
+            .arg(memory_dirs.plugins())
+            .arg("--plugin-cache-dir")
+            .arg(cache.path())
+            .args(extra_args.split_whitespace())
+            .env_remove("REDIS_URL");
+        let server = Server::start_at("flaghost", &mut command, port, "/ofrep/v1/evaluate/flags");
+        wrk(
+            &server,
+            "/ofrep/v1/evaluate/flags",
+            script.path(),
+            secs,
+            connections,
+        );
+        println!(
+            "1,000 flags + 4 plugins {how}: RSS after a bulk load at c{connections} {:.1} MiB",
+            rss_kib(server.pid()) as f64 / 1024.0
         );
     }
 }

@@ -556,11 +556,16 @@ impl Environments {
         // for that.
         let mut changed = Vec::new();
         let mut removed = Vec::new();
-        for environment in names {
+        let unchanged = self.store.unchanged(&names).await;
+        for (environment, unchanged) in names.into_iter().zip(unchanged) {
             let gate = self.gate(&environment);
             let _turn = gate.lock().await;
             let generation = self.snapshots.generation();
             let before = self.last_good_digest(&environment);
+            if unchanged.is_some() && unchanged == before {
+                self.recovered(&environment);
+                continue;
+            }
             match self.store.load(&environment).await {
                 Ok(set) if before.as_deref() == Some(set.digest.as_str()) => {
                     self.recovered(&environment);

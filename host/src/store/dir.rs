@@ -151,6 +151,21 @@ impl DirStore {
         Ok(set)
     }
 
+    /// The digest of `environment`'s last parse, if its file is unchanged
+    /// since (the same check as [`DirStore::load_sync`]'s first).
+    fn unchanged_sync(&self, environment: &str) -> Option<String> {
+        if !valid_environment_name(environment) {
+            return None;
+        }
+        let generation = self.plugins.generation();
+        let (_, _, meta) = self.open(environment).ok()?;
+        let stamp = Stamp::of(&meta);
+        let parsed = self.parsed();
+        let parse = parsed.get(environment)?;
+        (parse.generation == generation && parse.stamp == Some(stamp))
+            .then(|| parse.set.digest.clone())
+    }
+
     fn path(&self, environment: &str) -> PathBuf {
         self.dir.join(format!("{environment}.json"))
     }
@@ -305,6 +320,18 @@ impl FlagStore for DirStore {
         self.environments_sync()
     }
 
+    async fn unchanged(&self, environments: &[String]) -> Vec<Option<String>> {
+        let (store, names) = (self.clone(), environments.to_vec());
+        tokio::task::spawn_blocking(move || {
+            names
+                .iter()
+                .map(|env| store.unchanged_sync(env))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; environments.len()])
+    }
+
     fn describe(&self) -> String {
         format!("directory {}", self.dir.display())
     }
@@ -366,6 +393,10 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2100));
         assert_eq!(served(&store), value("BBBB"));
         assert_eq!(served(&store), value("BBBB"));
+        // A poll's question, asked before loading, gets the same answers.
+        let digest = store.load_sync("env").expect("loads").digest.clone();
+        assert_eq!(store.unchanged_sync("env"), Some(digest));
+        assert_eq!(store.unchanged_sync("missing"), None);
         // Rewritten in place with its modification time put back.
         let mtime = std::fs::metadata(&file)
             .expect("meta")
@@ -378,6 +409,7 @@ mod tests {
             .expect("open")
             .set_modified(mtime)
             .expect("set mtime");
+        assert_eq!(store.unchanged_sync("env"), None);
         assert_eq!(served(&store), value("CCCC"));
         // Replaced by another file of the same length and times.
         let other = dir.path().join("other.tmp");
@@ -389,6 +421,7 @@ mod tests {
             .set_modified(mtime)
             .expect("set mtime");
         std::fs::rename(&other, &file).expect("rename");
+        assert_eq!(store.unchanged_sync("env"), None);
         assert_eq!(served(&store), value("DDDD"));
     }
 }

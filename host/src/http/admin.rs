@@ -72,7 +72,7 @@ struct InvalidateRequest {
 /// environment, or no body, for every one): drops the cached flag sets here,
 /// in Redis and in every other instance.
 pub async fn invalidate(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Invalidation>, ApiError> {
@@ -160,7 +160,7 @@ pub struct PluginListing {
 /// contract version, load time, and its evaluation, error and timeout counts
 /// and latency percentiles.
 pub async fn plugins(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<PluginListing>, ApiError> {
     authorize(&state, &headers)?;
@@ -195,7 +195,7 @@ pub struct Uploaded {
 /// is written to the plugin directory and put in force. 201 when the plugin
 /// is new, 200 when it replaced (or already was) the loaded version.
 pub async fn put_plugin(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     ValidPath(name): ValidPath<String>,
     headers: HeaderMap,
     body: Body,
@@ -304,7 +304,7 @@ pub struct Deleted {
 /// `DELETE /admin/v1/plugins/{name}`: unloads the plugin and deletes its
 /// file; refused (409) while flags use it.
 pub async fn delete_plugin(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     ValidPath(name): ValidPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<Deleted>, ApiError> {

@@ -1,5 +1,7 @@
 //! Liveness and readiness.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
@@ -7,7 +9,7 @@ use serde_json::{Value, json};
 use super::AppState;
 
 /// `GET /healthz`: the process is up and serving, and which cache serves.
-pub async fn healthz(State(state): State<AppState>) -> Json<Value> {
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"status": "ok", "cache": state.environments.cache_status()}))
 }
 
@@ -15,6 +17,6 @@ pub async fn healthz(State(state): State<AppState>) -> Json<Value> {
 /// flaghost unready (it serves from memory); the answer says which cache
 /// backend serves (`redis`, `memory-fallback`, `memory-only`) and the Redis
 /// connection's state.
-pub async fn readyz(State(state): State<AppState>) -> Json<Value> {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"status": "ready", "cache": state.environments.cache_status()}))
 }

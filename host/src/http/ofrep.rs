@@ -1,6 +1,8 @@
 //! OFREP: single and bulk flag evaluation
 //! (../shared/reference/ofrep/openapi.yaml).
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -27,7 +29,7 @@ pub struct FlagPath {
 
 /// `POST .../ofrep/v1/evaluate/flags/{key}`.
 pub async fn evaluate_one(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     ValidPath(path): ValidPath<FlagPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -105,7 +107,7 @@ async fn on_plugin_pool(
 /// `POST .../ofrep/v1/evaluate/flags`: every enabled flag, each a success or
 /// a failure, with an `ETag` over the answer so an unchanged answer is a 304.
 pub async fn evaluate_all(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     ValidPath(path): ValidPath<FlagPath>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

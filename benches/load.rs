@@ -157,16 +157,38 @@ fn dirs() -> Dirs {
                    "targeting": {"plugin": ["allow-list",
                        {"attribute": "country", "values": ["NL", "BE", "LU"], "variant": "on"}]}},
     }});
-    Dirs::new()
+    let dirs = Dirs::new()
         .flag_file("production", &single)
         .flag_file("bulk50", &bulk_file(50, true))
         .flag_file("bulk1000", &bulk_file(1000, true))
         .flag_file("bulk50-static-logic", &bulk_file(50, false))
-        .flag_file("bulk1000-static-logic", &bulk_file(1000, false))
-        .plugin("allow-list", &plugin("allow-list"))
+        .flag_file("bulk1000-static-logic", &bulk_file(1000, false));
+    with_four_plugins(dirs)
+}
+
+/// `dirs` with the `startup` bench's 4 plugins.
+fn with_four_plugins(dirs: Dirs) -> Dirs {
+    dirs.plugin("allow-list", &plugin("allow-list"))
         .plugin("percentage-rollout", &plugin("percentage-rollout"))
         .plugin("trap", &fixture("trap"))
         .plugin("picky-config", &fixture("picky-config"))
+}
+
+/// `flaghost serve` of `binary` over `dirs` on `port`, with `extra_args`,
+/// never on the machine's Redis.
+fn serve(binary: &Path, dirs: &Dirs, port: u16, extra_args: &str) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--flags")
+        .arg(dirs.flags())
+        .arg("--plugins")
+        .arg(dirs.plugins())
+        .args(extra_args.split_whitespace())
+        .env("RUST_LOG", "warn")
+        .env_remove("REDIS_URL");
+    command
 }
 
 /// `target/release/flaghost`, built first (the harness measures what the
@@ -399,17 +421,7 @@ fn main() {
     let redis = RedisServer::start();
     let flaghost = |redis_url: Option<String>| {
         let port = RedisServer::reserve_port();
-        let mut command = Command::new(&binary);
-        command
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--flags")
-            .arg(dirs.flags())
-            .arg("--plugins")
-            .arg(dirs.plugins())
-            .args(extra_args.split_whitespace())
-            .env("RUST_LOG", "warn")
-            .env_remove("REDIS_URL");
+        let mut command = serve(&binary, &dirs, port, &extra_args);
         if let Some(url) = redis_url {
             command.env("REDIS_URL", url);
         }
@@ -510,27 +522,13 @@ fn main() {
     // Resident memory as the goal sets it: 1,000 flags and the 4 plugins,
     // after a bulk load at c64, the plugins compiled at start-up (in a
     // child process) and then loaded precompiled from a cache directory.
-    let memory_dirs = Dirs::new()
-        .flag_file("production", &bulk_file(1000, true))
-        .plugin("allow-list", &plugin("allow-list"))
-        .plugin("percentage-rollout", &plugin("percentage-rollout"))
-        .plugin("trap", &fixture("trap"))
-        .plugin("picky-config", &fixture("picky-config"));
+    let memory_dirs =
+        with_four_plugins(Dirs::new().flag_file("production", &bulk_file(1000, true)));
     let cache = tempfile::tempdir().expect("cache dir");
     for how in ["compiled at start", "precompiled"] {
         let port = RedisServer::reserve_port();
-        let mut command = Command::new(&binary);
-        command
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--flags")
-            .arg(memory_dirs.flags())
-            .arg("--plugins")
-            .arg(memory_dirs.plugins())
-            .arg("--plugin-cache-dir")
-            .arg(cache.path())
-            .args(extra_args.split_whitespace())
-            .env_remove("REDIS_URL");
+        let mut command = serve(&binary, &memory_dirs, port, &extra_args);
+        command.arg("--plugin-cache-dir").arg(cache.path());
         let server = Server::start_at("flaghost", &mut command, port, "/ofrep/v1/evaluate/flags");
         wrk(
             &server,

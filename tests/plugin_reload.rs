@@ -103,6 +103,24 @@ async fn plugin_changes_take_effect_without_a_restart_and_bad_ones_are_refused()
         gated().await.1
     );
 
+    // Once a file has stood a while, a look goes by its stamp and does not
+    // read it again; a rewrite in place, of the same length, with its
+    // modification time put back, is still seen (its change time moved).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mtime = std::fs::metadata(&gate)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let mut same_length = std::fs::read(&gate).expect("read");
+    same_length[..8].copy_from_slice(b"\0asm bad");
+    std::fs::write(&gate, &same_length).expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(&gate)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("set mtime");
+    assert!(refused(&fh, &sha256(&gate)).await, "the rewrite is seen");
+    std::fs::copy(plugin("allow-list"), &gate).expect("copy");
+
     // Removing a plugin nothing uses drops it; one the flags use stays.
     std::fs::remove_file(dirs.plugins().join("extra.wasm")).expect("remove");
     std::fs::remove_file(&gate).expect("remove");

@@ -30,7 +30,7 @@ use crate::plugins::{
     valid_plugin_name,
 };
 use crate::sha256_hex;
-use crate::store::{DirStore, FlagFiles, StoreError};
+use crate::store::{DirStore, FlagFiles, Stamp, StoreError};
 
 /// Why a change asked through the admin API was not made. Nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,11 @@ struct Seen {
     kept: HashMap<String, FlagFiles>,
     /// Files over the size limit already logged, by name and size.
     oversized: HashSet<(String, u64)>,
+    /// Each file's stamp when it was last read, with the digest of what
+    /// was read. NB: a look read and hashed every component every second,
+    /// the 18 MB Python and 12 MB JavaScript examples: about 16 ms of CPU a
+    /// second at rest (`sha256sum` of the two: 157 ms for ten passes).
+    stamps: HashMap<String, (Stamp, String)>,
 }
 
 impl Seen {
@@ -141,11 +146,13 @@ pub struct PluginChanges {
     seen: tokio::sync::Mutex<Seen>,
 }
 
-/// A plugin file as read.
+/// A plugin file as listed.
 struct File {
     /// Hex SHA-256, as [`Plugin::digest`] gives it.
     digest: String,
-    bytes: Arc<[u8]>,
+    /// Its bytes, unless its stamp showed it unchanged since a look read
+    /// it: then it is not read again.
+    bytes: Option<Arc<[u8]>>,
 }
 
 /// Why a component could not be compiled.
@@ -451,12 +458,22 @@ impl PluginChanges {
                 })
                 .collect()
         };
-        let compiled = futures_util::future::join_all(
-            to_compile
-                .iter()
-                .map(|(name, file)| self.compile(name, file.bytes.clone())),
-        )
-        .await;
+        let compiled =
+            futures_util::future::join_all(to_compile.iter().map(|&(name, file)| async move {
+                match &file.bytes {
+                    Some(bytes) => self.compile(name, bytes.clone()).await,
+                    // NB: listed unchanged but not loaded (a compile that failed
+                    // for flaghost's reasons is retried): read now. Bytes that
+                    // are no longer these are left to the next look.
+                    None => match tokio::fs::read(self.path(name)).await {
+                        Ok(bytes) if sha256_hex(&bytes) == file.digest => {
+                            self.compile(name, bytes.into()).await
+                        }
+                        _ => Err(Compile::Failed(format!("{name} changed while it was read"))),
+                    },
+                }
+            }))
+            .await;
 
         let mut seen = self.seen.lock().await;
         let seen = &mut *seen;
@@ -583,16 +600,25 @@ impl PluginChanges {
     /// `None` if it cannot be listed (logged).
     async fn list(&self) -> Option<HashMap<String, File>> {
         let (dir, reader) = (self.dir.clone(), self.runtime.clone());
-        let mut oversized = std::mem::take(&mut self.seen.lock().await.oversized);
+        let (mut oversized, mut stamps) = {
+            let mut seen = self.seen.lock().await;
+            (
+                std::mem::take(&mut seen.oversized),
+                std::mem::take(&mut seen.stamps),
+            )
+        };
         let listed = tokio::task::spawn_blocking(move || {
-            let files = files(&dir, &reader, &mut oversized);
-            (files, oversized)
+            let files = files(&dir, &reader, &mut oversized, &mut stamps);
+            (files, oversized, stamps)
         })
         .await;
-        let Ok((files, oversized)) = listed else {
+        let Ok((files, oversized, stamps)) = listed else {
             return None;
         };
-        self.seen.lock().await.oversized = oversized;
+        let mut seen = self.seen.lock().await;
+        seen.oversized = oversized;
+        seen.stamps = stamps;
+        drop(seen);
         match files {
             Ok(files) => Some(files),
             Err(e) => {
@@ -603,13 +629,15 @@ impl PluginChanges {
     }
 }
 
-/// The `*.wasm` files in `dir`, by plugin name, read and hashed (blocking
-/// work: run off the async workers). A file over the size limit is left out,
-/// and logged once per size.
+/// The `*.wasm` files in `dir`, by plugin name, read and hashed unless
+/// their stamp in `stamps` shows them unchanged (blocking work: run off the
+/// async workers). A file over the size limit is left out, and logged once
+/// per size.
 fn files(
     dir: &Path,
     runtime: &PluginRuntime,
     oversized: &mut HashSet<(String, u64)>,
+    stamps: &mut HashMap<String, (Stamp, String)>,
 ) -> std::io::Result<HashMap<String, File>> {
     let mut files = HashMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -620,14 +648,35 @@ fn files(
         let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
+        // NB: stated before it is read: a change after the stat gives a
+        // new stamp at the next look, so these bytes are never vouched for
+        // by a later version's stamp.
+        let stamp = std::fs::metadata(&path).ok().map(|m| Stamp::of(&m));
+        if let (Some(stamp), Some((known, digest))) = (stamp, stamps.get(name))
+            && stamp == *known
+        {
+            let digest = digest.clone();
+            files.insert(
+                name.to_owned(),
+                File {
+                    digest,
+                    bytes: None,
+                },
+            );
+            continue;
+        }
+        stamps.remove(name);
         match runtime.read_component(name, &path) {
             Ok(bytes) => {
                 let digest = sha256_hex(&bytes);
+                if let Some(stamp) = stamp.and_then(Stamp::settled) {
+                    stamps.insert(name.to_owned(), (stamp, digest.clone()));
+                }
                 files.insert(
                     name.to_owned(),
                     File {
                         digest,
-                        bytes: bytes.into(),
+                        bytes: Some(bytes.into()),
                     },
                 );
             }
@@ -644,6 +693,7 @@ fn files(
             }
         }
     }
+    stamps.retain(|name, _| files.contains_key(name));
     Ok(files)
 }
 

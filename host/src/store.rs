@@ -3,8 +3,10 @@
 //! [`FlagStore`] is the port; [`DirStore`] reads `<dir>/<environment>.json`.
 
 mod dir;
+mod stamp;
 
 pub use dir::{DirStore, FlagFiles};
+pub(crate) use stamp::Stamp;
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use super::{FlagStore, StoreError, valid_environment_name};
+use super::{FlagStore, Stamp, StoreError, valid_environment_name};
 use crate::flags::{DocumentLimits, FlagSet, RuleBinder, parse_flag_file};
 use crate::plugins::{PluginRegistry, PluginSet};
 use crate::sha256_hex;
@@ -25,43 +25,6 @@ struct Parse {
     /// The file as it was stated before it was read, when that says
     /// whether it changed since (see [`Stamp::settled`]).
     stamp: Option<Stamp>,
-}
-
-/// What tells a file's versions apart without reading it: device, inode,
-/// length, and modification and change times. `ctime` cannot be set by a
-/// user (`touch -d`, `cp -p`, `rsync -t` set `mtime` only), and a
-/// replaced file is a new inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt as _;
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
-
-    /// This stamp if it can vouch for the bytes read after it: its times
-    /// are over a second old. The kernel stamps files from a coarse clock,
-    /// so two writes within one tick can leave the same times; a write
-    /// after a second has passed cannot (git's "racy clean" rule).
-    fn settled(self) -> Option<Self> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        (self.mtime.0 < now - 1 && self.ctime.0 < now - 1).then_some(self)
-    }
 }
 
 /// Reads flag files from a directory; rules are bound to `plugins`. Cloning

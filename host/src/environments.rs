@@ -497,20 +497,42 @@ impl Environments {
     }
 
     /// Runs the background work until aborted: every `watch_interval` (if
-    /// any) reloads changed flag files; every check interval writes back
-    /// flag sets the shared cache lost; and acts on the shared cache's
-    /// events as they come.
-    pub async fn maintain(self: Arc<Self>, watch_interval: Option<Duration>) {
+    /// any) runs `look_first` (the plugin directory's watch) and then
+    /// reloads changed flag files; every check interval writes back flag
+    /// sets the shared cache lost; and acts on the shared cache's events as
+    /// they come.
+    ///
+    /// NB: one task on one timer when the two intervals are equal (the
+    /// default): an idle flaghost wakes once a second for all of it, not
+    /// once per timer (the plugin watch had its own task and timer).
+    pub async fn maintain<F>(
+        self: Arc<Self>,
+        watch_interval: Option<Duration>,
+        mut look_first: impl FnMut() -> F,
+    ) where
+        F: Future<Output = ()>,
+    {
         use tokio::time::{MissedTickBehavior, interval};
         let mut events = self.shared.as_ref().map(|s| s.events());
-        let mut watch = interval(watch_interval.unwrap_or(Duration::from_secs(3600)));
-        watch.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut check = interval(self.timing.check_interval);
-        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let every = |period| {
+            let mut timer = interval(period);
+            timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            timer
+        };
+        let mut watch = every(watch_interval.unwrap_or(Duration::from_secs(3600)));
+        let mut check = every(self.timing.check_interval);
+        let shared = self.shared.is_some();
+        let together = shared && watch_interval == Some(self.timing.check_interval);
         loop {
             tokio::select! {
-                _ = watch.tick(), if watch_interval.is_some() => self.poll_store().await,
-                _ = check.tick(), if self.shared.is_some() => self.keep_shared_warm().await,
+                _ = watch.tick(), if watch_interval.is_some() => {
+                    look_first().await;
+                    self.poll_store().await;
+                    if together {
+                        self.keep_shared_warm().await;
+                    }
+                }
+                _ = check.tick(), if shared && !together => self.keep_shared_warm().await,
                 event = next_event(&mut events) => match event {
                     Ok(CacheEvent::Invalidated(environment)) => {
                         debug!(environment = ?environment, "dropping the snapshot: invalidated by another instance");

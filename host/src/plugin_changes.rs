@@ -19,7 +19,6 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -213,17 +212,6 @@ impl PluginChanges {
 
     fn registry(&self) -> &PluginRegistry {
         self.store.plugins()
-    }
-
-    /// Looks at the plugin directory every `interval` until aborted.
-    pub async fn watch(self: Arc<Self>, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            self.look().await;
-        }
     }
 
     /// Uploads `bytes` as plugin `name`: compiled and checked (the component,
@@ -438,7 +426,7 @@ impl PluginChanges {
     /// The files that changed are compiled side by side, without the lock:
     /// uploads go on meanwhile. The lock is taken again to decide, against
     /// the plugins in force by then.
-    async fn look(&self) {
+    pub async fn look(&self) {
         let Some(files) = self.list().await else {
             return;
         };

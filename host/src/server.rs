@@ -28,10 +28,9 @@ pub struct Service {
     pub http: HttpOptions,
     /// Keeps the engine (and its epoch ticker) alive.
     pub runtime: Arc<PluginRuntime>,
-    /// Reloads flag files and keeps the shared cache warm while served.
+    /// Reloads the plugin directory and flag files, and keeps the shared
+    /// cache warm, while served.
     _maintenance: AbortOnDrop,
-    /// Reloads the plugin directory while served.
-    _plugin_watch: Option<AbortOnDrop>,
 }
 
 /// Stops a background task when the service goes.
@@ -241,7 +240,6 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         startup_ms = started.elapsed().as_millis() as u64,
         "flaghost loaded"
     );
-    let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval));
     let plugin_changes = config.plugins.as_ref().map(|dir| {
         Arc::new(PluginChanges::new(
             runtime.clone(),
@@ -250,12 +248,15 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             read_path.clone(),
         ))
     });
-    let plugin_watch = match (&plugin_changes, config.watch_interval) {
-        (Some(changes), Some(interval)) => {
-            Some(AbortOnDrop(tokio::spawn(changes.clone().watch(interval))))
+    let plugin_watch = plugin_changes.clone();
+    let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval, move || {
+        let changes = plugin_watch.clone();
+        async move {
+            if let Some(changes) = changes {
+                changes.look().await;
+            }
         }
-        _ => None,
-    };
+    }));
     Ok(Service {
         state: AppState {
             environments: read_path,
@@ -269,7 +270,6 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         http: config.http.clone(),
         runtime,
         _maintenance: AbortOnDrop(maintenance),
-        _plugin_watch: plugin_watch,
     })
 }
 

@@ -251,9 +251,13 @@ fn sweep(warm: &mut HashMap<u64, Warm>) {
 }
 
 /// Drops this thread's warm instances of plugins that no longer exist: an
-/// idle pool thread gives their pool slots back.
-pub(super) fn sweep_this_thread() {
-    WARM.with(|warm| sweep(&mut warm.borrow_mut()));
+/// idle pool thread gives their pool slots back. Whether any is left.
+pub(super) fn sweep_this_thread() -> bool {
+    WARM.with(|warm| {
+        let mut warm = warm.borrow_mut();
+        sweep(&mut warm);
+        !warm.is_empty()
+    })
 }
 
 /// Runs the plugin's configuration check on a fresh instance.

@@ -214,6 +214,8 @@ impl PluginPool {
 /// its share, runs one of its jobs, and gives the lane's turn to the next.
 fn work(shared: &Shared) {
     lower_priority(shared.size.nice);
+    // Whether this thread may hold warm instances to sweep.
+    let mut warm = true;
     loop {
         let (lane, job) = {
             let mut queues = shared.lock();
@@ -231,22 +233,35 @@ fn work(shared: &Shared) {
                     break next;
                 }
                 shared.sleeping.fetch_add(1, Ordering::AcqRel);
-                let (guard, waited) = shared
-                    .work
-                    .wait_timeout(queues, IDLE_SWEEP)
-                    .unwrap_or_else(PoisonError::into_inner);
-                queues = guard;
+                // NB: with no warm instance left to sweep (the default
+                // isolation keeps none), an idle thread sleeps until work
+                // comes: nothing wakes it while flaghost is at rest.
+                let timed_out = if warm {
+                    let (guard, waited) = shared
+                        .work
+                        .wait_timeout(queues, IDLE_SWEEP)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    queues = guard;
+                    waited.timed_out()
+                } else {
+                    queues = shared
+                        .work
+                        .wait(queues)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    false
+                };
                 shared.sleeping.fetch_sub(1, Ordering::AcqRel);
-                if waited.timed_out() {
+                if timed_out {
                     // NB: outside the lock: dropping stores gives pooled
                     // memory back, and callers must not wait for that.
                     drop(queues);
-                    super::instance::sweep_this_thread();
+                    warm = super::instance::sweep_this_thread();
                     queues = shared.lock();
                 }
             }
         };
         job();
+        warm = true;
         let mut queues = shared.lock();
         let idle = match queues.lanes.get_mut(&lane) {
             Some(entry) => {

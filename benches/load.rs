@@ -4,7 +4,9 @@
 //! Three servers run at once, each a process of its own built with the
 //! release profile: the floor (this binary re-run with `--floor`: an axum
 //! handler that parses an OFREP body and answers a fixed OFREP JSON, the
-//! least any OFREP server must do), flaghost from memory, and flaghost with
+//! least any OFREP server must do; for a bulk request, the very bytes
+//! flaghost answers, taken from it before the run, so the floor pays what
+//! sending that answer costs), flaghost from memory, and flaghost with
 //! `REDIS_URL` (a `redis-server` of the harness's own). Debian's `wrk`
 //! (`apt-get install wrk`) drives one at a time, `LOAD_CONNECTIONS` (64)
 //! connections on 2 threads for `LOAD_SECS` (3) each, interleaved: every
@@ -12,10 +14,10 @@
 //! slow spells alike. Over `LOAD_ROUNDS` (5) rounds it prints medians of the
 //! server's CPU per request (its utime + stime over the requests wrk
 //! counted), requests a second, and wrk's p50/p99, with flaghost's CPU as a
-//! ratio to the floor's for the single-flag scenarios. Then the most any
-//! thread of each flaghost woke in a second while idle, and the resident
-//! memory of a flaghost serving 1,000 flags and the 4 plugins after a bulk
-//! load, its plugins compiled at start-up and then precompiled.
+//! ratio to the floor's. Then the most any thread of each flaghost woke in
+//! a second while idle, and the resident memory of a flaghost serving
+//! 1,000 flags and the 4 plugins after a bulk load, its plugins compiled at
+//! start-up and then precompiled.
 //!
 //! Scenarios: one flag, static / JsonLogic (`if`/`in`) / `fractional` /
 //! plugin (the allow-list rule, default isolation); bulk of 50 mixed flags
@@ -26,7 +28,10 @@
 //! percentage-rollout, trap, picky-config). `LOAD_ONLY` (a substring of a
 //! scenario's name) runs fewer; `LOAD_FLAGHOST_ARGS` adds options to both
 //! flaghosts (`--plugin-isolation reuse` parts a plugin flag's own cost
-//! from the rest).
+//! from the rest). `LOAD_VARIANTS=name=path,name=path` runs those flaghost
+//! binaries (paths from the repository root) side by side from memory
+//! instead of flaghost with and without Redis: how the allocator was
+//! chosen (README, Performance).
 //!
 //! `cargo bench -p flaghost-benches --bench load`
 
@@ -53,54 +58,45 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// One load: a name, the path it posts to, and whether the floor serves it.
+/// One load: a name and the path it posts to.
 struct Scenario {
     name: &'static str,
     path: &'static str,
-    single: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "single static",
         path: "/ofrep/v1/evaluate/flags/static",
-        single: true,
     },
     Scenario {
         name: "single JsonLogic",
         path: "/ofrep/v1/evaluate/flags/logic",
-        single: true,
     },
     Scenario {
         name: "single fractional",
         path: "/ofrep/v1/evaluate/flags/fractional",
-        single: true,
     },
     Scenario {
         name: "single plugin",
         path: "/ofrep/v1/evaluate/flags/plugin",
-        single: true,
     },
     Scenario {
         name: "bulk 50 mixed",
         path: "/environments/bulk50/ofrep/v1/evaluate/flags",
-        single: false,
     },
     Scenario {
         name: "bulk 1000 mixed",
         path: "/environments/bulk1000/ofrep/v1/evaluate/flags",
-        single: false,
     },
     // The same two without their plugin flags: what the rest costs.
     Scenario {
         name: "bulk 45 no plugin",
         path: "/environments/bulk50-static-logic/ofrep/v1/evaluate/flags",
-        single: false,
     },
     Scenario {
         name: "bulk 900 no plugin",
         path: "/environments/bulk1000-static-logic/ofrep/v1/evaluate/flags",
-        single: false,
     },
 ];
 
@@ -206,7 +202,7 @@ fn release_flaghost() -> PathBuf {
 
 /// A server under load: its process, where it answers, and its name.
 struct Server {
-    name: &'static str,
+    name: String,
     base: String,
     child: Child,
 }
@@ -219,19 +215,19 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(name: &'static str, command: &mut Command, port: u16) -> Self {
+    fn start(name: &str, command: &mut Command, port: u16) -> Self {
         Self::start_at(name, command, port, "/ofrep/v1/evaluate/flags/static")
     }
 
     /// Starts `command`, ready once `ready_path` answers 200.
-    fn start_at(name: &'static str, command: &mut Command, port: u16, ready_path: &str) -> Self {
+    fn start_at(name: &str, command: &mut Command, port: u16, ready_path: &str) -> Self {
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
         let server = Self {
-            name,
+            name: name.to_owned(),
             base: format!("http://127.0.0.1:{port}"),
             child,
         };
@@ -367,33 +363,77 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// `--floor PORT`: the bare OFREP server.
-async fn floor(port: u16) {
+/// `--floor PORT [--bulk DIR]`: the bare OFREP server. A bulk request for
+/// environment `e` is answered with the bytes of `DIR/e.json`: the answer
+/// flaghost gives, so the floor's cost is what sending it costs.
+async fn floor(port: u16, bulk: Option<PathBuf>) {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
     use axum::Router;
     use axum::body::Bytes;
+    use axum::extract::{Path as UrlPath, State};
     use axum::http::{StatusCode, header};
-    use axum::response::IntoResponse;
+    use axum::response::{IntoResponse, Response};
     use axum::routing::post;
 
-    async fn evaluate(
-        axum::extract::Path(key): axum::extract::Path<String>,
-        body: Bytes,
-    ) -> impl IntoResponse {
-        // The least an OFREP server does: parse the request, answer in JSON.
-        let Ok(Json::Object(mut request)) = serde_json::from_slice::<Json>(&body) else {
-            return (StatusCode::BAD_REQUEST, Vec::new()).into_response();
+    /// The least an OFREP server does: parse the request's context.
+    fn parse(body: &[u8]) -> Option<Json> {
+        let Ok(Json::Object(mut request)) = serde_json::from_slice::<Json>(body) else {
+            return None;
         };
-        let _context = request.remove("context");
-        let answer = json!({"key": key, "value": true, "reason": "STATIC",
-                            "variant": "on", "metadata": {}});
-        (
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::to_vec(&answer).unwrap_or_default(),
-        )
-            .into_response()
+        request.remove("context")
     }
 
-    let app = Router::new().route("/ofrep/v1/evaluate/flags/{key}", post(evaluate));
+    fn answer(body: Vec<u8>) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+
+    async fn evaluate(UrlPath(key): UrlPath<String>, body: Bytes) -> Response {
+        if parse(&body).is_none() {
+            return StatusCode::BAD_REQUEST.into_response();
+        }
+        let answer_json = json!({"key": key, "value": true, "reason": "STATIC",
+                                 "variant": "on", "metadata": {}});
+        answer(serde_json::to_vec(&answer_json).unwrap_or_default())
+    }
+
+    async fn evaluate_all(
+        State(answers): State<Arc<HashMap<String, Bytes>>>,
+        UrlPath(environment): UrlPath<String>,
+        body: Bytes,
+    ) -> Response {
+        match (parse(&body), answers.get(&environment)) {
+            (Some(_), Some(answer)) => {
+                ([(header::CONTENT_TYPE, "application/json")], answer.clone()).into_response()
+            }
+            _ => StatusCode::BAD_REQUEST.into_response(),
+        }
+    }
+
+    let mut answers = HashMap::new();
+    for entry in bulk
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("bulk dir"))
+    {
+        let path = entry.expect("entry").path();
+        let environment = path
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .into_owned();
+        answers.insert(
+            environment,
+            Bytes::from(std::fs::read(&path).expect("read")),
+        );
+    }
+    let app = Router::new()
+        .route("/ofrep/v1/evaluate/flags/{key}", post(evaluate))
+        .route(
+            "/environments/{environment}/ofrep/v1/evaluate/flags",
+            post(evaluate_all),
+        )
+        .with_state(Arc::new(answers));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind");
@@ -404,9 +444,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--floor") {
         let port = args[at + 1].parse().expect("a port");
+        let bulk = args
+            .iter()
+            .position(|a| a == "--bulk")
+            .map(|at| PathBuf::from(&args[at + 1]));
         tokio::runtime::Runtime::new()
             .expect("runtime")
-            .block_on(floor(port));
+            .block_on(floor(port, bulk));
         return;
     }
     // NB: `cargo bench` passes `--bench`; a filter is a scenario name part.
@@ -416,39 +460,70 @@ fn main() {
     let connections = env_or("LOAD_CONNECTIONS", 64);
     let extra_args = std::env::var("LOAD_FLAGHOST_ARGS").unwrap_or_default();
 
+    // NB: `LOAD_VARIANTS` (`name=path,...`) compares flaghost binaries built
+    // otherwise (another allocator, another profile) side by side, from
+    // memory, instead of flaghost with and without Redis.
+    let variants: Vec<(String, PathBuf)> = std::env::var("LOAD_VARIANTS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|v| v.split_once('='))
+        .map(|(name, path)| (name.to_owned(), root().join(path)))
+        .collect();
     let binary = release_flaghost();
     let dirs = dirs();
     let redis = RedisServer::start();
-    let flaghost = |redis_url: Option<String>| {
-        let port = RedisServer::reserve_port();
-        let mut command = serve(&binary, &dirs, port, &extra_args);
-        if let Some(url) = redis_url {
-            command.env("REDIS_URL", url);
-        }
-        (command, port)
+    let specs: Vec<(String, PathBuf, Option<String>)> = if variants.is_empty() {
+        vec![
+            ("flaghost".into(), binary.clone(), None),
+            ("flaghost+redis".into(), binary.clone(), Some(redis.url())),
+        ]
+    } else {
+        variants.into_iter().map(|(n, p)| (n, p, None)).collect()
     };
+    let flaghosts: Vec<Server> = specs
+        .iter()
+        .map(|(name, binary, redis_url)| {
+            let port = RedisServer::reserve_port();
+            let mut command = serve(binary, &dirs, port, &extra_args);
+            if let Some(url) = redis_url {
+                command.env("REDIS_URL", url);
+            }
+            Server::start(name, &mut command, port)
+        })
+        .collect();
+    // Every environment loaded (and with Redis, written there) before the
+    // first measured request; the first flaghost's bulk answers are what
+    // the floor sends.
+    let client = reqwest::blocking::Client::new();
+    let bulk_answers = tempfile::tempdir().expect("bulk answers dir");
+    for server in &flaghosts {
+        for scenario in SCENARIOS {
+            let answer = client
+                .post(format!("{}{}", server.base, scenario.path))
+                .body(BODY)
+                .send()
+                .and_then(|a| a.bytes())
+                .expect("flaghost answers");
+            if let Some(environment) = scenario
+                .path
+                .strip_prefix("/environments/")
+                .and_then(|p| p.split('/').next())
+            {
+                let file = bulk_answers.path().join(format!("{environment}.json"));
+                if !file.exists() {
+                    std::fs::write(file, answer).expect("write answer");
+                }
+            }
+        }
+    }
     let floor_port = RedisServer::reserve_port();
     let floor = Server::start(
         "floor",
         Command::new(std::env::current_exe().expect("this binary"))
-            .args(["--floor", &floor_port.to_string()]),
+            .args(["--floor", &floor_port.to_string(), "--bulk"])
+            .arg(bulk_answers.path()),
         floor_port,
     );
-    let (mut memory_command, memory_port) = flaghost(None);
-    let memory = Server::start("flaghost", &mut memory_command, memory_port);
-    let (mut redis_command, redis_port) = flaghost(Some(redis.url()));
-    let with_redis = Server::start("flaghost+redis", &mut redis_command, redis_port);
-    // Every environment loaded (and with Redis, written there) before the
-    // first measured request.
-    let client = reqwest::blocking::Client::new();
-    for server in [&memory, &with_redis] {
-        for scenario in SCENARIOS {
-            let _ = client
-                .post(format!("{}{}", server.base, scenario.path))
-                .body(BODY)
-                .send();
-        }
-    }
 
     let script = tempfile::NamedTempFile::new().expect("script");
     std::fs::write(
@@ -464,17 +539,15 @@ fn main() {
         .filter(|s| s.name.contains(only.as_str()))
         .collect();
     let mut runs: BTreeMap<(usize, &str), Vec<Run>> = BTreeMap::new();
+    let everyone: Vec<&Server> = std::iter::once(&floor).chain(&flaghosts).collect();
     for round in 1..=rounds {
         eprintln!("round {round} of {rounds}");
         for (at, scenario) in scenarios.iter().enumerate() {
-            let servers: Vec<&Server> = if scenario.single {
-                vec![&floor, &memory, &with_redis]
-            } else {
-                vec![&memory, &with_redis]
-            };
-            for server in servers {
+            for server in &everyone {
                 let run = wrk(server, scenario.path, script.path(), secs, connections);
-                runs.entry((at, server.name)).or_default().push(run);
+                runs.entry((at, server.name.as_str()))
+                    .or_default()
+                    .push(run);
             }
         }
     }
@@ -490,7 +563,8 @@ fn main() {
         let floor_cpu = runs
             .get(&(at, "floor"))
             .map(|r| median(r.iter().map(|r| r.cpu_us_per_request).collect()));
-        for name in ["floor", "flaghost", "flaghost+redis"] {
+        for server in &everyone {
+            let name = server.name.as_str();
             let Some(r) = runs.get(&(at, name)) else {
                 continue;
             };
@@ -509,7 +583,8 @@ fn main() {
         }
     }
     println!();
-    for server in [&memory, &with_redis] {
+    drop(everyone);
+    for server in &flaghosts {
         std::thread::sleep(Duration::from_secs(1));
         let (thread, per_second) = busiest_idle_thread(server.pid(), Duration::from_secs(3));
         println!(
@@ -517,29 +592,36 @@ fn main() {
             server.name,
         );
     }
-    drop((floor, memory, with_redis));
+    let binaries: Vec<(String, PathBuf)> = specs
+        .iter()
+        .filter(|(_, _, redis_url)| redis_url.is_none())
+        .map(|(name, binary, _)| (name.clone(), binary.clone()))
+        .collect();
+    drop((floor, flaghosts));
 
     // Resident memory as the goal sets it: 1,000 flags and the 4 plugins,
     // after a bulk load at c64, the plugins compiled at start-up (in a
     // child process) and then loaded precompiled from a cache directory.
     let memory_dirs =
         with_four_plugins(Dirs::new().flag_file("production", &bulk_file(1000, true)));
-    let cache = tempfile::tempdir().expect("cache dir");
-    for how in ["compiled at start", "precompiled"] {
-        let port = RedisServer::reserve_port();
-        let mut command = serve(&binary, &memory_dirs, port, &extra_args);
-        command.arg("--plugin-cache-dir").arg(cache.path());
-        let server = Server::start_at("flaghost", &mut command, port, "/ofrep/v1/evaluate/flags");
-        wrk(
-            &server,
-            "/ofrep/v1/evaluate/flags",
-            script.path(),
-            secs,
-            connections,
-        );
-        println!(
-            "1,000 flags + 4 plugins {how}: RSS after a bulk load at c{connections} {:.1} MiB",
-            rss_kib(server.pid()) as f64 / 1024.0
-        );
+    for (name, binary) in &binaries {
+        let cache = tempfile::tempdir().expect("cache dir");
+        for how in ["compiled at start", "precompiled"] {
+            let port = RedisServer::reserve_port();
+            let mut command = serve(binary, &memory_dirs, port, &extra_args);
+            command.arg("--plugin-cache-dir").arg(cache.path());
+            let server = Server::start_at(name, &mut command, port, "/ofrep/v1/evaluate/flags");
+            wrk(
+                &server,
+                "/ofrep/v1/evaluate/flags",
+                script.path(),
+                secs,
+                connections,
+            );
+            println!(
+                "{name}: 1,000 flags + 4 plugins {how}: RSS after a bulk load at c{connections} {:.1} MiB",
+                rss_kib(server.pid()) as f64 / 1024.0
+            );
+        }
     }
 }

@@ -261,7 +261,12 @@ fn parse_flag(
         resolved_rule,
         &metadata,
     );
+    let lane = match &targeting {
+        Targeting::Rule(rule) => rule.lane().map(Into::into),
+        Targeting::None | Targeting::Unparsable(_) => None,
+    };
     Ok(Flag {
+        lane,
         key: key.to_owned(),
         state,
         variants,

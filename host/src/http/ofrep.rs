@@ -62,8 +62,10 @@ pub async fn evaluate_one(
     match answer {
         Ok(resolution) => {
             let mut body = Vec::with_capacity(256);
-            let key_json = flag.map_or_else(|| json_text(&key), |f| f.key_json.clone());
-            write_success(&mut body, &key_json, &resolution, served.stale);
+            match flag {
+                Some(flag) => write_success(&mut body, &flag.key_json, &resolution, served.stale),
+                None => write_success(&mut body, &json_text(&key), &resolution, served.stale),
+            }
             Ok(raw_json_response(StatusCode::OK, body))
         }
         Err(error) => Err(ApiError::Evaluation { key, error }),

@@ -259,10 +259,44 @@ async fn the_admin_api_is_off_without_a_token_and_refuses_wrong_ones() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = invalidate(&fh, r#"{"env": "production"}"#).await;
     assert_eq!(status, 400, "{body}");
+    // A name no flag file has is a mistake, not a kill switch pulled.
+    let (status, body) = invalidate(&fh, r#"{"environment": "prodution"}"#).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.to_string().contains("prodution"), "{body}");
     let (status, body) = invalidate(&fh, r#"{"environment": "production"}"#).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["keysDeleted"], Value::Null, "no Redis here: {body}");
     assert_eq!(greeting(&fh).await.1["value"], "hello");
+    fh.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_unready_until_an_environment_is_loaded() {
+    // No flag file at all: up (healthz), not ready; ready once one lands.
+    let dirs = Dirs::new();
+    std::fs::create_dir_all(dirs.flags()).expect("flag dir");
+    let mut config = config(&dirs, None, Duration::from_secs(60));
+    config.watch_interval = Some(Duration::from_millis(100));
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let (status, body) = fh.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("flag file")),
+        "{body}"
+    );
+    assert_eq!(fh.get("/healthz").await.0, 200);
+    std::fs::write(
+        dirs.flags().join("production.json"),
+        flags("hello").to_string(),
+    )
+    .expect("write");
+    let ready = flaghost_tests::eventually(Duration::from_secs(30), || async {
+        fh.get("/readyz").await.0 == 200
+    })
+    .await;
+    assert!(ready, "ready once a flag file is loaded");
     fh.stop().await.expect("stops");
 }
 

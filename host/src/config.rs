@@ -393,8 +393,9 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_CHECK_INTERVAL_MS", default_value_t = 1000)]
     pub check_interval_ms: u64,
 
-    /// How often the flag directory is checked for changed, new and removed
-    /// files, in milliseconds; 0 turns reloading off.
+    /// How often the flag directory and the plugin directory are checked
+    /// for changed, new and removed files, in milliseconds; 0 turns
+    /// reloading off.
     #[arg(long, env = "FLAGHOST_WATCH_INTERVAL_MS", default_value_t = 1000)]
     pub watch_interval_ms: u64,
 
@@ -456,8 +457,9 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-/// A validated `serve` configuration.
-#[derive(Debug, Clone)]
+/// A validated `serve` configuration. Its `Debug` shows no secret: the
+/// admin token is redacted, and so is a password in the Redis URL.
+#[derive(Clone)]
 pub struct ServeConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
@@ -490,6 +492,31 @@ pub struct ServeConfig {
     /// Where plugins are compiled: a child process of this binary, under
     /// the compile bound of `limits`.
     pub compiler: Compiler,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("listen", &self.listen)
+            .field("flags", &self.flags)
+            .field("plugins", &self.plugins)
+            .field("plugin_cache_dir", &self.plugin_cache_dir)
+            .field("plugin_cache_key", &self.plugin_cache_key)
+            .field("default_environment", &self.default_environment)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("redis", &self.redis)
+            .field("check_interval", &self.check_interval)
+            .field("watch_interval", &self.watch_interval)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("http", &self.http)
+            .field("limits", &self.limits)
+            .field("documents", &self.documents)
+            .field("compiler", &self.compiler)
+            .finish()
+    }
 }
 
 impl LimitArgs {
@@ -820,6 +847,35 @@ mod tests {
         assert_eq!(config.limits.isolation_of("py-rule"), Isolation::Reuse);
         assert_eq!(config.limits.isolation_of("unnamed"), Isolation::Reuse);
         assert_eq!(config.plugins, Some(PathBuf::from("p")));
+    }
+
+    #[test]
+    fn a_configuration_printed_for_debugging_shows_no_secret() {
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--redis-url",
+            "redis://flaghost:s3cret-password@cache.internal:6380/2",
+            "--admin-token",
+            "an-admin-token-nobody-may-read",
+        ])
+        .command
+        else {
+            panic!("expected serve");
+        };
+        let printed = format!("{:?}", args.validate().expect("valid"));
+        assert!(!printed.contains("s3cret-password"), "{printed}");
+        assert!(
+            !printed.contains("an-admin-token-nobody-may-read"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("cache.internal:6380"),
+            "the rest is there: {printed}"
+        );
+        assert!(
+            printed.contains("admin_token: Some(\"<redacted>\")"),
+            "{printed}"
+        );
     }
 
     #[test]

@@ -475,6 +475,29 @@ impl Environments {
         report
     }
 
+    /// How many environments have a flag set to serve.
+    pub fn served_count(&self) -> usize {
+        self.last_good
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether `environment` is one flaghost serves or has a flag file for.
+    pub async fn exists(&self, environment: &str) -> bool {
+        let served = self
+            .last_good
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(environment);
+        served
+            || self
+                .store
+                .environments()
+                .await
+                .is_ok_and(|listed| listed.iter().any(|e| e == environment))
+    }
+
     /// Which cache serves.
     pub fn cache_status(&self) -> CacheStatus {
         match &self.shared {

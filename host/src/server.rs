@@ -136,7 +136,10 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
     for plugin in plugins.iter() {
         debug!(plugin = plugin.name(), digest = plugin.digest(), origin = ?plugin.origin(), "plugin loaded");
         if !plugin.trapped_imports().is_empty() {
-            info!(plugin = plugin.name(), imports = ?plugin.trapped_imports(),
+            // NB: not INFO: every Python and JavaScript component imports
+            // a dozen WASI interfaces it never calls; the admin listing
+            // shows them (`trappedImports`).
+            debug!(plugin = plugin.name(), imports = ?plugin.trapped_imports(),
                   "plugin imports interfaces outside the contract; calling them traps");
         }
     }
@@ -226,17 +229,20 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
               "the default environment has no flag file: /ofrep/v1/ answers 404 until it has one");
     }
     info!(
-        environments = ?loaded,
-        plugins = ?plugin_names,
+        environments = %loaded.join(","),
+        plugins = %plugin_names.join(","),
         cache = %shared.as_ref().map_or_else(|| "memory".to_owned(), |s| s.describe()),
-        watch_interval = ?config.watch_interval,
+        watch_interval_ms = config.watch_interval.map_or(0, |d| d.as_millis() as u64),
         store = %store.describe(),
         default_environment = %config.default_environment,
-        plugin_deadline = ?config.limits.deadline,
+        plugin_deadline_ms = config.limits.deadline.as_secs_f64() * 1e3,
         plugin_memory_bytes = config.limits.memory_bytes,
         plugin_isolation = %config.limits.isolation,
         plugin_pagemap_reset = crate::plugins::pagemap_reset(),
-        plugin_cache_dir = ?config.plugin_cache_dir,
+        plugin_cache_dir = %config
+            .plugin_cache_dir
+            .as_deref()
+            .map_or_else(|| "none".to_owned(), |d| d.display().to_string()),
         startup_ms = started.elapsed().as_millis() as u64,
         "flaghost loaded"
     );

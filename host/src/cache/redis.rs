@@ -222,8 +222,8 @@ impl Invalidation {
     }
 }
 
-/// How to reach Redis.
-#[derive(Debug, Clone)]
+/// How to reach Redis. Its `Debug` redacts a password in the URL.
+#[derive(Clone)]
 pub struct RedisOptions {
     /// `redis://[user:password@]host[:port][/db]`.
     pub url: String,
@@ -239,6 +239,19 @@ pub struct RedisOptions {
     pub max_entry_bytes: usize,
     /// Bounds on the flag document an entry holds: the same as on files.
     pub documents: DocumentLimits,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &redact_url(&self.url))
+            .field("ttl", &self.ttl)
+            .field("response_timeout", &self.response_timeout)
+            .field("signing_key", &self.signing_key)
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("documents", &self.documents)
+            .finish()
+    }
 }
 
 /// Default of [`RedisOptions::max_entry_bytes`]: the largest flag file

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::ValidPath;
 use super::{ApiError, AppState};
-use crate::environments::Invalidation;
+use crate::environments::{Invalidation, LookupError};
 use crate::plugin_changes::{PluginChanges, Upload};
 use crate::plugins::{CONTRACT_VERSIONS, Origin, Plugin, ReloadReport, StatsSnapshot};
 use crate::store::valid_environment_name;
@@ -94,6 +94,16 @@ pub async fn invalidate(
         return Err(bad(format!(
             "invalid environment name {env:?}: use letters, digits, '_', '.' and '-'"
         )));
+    }
+    // NB: a name no flag file has is a mistake to report (a typo would
+    // otherwise look like a successful kill switch).
+    if let Some(env) = &request.environment
+        && !state.environments.exists(env).await
+    {
+        return Err(ApiError::Environment {
+            key: None,
+            error: LookupError::NotFound(env.clone()),
+        });
     }
     let report = state
         .environments

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -16,7 +17,22 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
 /// `GET /readyz`: ready to evaluate. Redis being down does not make
 /// flaghost unready (it serves from memory); the answer says which cache
 /// backend serves (`redis`, `memory-fallback`, `memory-only`) and the Redis
-/// connection's state.
-pub async fn readyz(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"status": "ready", "cache": state.environments.cache_status()}))
+/// connection's state. With no environment to serve (no flag file loaded
+/// yet), 503: a load balancer must not send callers here.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+    let cache = state.environments.cache_status();
+    if state.environments.served_count() == 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unready",
+                "reason": "no environment has a flag file loaded: add one to the flag directory (see the log for refused files)",
+                "cache": cache,
+            })),
+        );
+    }
+    (
+        StatusCode::OK,
+        Json(json!({"status": "ready", "cache": cache})),
+    )
 }

@@ -199,7 +199,8 @@ fn compile_in_child(
         .arg(settings.wasm_stack_bytes.to_string())
         // NB: nothing of the service's environment (its Redis URL, its admin
         // token) reaches the process that reads untrusted bytes. Two malloc
-        // arenas: each arena reserves 64 MiB of address space per thread,
+        // arenas (a glibc build; jemalloc runs with one, see main.rs): each
+        // glibc arena reserves 64 MiB of address space per thread,
         // which would count toward RLIMIT_AS without being used (measured:
         // the bound then failed or passed by thread timing).
         .env_clear()
@@ -334,9 +335,8 @@ pub struct WorkerArgs {
 /// writes its artifact on stdout.
 pub fn worker(args: &WorkerArgs) -> ExitCode {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    // NB: the bound first, before anything reads the untrusted bytes; then a
-    // lower priority, inherited by the compiler's threads started later. A
-    // bound already lower (an operator's `ulimit`, systemd's `LimitCPU=`)
+    // NB: the bound before anything reads the untrusted bytes. A bound
+    // already lower (an operator's `ulimit`, systemd's `LimitCPU=`)
     // is kept: a process may lower its limits, never raise them.
     let lowered = |resource: Resource, soft: u64, hard: u64| {
         let inherited = getrlimit(resource).maximum.unwrap_or(u64::MAX);
@@ -348,6 +348,14 @@ pub fn worker(args: &WorkerArgs) -> ExitCode {
             },
         )
     };
+    // NB: the compiler's threads (wasmtime compiles functions on rayon's
+    // global pool) start before the address-space bound, at the lower
+    // priority they keep: their stacks are fixed, not the component's doing,
+    // and a pool that could not start under a small bound panicked inside
+    // rayon instead of failing an allocation that names the bound (seen
+    // once jemalloc, whose reservations leave less room, was the allocator).
+    let _ = rustix::process::setpriority_process(None, WORKER_NICE);
+    let _ = rayon::ThreadPoolBuilder::new().build_global();
     let bounded = lowered(Resource::Cpu, args.cpu_secs, args.cpu_secs + 1)
         .and_then(|()| lowered(Resource::As, args.memory_bytes, args.memory_bytes))
         .and_then(|()| lowered(Resource::Core, 0, 0));
@@ -358,7 +366,6 @@ pub fn worker(args: &WorkerArgs) -> ExitCode {
     // A compile outlives no flaghost: killed if the thread that started it
     // goes (that thread waits for it, so only with the process).
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
-    let _ = rustix::process::setpriority_process(None, WORKER_NICE);
 
     let mut bytes = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut bytes) {

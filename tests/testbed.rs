@@ -290,59 +290,68 @@ fn run(set: &FlagSet, scenario: &Scenario) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn flagd_testbed_evaluator_suite_passes() {
+/// Every scenario of every feature file, each a test of its own; and one
+/// that the suite is there and whole (a missing or truncated suite fails
+/// rather than passing with nothing run).
+fn main() -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
     let dir = testbed_dir();
-    assert!(
-        dir.join("gherkin").is_dir(),
-        "flagd-testbed not found at {}: set FLAGD_TESTBED to the flagd-testbed-evaluator folder \
-         (CI uses ../shared/reference/flagd-testbed-evaluator)",
-        dir.display()
-    );
-    let flags_file = dir.join("flags/testkit-flags.json");
-    let bytes = std::fs::read(&flags_file).expect("read testkit-flags.json");
-    let set = parse_flag_file(
-        &flags_file.display().to_string(),
-        "testbed",
-        &bytes,
-        &PluginSet::default(),
-        &Default::default(),
-    )
-    .unwrap_or_else(|e| panic!("the testbed's flags must load: {e}"));
-
-    let mut features: Vec<PathBuf> = std::fs::read_dir(dir.join("gherkin"))
-        .expect("gherkin dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "feature"))
-        .collect();
-    features.sort();
-    let (mut passed, mut failed) = (0, Vec::new());
-    for feature in &features {
-        let text = std::fs::read_to_string(feature).expect("read feature");
-        let file = feature.file_name().and_then(|n| n.to_str()).unwrap_or("?");
-        for scenario in scenarios(&text) {
-            match run(&set, &scenario) {
-                Ok(()) => passed += 1,
-                Err(why) => failed.push(format!("{file}: {}: {why}", scenario.name)),
+    let found = dir.join("gherkin").is_dir();
+    let mut trials = Vec::new();
+    let mut count = 0usize;
+    if found {
+        let flags_file = dir.join("flags/testkit-flags.json");
+        let bytes = std::fs::read(&flags_file).expect("read testkit-flags.json");
+        let set = std::sync::Arc::new(
+            parse_flag_file(
+                &flags_file.display().to_string(),
+                "testbed",
+                &bytes,
+                &PluginSet::default(),
+                &Default::default(),
+            )
+            .unwrap_or_else(|e| panic!("the testbed's flags must load: {e}")),
+        );
+        let mut features: Vec<PathBuf> = std::fs::read_dir(dir.join("gherkin"))
+            .expect("gherkin dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "feature"))
+            .collect();
+        features.sort();
+        for feature in &features {
+            let text = std::fs::read_to_string(feature).expect("read feature");
+            let file = feature
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .unwrap_or("?")
+                .to_owned();
+            for (at, scenario) in scenarios(&text).into_iter().enumerate() {
+                count += 1;
+                let set = set.clone();
+                // NB: numbered: an outline's rows share the scenario's name.
+                let name = format!("{file}::{at:03} {}", scenario.name);
+                trials.push(libtest_mimic::Trial::test(name, move || {
+                    run(&set, &scenario).map_err(Into::into)
+                }));
             }
         }
     }
-    for f in &failed {
-        eprintln!("FAIL {f}");
-    }
-    eprintln!(
-        "flagd-testbed: {} features, {passed} passed, {} failed",
-        features.len(),
-        failed.len()
-    );
-    assert!(
-        passed > 100,
-        "too few scenarios ran ({passed}): is the suite complete?"
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} testbed scenarios failed",
-        failed.len(),
-        passed + failed.len()
-    );
+    trials.push(libtest_mimic::Trial::test(
+        "the flagd-testbed suite is present and whole",
+        move || {
+            if !found {
+                return Err(format!(
+                    "flagd-testbed not found at {}: set FLAGD_TESTBED to the \
+                     flagd-testbed-evaluator folder (CI uses ../shared/reference/flagd-testbed-evaluator)",
+                    dir.display()
+                )
+                .into());
+            }
+            if count <= 100 {
+                return Err(format!("too few scenarios ({count}): is the suite complete?").into());
+            }
+            Ok(())
+        },
+    ));
+    libtest_mimic::run(&args, trials).exit_code()
 }

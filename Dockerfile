@@ -28,6 +28,7 @@ COPY --from=build /src/examples/flags /srv/flaghost/flags
 # NB: the plugin directory is flaghost's to write: the admin API's uploads
 # land there.
 COPY --from=build --chown=flaghost:flaghost /src/target/plugins /srv/flaghost/plugins
-USER flaghost
+# NB: numeric, so a cluster that runs only non-root images can tell.
+USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["flaghost", "serve"]

@@ -275,7 +275,7 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
 }
 
 #[test]
-fn redis_url_empty_in_env_is_the_rollback_and_no_env_uses_the_bundled_redis() {
+fn redis_url_empty_in_env_is_the_rollback_and_no_env_is_memory_only() {
     // `REDIS_URL=` in .env: flaghost runs on its in-memory cache.
     let mut dotenv: BTreeMap<String, String> = env_example().into_iter().collect();
     dotenv.insert("REDIS_URL".into(), String::new());
@@ -284,12 +284,29 @@ fn redis_url_empty_in_env_is_the_rollback_and_no_env_uses_the_bundled_redis() {
     let (_, config) = serve_accepts(&env.into_iter().collect::<Vec<_>>());
     assert!(config.redis.is_none(), "rolled back to the in-memory cache");
 
-    // No .env at all: the bundled Redis, flaghost's defaults otherwise.
+    // No .env at all: flaghost's defaults, the in-memory cache among them.
     let env = container_env(None);
-    assert_eq!(env["REDIS_URL"], "redis://redis:6379");
+    assert!(!env.contains_key("REDIS_URL"), "{env:?}");
     let (_, config) = serve_accepts(&env.into_iter().collect::<Vec<_>>());
-    assert!(config.redis.is_some());
+    assert!(config.redis.is_none());
     assert_eq!(config.cache_ttl, Duration::from_secs(300));
+
+    // Only the image's paths and the listen address are fixed by the
+    // compose file, none from the shell (`${...}`): a variable exported
+    // in the developer's shell cannot override .env.
+    let compose = compose();
+    let mut fixed: Vec<&String> = compose["services"]["flaghost"]["environment"]
+        .as_object()
+        .expect("environment")
+        .keys()
+        .collect();
+    fixed.sort();
+    assert_eq!(
+        fixed,
+        ["FLAGHOST_FLAGS", "FLAGHOST_LISTEN", "FLAGHOST_PLUGINS"]
+    );
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).expect("read");
+    assert!(!text.contains("${"), "nothing interpolated from the shell");
 }
 
 #[test]

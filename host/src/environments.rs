@@ -520,8 +520,8 @@ impl Environments {
     }
 
     /// Runs the background work until aborted: every `watch_interval` (if
-    /// any) runs `look_first` (the plugin directory's watch) and then
-    /// reloads changed flag files; every check interval writes back flag
+    /// any) runs `look_first` (starts the plugin directory's watch) and
+    /// then reloads changed flag files; every check interval writes back flag
     /// sets the shared cache lost; and acts on the shared cache's events as
     /// they come.
     ///

@@ -254,14 +254,23 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             read_path.clone(),
         ))
     });
+    // NB: a look that compiles a changed plugin takes as long as the
+    // compile (seconds; up to the compile bound): it runs in a task of its
+    // own, started from the maintenance tick, so flag files, invalidations
+    // and the Redis check never wait for it. One look at a time: a tick
+    // that finds the last still running skips.
     let plugin_watch = plugin_changes.clone();
+    let mut looking: Option<AbortOnDrop> = None;
     let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval, move || {
-        let changes = plugin_watch.clone();
-        async move {
-            if let Some(changes) = changes {
+        if let Some(changes) = &plugin_watch
+            && looking.as_ref().is_none_or(|l| l.0.is_finished())
+        {
+            let changes = changes.clone();
+            looking = Some(AbortOnDrop(tokio::spawn(async move {
                 changes.look().await;
-            }
+            })));
         }
+        std::future::ready(())
     }));
     Ok(Service {
         state: AppState {

@@ -520,21 +520,19 @@ impl Environments {
     }
 
     /// Runs the background work until aborted: every `watch_interval` (if
-    /// any) runs `look_first` (starts the plugin directory's watch) and
-    /// then reloads changed flag files; every check interval writes back flag
+    /// any) calls `on_watch` (which starts the plugin directory's look) and
+    /// reloads changed flag files; every check interval writes back flag
     /// sets the shared cache lost; and acts on the shared cache's events as
     /// they come.
     ///
-    /// NB: one task on one timer when the two intervals are equal (the
-    /// default): an idle flaghost wakes once a second for all of it, not
-    /// once per timer (the plugin watch had its own task and timer).
-    pub async fn maintain<F>(
+    /// NB: one timer when the two intervals are equal (the default): an
+    /// idle flaghost wakes once a second for all of it, not once per timer
+    /// (the plugin watch had a timer of its own).
+    pub async fn maintain(
         self: Arc<Self>,
         watch_interval: Option<Duration>,
-        mut look_first: impl FnMut() -> F,
-    ) where
-        F: Future<Output = ()>,
-    {
+        mut on_watch: impl FnMut(),
+    ) {
         use tokio::time::{MissedTickBehavior, interval};
         let mut events = self.shared.as_ref().map(|s| s.events());
         let every = |period| {
@@ -549,7 +547,7 @@ impl Environments {
         loop {
             tokio::select! {
                 _ = watch.tick(), if watch_interval.is_some() => {
-                    look_first().await;
+                    on_watch();
                     self.poll_store().await;
                     if together {
                         self.keep_shared_warm().await;

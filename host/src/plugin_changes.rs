@@ -241,7 +241,8 @@ impl PluginChanges {
         if let Some(loaded) = current.get(name).filter(|_| unchanged(&current)) {
             // NB: the file may be gone (kept after removal) or hold a refused
             // version: the upload puts the loaded one back on disk.
-            if on_disk_digest(&path).await.as_deref() != Some(digest.as_str()) {
+            if self.on_disk(name).await.map(|b| sha256_hex(&b)).as_deref() != Some(digest.as_str())
+            {
                 write_atomically(&self.dir, &path, bytes).await?;
                 info!(plugin = %name, digest = %digest, "plugin file restored through the admin API");
             }
@@ -453,8 +454,8 @@ impl PluginChanges {
                     // NB: listed unchanged but not loaded (a compile that failed
                     // for flaghost's reasons is retried): read now. Bytes that
                     // are no longer these are left to the next look.
-                    None => match tokio::fs::read(self.path(name)).await {
-                        Ok(bytes) if sha256_hex(&bytes) == file.digest => {
+                    None => match self.on_disk(name).await {
+                        Some(bytes) if sha256_hex(&bytes) == file.digest => {
                             self.compile(name, bytes.into()).await
                         }
                         _ => Err(Compile::Failed(format!("{name} changed while it was read"))),
@@ -475,7 +476,8 @@ impl PluginChanges {
             // taken): what is on disk now wins, so a file that no longer
             // holds these bytes is left to the next look.
             if current.get(name).is_some_and(|p| p.digest() == digest)
-                || on_disk_digest(&self.path(name)).await.as_deref() != Some(digest.as_str())
+                || self.on_disk(name).await.map(|b| sha256_hex(&b)).as_deref()
+                    != Some(digest.as_str())
             {
                 continue;
             }
@@ -585,6 +587,16 @@ impl PluginChanges {
     }
 
     /// The plugin directory's files, read and hashed off the async workers;
+    /// Plugin `name`'s file as it is now, if it can be read and is within
+    /// the size limit (a file swapped for a huge one is not read whole).
+    async fn on_disk(&self, name: &str) -> Option<Vec<u8>> {
+        let (runtime, path, name) = (self.runtime.clone(), self.path(name), name.to_owned());
+        tokio::task::spawn_blocking(move || runtime.read_component(&name, &path).ok())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// `None` if it cannot be listed (logged).
     async fn list(&self) -> Option<HashMap<String, File>> {
         let (dir, reader) = (self.dir.clone(), self.runtime.clone());
@@ -683,11 +695,6 @@ fn files(
     }
     stamps.retain(|name, _| files.contains_key(name));
     Ok(files)
-}
-
-/// The digest of the file at `path` now, if it can be read.
-async fn on_disk_digest(path: &Path) -> Option<String> {
-    tokio::fs::read(path).await.ok().map(|b| sha256_hex(&b))
 }
 
 /// Writes `path` whole or not at all: a temporary file in the same

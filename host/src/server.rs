@@ -270,7 +270,6 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
                 changes.look().await;
             })));
         }
-        std::future::ready(())
     }));
     Ok(Service {
         state: AppState {

@@ -36,6 +36,7 @@ fn options(url: String) -> RedisOptions {
         signing_key: None,
         max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
         documents: Default::default(),
+        tls: Default::default(),
     }
 }
 

@@ -74,6 +74,7 @@ pub fn ofrep_router(
             plugin_changes: None,
             plugin_pool: runtime.pool().clone(),
             plugin_budget: runtime.limits().request_budget(),
+            api_keys: None,
         },
         options,
     );

@@ -89,6 +89,7 @@ fn config(dirs: &Dirs, ttl: Duration, redis: Option<&RedisServer>) -> ServeConfi
         signing_key: None,
         max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
         documents: Default::default(),
+        tls: Default::default(),
     });
     config
 }

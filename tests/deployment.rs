@@ -231,10 +231,14 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
     // value that did not arrive shows.
     let own = |name: &str, value: &str| -> String {
         match name {
-            "REDIS_URL" => "redis://cache.internal:6380".into(),
+            "REDIS_URL" => "rediss://flaghost:pw@cache.internal:6380".into(),
+            "FLAGHOST_REDIS_CA_FILE" => "/etc/flaghost/redis-ca.pem".into(),
+            "FLAGHOST_REDIS_CLIENT_CERT" => "/etc/flaghost/redis-client.pem".into(),
+            "FLAGHOST_REDIS_CLIENT_KEY" => "/etc/flaghost/redis-client.key".into(),
             "FLAG_CACHE_TTL" => "60".into(),
             "FLAGHOST_ADMIN_TOKEN" => "an-admin-token-of-32-characters!".into(),
             "FLAGHOST_LOG_FORMAT" => "text".into(),
+            "FLAGHOST_API_KEYS_FILE" => "/etc/flaghost/api-keys.json".into(),
             "RUST_LOG" => "debug".into(),
             _ => match value.parse::<u64>() {
                 Ok(n) => (n + 7).to_string(),
@@ -267,10 +271,19 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
         );
     }
     assert_eq!(config.cache_ttl, Duration::from_secs(60));
-    assert!(config.redis.is_some());
+    let redis = config.redis.as_ref().expect("redis");
+    assert_eq!(
+        redis.tls.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/flaghost/redis-ca.pem"))
+    );
+    assert!(redis.tls.client_cert.is_some());
     assert_eq!(
         config.admin_token.as_deref(),
         Some("an-admin-token-of-32-characters!")
+    );
+    assert_eq!(
+        config.api_keys_file.as_deref(),
+        Some(std::path::Path::new("/etc/flaghost/api-keys.json"))
     );
 }
 

@@ -99,6 +99,7 @@ fn router(flags: &Path, env: &str) -> (Arc<Environments>, axum::Router) {
             plugin_changes: None,
             plugin_pool: world.runtime.pool().clone(),
             plugin_budget: world.runtime.limits().request_budget(),
+            api_keys: None,
         },
         &HttpOptions::default(),
     );

@@ -5,7 +5,9 @@
 //! every value type, details, a missing flag, a disabled flag, a type
 //! mismatch, targeting by attribute and by targeting key, and an environment
 //! picked by base URL; and, from a second flaghost serving a copy of the
-//! examples past its TTL with the flag file broken, reason STALE.
+//! examples past its TTL with the flag file broken, reason STALE; and, from a
+//! third flaghost that requires API keys, each key sent through the
+//! clients' header options (401 and 403 reach the caller as its default).
 
 use std::process::{Command, Output};
 
@@ -85,12 +87,32 @@ async fn python_and_javascript_openfeature_clients_get_correct_answers() {
     .await;
     assert!(is_stale, "the copy is served STALE");
 
+    // A third serves the examples behind API keys.
+    let keys_dir = tempfile::tempdir().expect("tmp");
+    let keys_file = keys_dir.path().join("api-keys.json");
+    std::fs::write(
+        &keys_file,
+        serde_json::json!({ "production": [PROD_KEY], "staging": [STAGING_KEY] }).to_string(),
+    )
+    .expect("write keys");
+    let mut keyed_config = examples_config(answer_limits());
+    keyed_config.api_keys_file = Some(keys_file);
+    let keyed = Flaghost::start(&keyed_config)
+        .await
+        .expect("flaghost starts");
+    let keyed_env = [
+        ("FLAGHOST_KEYED_BASE", keyed.base.clone()),
+        ("FLAGHOST_PROD_KEY", PROD_KEY.to_owned()),
+        ("FLAGHOST_STAGING_KEY", STAGING_KEY.to_owned()),
+    ];
+
     let mut python = Command::new("python3");
     python
         .arg(root().join("tests/clients/check.py"))
         .arg(&fh.base)
         .arg(&stale.base)
-        .env("PYTHONPATH", clients.join("python"));
+        .env("PYTHONPATH", clients.join("python"))
+        .envs(keyed_env.clone());
     run_checks("python", python).await;
 
     // Node resolves ES module imports from the script's own folder, so the
@@ -98,9 +120,16 @@ async fn python_and_javascript_openfeature_clients_get_correct_answers() {
     let script = clients.join("js/check.mjs");
     std::fs::copy(root().join("tests/clients/check.mjs"), &script).expect("copy check.mjs");
     let mut node = Command::new("node");
-    node.arg(&script).arg(&fh.base).arg(&stale.base);
+    node.arg(&script)
+        .arg(&fh.base)
+        .arg(&stale.base)
+        .envs(keyed_env);
     run_checks("javascript", node).await;
 
     fh.stop().await.expect("clean stop");
     stale.stop().await.expect("clean stop");
+    keyed.stop().await.expect("clean stop");
 }
+
+const PROD_KEY: &str = "production-client-key-4f1c9e";
+const STAGING_KEY: &str = "staging-client-key-b83d20";

@@ -55,6 +55,7 @@ fn config(dirs: &Dirs, redis: Option<&RedisServer>, ttl: Duration) -> ServeConfi
         signing_key: None,
         max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
         documents: Default::default(),
+        tls: Default::default(),
     });
     config
 }
@@ -106,6 +107,7 @@ async fn the_cache_port_writes_reads_and_deletes_with_the_key_layout_and_ttl() {
             signing_key: None,
             max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
             documents: Default::default(),
+            tls: Default::default(),
         },
         Arc::new(plugins()),
     )
@@ -351,6 +353,7 @@ async fn redis_down_at_start_up_then_started_moves_flaghost_onto_it() {
         signing_key: None,
         max_entry_bytes: flaghost::cache::DEFAULT_MAX_ENTRY_BYTES,
         documents: Default::default(),
+        tls: Default::default(),
     });
     let fh = Flaghost::start(&cfg).await.expect("starts without redis");
     assert_eq!(fh.cache_backend().await, "memory-fallback");
@@ -952,6 +955,7 @@ async fn port(
             signing_key: secret.map(|s| Arc::new(flaghost::signing::SigningKey::from_secret(s))),
             max_entry_bytes,
             documents: Default::default(),
+            tls: Default::default(),
         },
         Arc::new(plugins()),
     )

@@ -11,7 +11,7 @@ mod snapshot;
 
 pub use redis::{
     CONNECT_TIMEOUT, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_RESPONSE_TIMEOUT, EntryReader, RedisCache,
-    RedisOptions, encode, redact_url,
+    RedisOptions, RedisTls, encode, redact_url,
 };
 pub use snapshot::{Clock, Snapshot, Snapshots, SystemClock};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::cache::RedisOptions;
+use crate::cache::{RedisOptions, RedisTls};
 use crate::flags::DocumentLimits;
 use crate::http::{Cors, HttpOptions};
 use crate::plugins::{Compiler, Isolation, Limits, limits};
@@ -362,7 +362,8 @@ pub struct ServeArgs {
     pub cache_ttl: u64,
 
     /// Redis to share resolved flag sets through
-    /// (`redis://[user:password@]host[:port][/db]`). Unset: an in-memory
+    /// (`redis://[user:password@]host[:port][/db]`; `rediss://` for TLS; an
+    /// ACL user as `redis://user:password@host`). Unset: an in-memory
     /// cache only. An unreachable Redis is no start-up error: flaghost serves
     /// from memory and moves onto Redis when it answers.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
@@ -372,6 +373,21 @@ pub struct ServeArgs {
     /// memory, in milliseconds.
     #[arg(long, env = "FLAGHOST_REDIS_RESPONSE_TIMEOUT_MS", default_value_t = crate::cache::DEFAULT_RESPONSE_TIMEOUT.as_millis() as u64)]
     pub redis_response_timeout_ms: u64,
+
+    /// PEM file of the CA certificates that sign Redis's TLS certificate
+    /// (`rediss://` only); only these are then trusted. Unset: public CAs
+    /// (Mozilla's roots).
+    #[arg(long, env = "FLAGHOST_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM file of a client certificate for a Redis that asks for one
+    /// (`tls-auth-clients yes`); with --redis-client-key.
+    #[arg(long, env = "FLAGHOST_REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM file of the client certificate's private key (unencrypted).
+    #[arg(long, env = "FLAGHOST_REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<PathBuf>,
 
     /// A secret shared by every instance using this Redis (16 characters
     /// or more): entries are signed with it (HMAC-SHA-256), and an entry
@@ -403,6 +419,14 @@ pub struct ServeArgs {
     /// Unset: the admin API is off.
     #[arg(long, env = "FLAGHOST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// JSON file of callers' API keys per environment,
+    /// `{"<environment>": ["<key>", "sha256:<hex>", ...]}`; callers send
+    /// `Authorization: Bearer <key>` or `X-API-Key: <key>`. Set, every
+    /// environment needs a key; unset, evaluation is open. Reloaded when it
+    /// changes (with --watch-interval-ms).
+    #[arg(long, env = "FLAGHOST_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
 
     /// Largest request body accepted, in bytes; larger ones get a 413.
     #[arg(long, env = "FLAGHOST_BODY_LIMIT", default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
@@ -483,6 +507,8 @@ pub struct ServeConfig {
     pub watch_interval: Option<Duration>,
     /// The admin API's token; `None`: the admin API is off.
     pub admin_token: Option<String>,
+    /// Callers' API keys; `None`: evaluation is open.
+    pub api_keys_file: Option<PathBuf>,
     /// The HTTP edge: body limit, CORS.
     pub http: HttpOptions,
     /// Plugin limits.
@@ -511,6 +537,7 @@ impl std::fmt::Debug for ServeConfig {
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("api_keys_file", &self.api_keys_file)
             .field("http", &self.http)
             .field("limits", &self.limits)
             .field("documents", &self.documents)
@@ -695,7 +722,33 @@ impl ServeArgs {
                         });
                     }
                 };
+                let nonempty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+                let client_cert = match (
+                    nonempty(self.redis_client_cert),
+                    nonempty(self.redis_client_key),
+                ) {
+                    (None, None) => None,
+                    (Some(cert), Some(key)) => Some((cert, key)),
+                    _ => {
+                        return Err(ConfigError {
+                            option: "--redis-client-cert / --redis-client-key (FLAGHOST_REDIS_CLIENT_CERT / FLAGHOST_REDIS_CLIENT_KEY)",
+                            reason: "give both, the certificate and its key, or neither".into(),
+                        });
+                    }
+                };
+                let tls = RedisTls {
+                    ca_file: nonempty(self.redis_ca_file),
+                    client_cert,
+                };
+                if tls.is_set() && !RedisOptions::is_tls(url) {
+                    return Err(ConfigError {
+                        option: "--redis-ca-file / --redis-client-cert (FLAGHOST_REDIS_CA_FILE / FLAGHOST_REDIS_CLIENT_CERT)",
+                        reason: "certificates are for TLS: the Redis URL must start rediss://"
+                            .into(),
+                    });
+                }
                 Some(RedisOptions {
+                    tls,
                     url: url.to_owned(),
                     ttl: cache_ttl,
                     response_timeout: Duration::from_millis(self.redis_response_timeout_ms),
@@ -731,6 +784,7 @@ impl ServeArgs {
             watch_interval: (self.watch_interval_ms > 0)
                 .then(|| Duration::from_millis(self.watch_interval_ms)),
             admin_token,
+            api_keys_file: self.api_keys_file.filter(|f| !f.as_os_str().is_empty()),
             listen: self.listen,
             limits: self.source.limits.to_limits()?,
             documents,
@@ -962,6 +1016,60 @@ mod tests {
         assert!(err.option.contains("--plugin-max-plugins"), "{err}");
         assert!(err.reason.contains("memory slots"), "{err}");
         assert!(refused(&["serve", "--plugin-threads", "16"]).is_none());
+    }
+
+    #[test]
+    fn redis_tls_options_that_cannot_work_are_refused_naming_them() {
+        let refused = |args: &[&str]| {
+            let Command::Serve(serve) = parse(args).command else {
+                panic!("expected serve");
+            };
+            serve.validate().expect_err("refused")
+        };
+        let err = refused(&[
+            "serve",
+            "--redis-url",
+            "rediss://u:hunter2@cache:6379#insecure",
+        ]);
+        assert!(err.reason.contains("--redis-ca-file"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = refused(&[
+            "serve",
+            "--redis-url",
+            "redis://cache:6379",
+            "--redis-ca-file",
+            "ca.pem",
+        ]);
+        assert!(err.reason.contains("rediss://"), "{err}");
+        let err = refused(&[
+            "serve",
+            "--redis-url",
+            "rediss://cache:6379",
+            "--redis-client-cert",
+            "c.pem",
+        ]);
+        assert!(err.option.contains("--redis-client-key"), "{err}");
+        let Command::Serve(serve) = parse(&[
+            "serve",
+            "--redis-url",
+            "rediss://flaghost:pw@cache:6379",
+            "--redis-ca-file",
+            "ca.pem",
+            "--redis-client-cert",
+            "c.pem",
+            "--redis-client-key",
+            "c.key",
+        ])
+        .command
+        else {
+            panic!("expected serve");
+        };
+        let tls = serve.validate().expect("valid").redis.expect("redis").tls;
+        assert_eq!(tls.ca_file, Some(PathBuf::from("ca.pem")));
+        assert_eq!(
+            tls.client_cert,
+            Some((PathBuf::from("c.pem"), PathBuf::from("c.key")))
+        );
     }
 
     #[test]

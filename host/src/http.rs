@@ -24,6 +24,7 @@ use axum::routing::{get, post, put};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+use crate::access::ApiKeys;
 use crate::environments::Environments;
 use crate::plugin_changes::PluginChanges;
 use crate::plugins::{PluginPool, PluginRegistry};
@@ -49,6 +50,8 @@ pub struct AppState {
     pub plugin_pool: PluginPool,
     /// Wall-clock budget of one request's plugin calls.
     pub plugin_budget: std::time::Duration,
+    /// Callers' API keys; `None`: evaluation is open to any caller.
+    pub api_keys: Option<Arc<ApiKeys>>,
 }
 
 /// Which browser origins may call flaghost (CORS).
@@ -113,9 +116,22 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
 
 /// The router, without a socket: tests and benches call it with `oneshot`.
 pub fn app(state: AppState, options: &HttpOptions) -> Router {
-    let ofrep = Router::new()
+    // NB: shared, not cloned field by field: axum hands every request
+    // its own copy of the state, and cloning (then dropping) each of its
+    // `Arc`s was about 3% of a single-flag request's CPU.
+    let state = Arc::new(state);
+    let mut ofrep = Router::new()
         .route("/evaluate/flags", post(ofrep::evaluate_all))
         .route("/evaluate/flags/{key}", post(ofrep::evaluate_one));
+    if state.api_keys.is_some() {
+        // NB: a layer on the matched routes, so a caller without a key is
+        // turned away before its body is read; without keys there is no
+        // layer at all (nothing on the open path's requests).
+        ofrep = ofrep.route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ofrep::admit,
+        ));
+    }
     let router = Router::new()
         .nest("/ofrep/v1", ofrep.clone())
         .nest("/environments/{environment}/ofrep/v1", ofrep)
@@ -133,10 +149,7 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         // NB: a body that trickles in is cut off (slowloris on the body);
         // the headers are bounded by the connection (see `connections`).
         .layer(RequestBodyTimeoutLayer::new(options.body_timeout))
-        // NB: shared, not cloned field by field: axum hands every request
-        // its own copy of the state, and cloning (then dropping) each of its
-        // `Arc`s was about 3% of a single-flag request's CPU.
-        .with_state(Arc::new(state));
+        .with_state(state);
     match cors_layer(&options.cors) {
         Some(cors) => router.layer(cors),
         None => router,

@@ -24,10 +24,12 @@
 //! - [`plugins`]: the wasmtime runtime that runs targeting rules sandboxed.
 //! - [`plugin_changes`]: the one way the plugins in force change (the plugin
 //!   directory's watcher, the admin API's uploads and deletions).
+//! - [`access`]: who may evaluate: caller API keys per environment.
 //! - [`config`] and [`server`]: command line, start-up and shutdown.
 //! - [`signing`]: HMAC-SHA-256 under flaghost's own key, for what it reads
 //!   back from places others might write (compiled plugin artifacts).
 
+pub mod access;
 pub mod cache;
 pub mod config;
 pub mod environments;

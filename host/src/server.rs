@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::access::ApiKeys;
 use crate::cache::{FlagCache, RedisCache, redact_url};
 use crate::config::{ServeConfig, SourceArgs};
 use crate::environments::{Environments, Timing};
@@ -246,6 +247,16 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         startup_ms = started.elapsed().as_millis() as u64,
         "flaghost loaded"
     );
+    let api_keys = match &config.api_keys_file {
+        None => None,
+        Some(file) => {
+            let keys = ApiKeys::load(file).context("--api-keys-file (FLAGHOST_API_KEYS_FILE)")?;
+            let (environments, keys_in_force) = keys.counts();
+            info!(file = %file.display(), environments, keys = keys_in_force,
+                  "API keys required: every environment needs one of its keys");
+            Some(Arc::new(keys))
+        }
+    };
     let plugin_changes = config.plugins.as_ref().map(|dir| {
         Arc::new(PluginChanges::new(
             runtime.clone(),
@@ -260,8 +271,12 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
     // and the Redis check never wait for it. One look at a time: a tick
     // that finds the last still running skips.
     let plugin_watch = plugin_changes.clone();
+    let key_watch = api_keys.clone();
     let mut looking: Option<AbortOnDrop> = None;
     let maintenance = tokio::spawn(read_path.clone().maintain(config.watch_interval, move || {
+        if let Some(keys) = &key_watch {
+            keys.reload_in_background();
+        }
         if let Some(changes) = &plugin_watch
             && looking.as_ref().is_none_or(|l| l.0.is_finished())
         {
@@ -280,6 +295,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             plugin_changes,
             plugin_pool: runtime.pool().clone(),
             plugin_budget: config.limits.request_budget(),
+            api_keys,
         },
         http: config.http.clone(),
         runtime,

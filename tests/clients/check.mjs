@@ -2,6 +2,9 @@
 // provider. Usage: node check.mjs <flaghost base URL> [<base URL of a stale copy>]
 // The second flaghost, if given, serves the examples past their TTL with the
 // flag file broken, so its answers carry reason STALE.
+// With FLAGHOST_KEYED_BASE, FLAGHOST_PROD_KEY and FLAGHOST_STAGING_KEY set, it
+// also checks a flaghost that requires API keys (--api-keys-file), each key
+// sent through the provider's `headers` or `headersFactory`.
 // Prints one line per check and exits 1 if any failed.
 import { OpenFeature, ErrorCode } from '@openfeature/server-sdk';
 import { OFREPProvider } from '@openfeature/ofrep-provider';
@@ -66,6 +69,33 @@ if (process.argv[3]) {
   check('stale static', [d.value, d.variant, d.reason, d.errorCode], [10, 'small', 'STALE', undefined]);
   d = await stale.getBooleanDetails('beta-search', false, dutchBeta);
   check('stale targeted', [d.value, d.variant, d.reason, d.errorCode], [true, 'on', 'STALE', undefined]);
+}
+
+const keyed = process.env.FLAGHOST_KEYED_BASE;
+if (keyed) {
+  const prodKey = process.env.FLAGHOST_PROD_KEY;
+  const stagingKey = process.env.FLAGHOST_STAGING_KEY;
+  const providers = {
+    'keyed-api-key': { baseUrl: keyed, headers: { 'X-API-Key': prodKey } },
+    'keyed-bearer': { baseUrl: keyed, headersFactory: async () => [['Authorization', `Bearer ${prodKey}`]] },
+    'keyed-staging': { baseUrl: `${keyed}/environments/staging`, headers: [['Authorization', `Bearer ${stagingKey}`]] },
+    'keyed-wrong-env': { baseUrl: `${keyed}/environments/staging`, headers: { 'X-API-Key': prodKey } },
+    'keyed-none': { baseUrl: keyed },
+  };
+  for (const [domain, options] of Object.entries(providers)) {
+    await OpenFeature.setProviderAndWait(domain, new OFREPProvider(options));
+  }
+  for (const domain of ['keyed-api-key', 'keyed-bearer']) {
+    d = await OpenFeature.getClient(domain).getNumberDetails('items-per-page', 1, nobody);
+    check(`${domain}: the key admits`, [d.value, d.variant, d.reason, d.errorCode], [10, 'small', 'STATIC', undefined]);
+  }
+  d = await OpenFeature.getClient('keyed-staging').getBooleanDetails('new-checkout', false, nobody);
+  check("keyed: staging's key admits staging", [d.value, d.reason], [true, 'STATIC']);
+  // This provider reports 401 and 403 alike: the caller's default, GENERAL.
+  for (const domain of ['keyed-wrong-env', 'keyed-none']) {
+    d = await OpenFeature.getClient(domain).getNumberDetails('items-per-page', 1, nobody);
+    check(`${domain}: refused`, [d.value, d.reason, d.errorCode], [1, 'ERROR', ErrorCode.GENERAL]);
+  }
 }
 
 console.log(`js: ${failures.length} failed`);

@@ -3,10 +3,14 @@
 Usage: python3 check.py <flaghost base URL> [<base URL of a stale copy>]
 The second flaghost, if given, serves the examples past their TTL with the
 flag file broken, so its answers carry reason STALE.
+With FLAGHOST_KEYED_BASE, FLAGHOST_PROD_KEY and FLAGHOST_STAGING_KEY set,
+it also checks a flaghost that requires API keys (--api-keys-file): each
+key sent through the provider's headers_factory, both ways OFREP defines.
 Prints one line per check and exits 1 if any failed. The flags are the
 bundled examples (examples/flags); tests/real_clients.rs starts flaghost.
 """
 
+import os
 import sys
 
 from openfeature import api
@@ -70,6 +74,33 @@ if len(sys.argv) > 2:
     check("stale static", (d.value, d.variant, d.reason, d.error_code), (10, "small", "STALE", None))
     d = stale.get_boolean_details("beta-search", False, dutch_beta)
     check("stale targeted", (d.value, d.variant, d.reason, d.error_code), (True, "on", "STALE", None))
+
+keyed = os.environ.get("FLAGHOST_KEYED_BASE")
+if keyed:
+    prod_key = os.environ["FLAGHOST_PROD_KEY"]
+    staging_key = os.environ["FLAGHOST_STAGING_KEY"]
+    for domain, url, headers in (
+        ("keyed-api-key", keyed, {"X-API-Key": prod_key}),
+        ("keyed-bearer", keyed, {"Authorization": f"Bearer {prod_key}"}),
+        ("keyed-staging", f"{keyed}/environments/staging", {"Authorization": f"Bearer {staging_key}"}),
+        ("keyed-wrong-env", f"{keyed}/environments/staging", {"X-API-Key": prod_key}),
+        ("keyed-none", keyed, None),
+    ):
+        api.set_provider(
+            OFREPProvider(base_url=url, headers_factory=(lambda h=headers: h) if headers else None),
+            domain=domain,
+        )
+    for domain in ("keyed-api-key", "keyed-bearer"):
+        d = api.get_client(domain).get_integer_details("items-per-page", 1, nobody)
+        check(f"{domain}: the key admits", (d.value, d.variant, d.reason, d.error_code), (10, "small", "STATIC", None))
+    d = api.get_client("keyed-staging").get_boolean_details("new-checkout", False, nobody)
+    check("keyed: staging's key admits staging", (d.value, d.reason), (True, "STATIC"))
+    d = api.get_client("keyed-wrong-env").get_integer_details("items-per-page", 1, nobody)
+    check("keyed: another environment's key (403)", (d.value, d.reason, d.error_code, d.error_message),
+          (1, "ERROR", ErrorCode.GENERAL, "forbidden"))
+    d = api.get_client("keyed-none").get_integer_details("items-per-page", 1, nobody)
+    check("keyed: no key (401)", (d.value, d.reason, d.error_code, d.error_message),
+          (1, "ERROR", ErrorCode.GENERAL, "unauthorized"))
 
 print(f"python: {len(failures)} failed")
 sys.exit(1 if failures else 0)

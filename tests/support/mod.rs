@@ -144,6 +144,7 @@ pub fn config_for(
         check_interval: Duration::from_secs(1),
         watch_interval: Some(Duration::from_secs(1)),
         admin_token: None,
+        api_keys_file: None,
         http: Default::default(),
         limits,
         documents: Default::default(),

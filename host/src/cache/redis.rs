@@ -28,6 +28,9 @@
 //! anyone who can publish on Redis could otherwise hold them again and again.
 
 mod link;
+mod tls;
+
+pub use tls::RedisTls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -239,6 +242,8 @@ pub struct RedisOptions {
     pub max_entry_bytes: usize,
     /// Bounds on the flag document an entry holds: the same as on files.
     pub documents: DocumentLimits,
+    /// Certificates for a `rediss://` URL.
+    pub tls: RedisTls,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -250,6 +255,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("signing_key", &self.signing_key)
             .field("max_entry_bytes", &self.max_entry_bytes)
             .field("documents", &self.documents)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -264,9 +270,21 @@ pub const DEFAULT_MAX_ENTRY_BYTES: usize =
 impl RedisOptions {
     /// Checks that `url` is a Redis URL; the error never repeats a password.
     pub fn check_url(url: &str) -> Result<(), String> {
-        redis::Client::open(url)
-            .map(drop)
-            .map_err(|e| bad_url(url, &e))
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad_url(url, &e))?;
+        if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+            return Err(format!(
+                "{}: #insecure would turn off the check of Redis's certificate; give the CA that signs it with --redis-ca-file (FLAGHOST_REDIS_CA_FILE) instead",
+                redact_url(url)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the URL asks for TLS (`rediss://`).
+    pub fn is_tls(url: &str) -> bool {
+        redis::IntoConnectionInfo::into_connection_info(url)
+            .is_ok_and(|info| matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }))
     }
 }
 
@@ -347,7 +365,25 @@ impl RedisCache {
             .set_keepalive(keepalive);
         #[cfg(target_os = "linux")]
         let tcp = tcp.set_user_timeout(Duration::from_secs(30));
-        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(refuse)?;
+        let info = info.set_tcp_settings(tcp);
+        let client = if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            tls::install_crypto_provider();
+            let certificates = options.tls.certificates().map_err(|reason| CacheError {
+                backend: "redis",
+                reason,
+            })?;
+            redis::Client::build_with_tls(info, certificates).map_err(refuse)?
+        } else {
+            if options.tls.is_set() {
+                return Err(CacheError {
+                    backend: "redis",
+                    reason: format!(
+                        "{url}: TLS certificates are configured but the URL is not rediss://"
+                    ),
+                });
+            }
+            redis::Client::open(info).map_err(refuse)?
+        };
         let (events, _) = broadcast::channel(64);
         let link = Arc::new(
             Link::new(

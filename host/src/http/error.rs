@@ -59,14 +59,26 @@ pub enum ApiError {
     WrongMethod(String),
     /// The admin API was called but no admin token is configured.
     AdminOff,
-    /// The admin API was called without the right token.
+    /// The admin API, or an environment with API keys, was called without
+    /// a valid token or key.
     Unauthorized(String),
+    /// A valid API key, for another environment.
+    Forbidden(String),
     /// A plugin change through the admin API was refused.
     Plugin(ChangeError),
     /// The request cannot be served in this configuration.
     Conflict(String),
     /// flaghost failed; not the caller's fault.
     Internal(String),
+}
+
+impl From<crate::access::Denied> for ApiError {
+    fn from(denied: crate::access::Denied) -> Self {
+        match denied {
+            crate::access::Denied::OtherEnvironment(_) => ApiError::Forbidden(denied.to_string()),
+            _ => ApiError::Unauthorized(denied.to_string()),
+        }
+    }
 }
 
 impl From<ChangeError> for ApiError {
@@ -179,6 +191,9 @@ impl IntoResponse for ApiError {
                 why.clone(),
                 None,
             ),
+            ApiError::Forbidden(why) => {
+                (StatusCode::FORBIDDEN, None, "GENERAL", why.clone(), None)
+            }
             ApiError::Plugin(e) => {
                 let status = match e {
                     ChangeError::InvalidName(_) => StatusCode::BAD_REQUEST,

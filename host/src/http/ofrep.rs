@@ -27,6 +27,25 @@ pub struct FlagPath {
     key: Option<String>,
 }
 
+/// The OFREP routes' gate when API keys are configured: the caller's key
+/// must be one of the environment's (401 without a valid key, 403 for a key
+/// of another environment, as OFREP specifies).
+pub async fn admit(
+    State(state): State<Arc<AppState>>,
+    ValidPath(path): ValidPath<FlagPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    if let Some(keys) = &state.api_keys {
+        let environment = path
+            .environment
+            .as_deref()
+            .unwrap_or(&state.default_environment);
+        keys.admit(environment, request.headers())?;
+    }
+    Ok(next.run(request).await)
+}
+
 /// `POST .../ofrep/v1/evaluate/flags/{key}`.
 pub async fn evaluate_one(
     State(state): State<Arc<AppState>>,

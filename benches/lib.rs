@@ -65,6 +65,7 @@ pub fn ofrep_router(
     let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(flags, plugins));
     let environments = Arc::new(Environments::new(store, None, Timing::default()));
     rt.block_on(environments.refresh(env)).expect("loads");
+    let metrics_environments = environments.clone();
     let router = app(
         AppState {
             environments,
@@ -75,6 +76,13 @@ pub fn ofrep_router(
             plugin_pool: runtime.pool().clone(),
             plugin_budget: runtime.limits().request_budget(),
             api_keys: None,
+            metrics: std::sync::Arc::new(flaghost::metrics::Metrics::new(
+                flaghost::metrics::Sources {
+                    environments: metrics_environments,
+                    plugins: Default::default(),
+                    api_keys: None,
+                },
+            )),
         },
         options,
     );

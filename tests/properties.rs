@@ -90,6 +90,7 @@ fn router(flags: &Path, env: &str) -> (Arc<Environments>, axum::Router) {
     let world = world();
     let store: Arc<dyn FlagStore> = Arc::new(DirStore::new(flags, world.plugins.clone()));
     let environments = Arc::new(Environments::new(store, None, Timing::default()));
+    let metrics_environments = environments.clone();
     let router = app(
         AppState {
             environments: environments.clone(),
@@ -100,6 +101,13 @@ fn router(flags: &Path, env: &str) -> (Arc<Environments>, axum::Router) {
             plugin_pool: world.runtime.pool().clone(),
             plugin_budget: world.runtime.limits().request_budget(),
             api_keys: None,
+            metrics: std::sync::Arc::new(flaghost::metrics::Metrics::new(
+                flaghost::metrics::Sources {
+                    environments: metrics_environments,
+                    plugins: Default::default(),
+                    api_keys: None,
+                },
+            )),
         },
         &HttpOptions::default(),
     );

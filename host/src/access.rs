@@ -44,6 +44,8 @@ pub struct ApiKeys {
     seen: Mutex<Seen>,
     /// A reload is under way: a tick that finds one running skips.
     reloading: AtomicBool,
+    /// Versions of the file put in force and refused.
+    reloads: crate::metrics::Reloads,
 }
 
 /// A version of the key file.
@@ -102,6 +104,7 @@ impl ApiKeys {
                 digest: Sha256::digest(&bytes).into(),
             }),
             reloading: AtomicBool::new(false),
+            reloads: Default::default(),
         })
     }
 
@@ -109,6 +112,11 @@ impl ApiKeys {
     pub fn counts(&self) -> (usize, usize) {
         let table = self.table.load();
         (table.named, table.environments.len())
+    }
+
+    /// Versions of the file put in force and refused.
+    pub fn reloads(&self) -> &crate::metrics::Reloads {
+        &self.reloads
     }
 
     /// The file.
@@ -180,8 +188,10 @@ impl ApiKeys {
                 info!(file = %self.file.display(), environments = table.named,
                       keys = table.environments.len(), "API keys reloaded");
                 self.table.store(Arc::new(table));
+                self.reloads.accepted();
             }
             Err(e) => {
+                self.reloads.refused();
                 error!(file = %self.file.display(), reason = %e.reason,
                        "API key file refused: the keys loaded before stay in force");
             }

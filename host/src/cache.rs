@@ -66,6 +66,10 @@ pub struct LinkStatus {
     /// Requests that got no answer within the response timeout while Redis
     /// still answered the confirming `PING` (so the link stayed up).
     pub late_answers: u64,
+    /// Times the breaker opened (Redis unreachable), and closed again.
+    pub breaker_opened: u64,
+    /// See `breaker_opened`.
+    pub breaker_closed: u64,
 }
 
 impl LinkStatus {

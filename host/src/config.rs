@@ -344,6 +344,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address of a second listener serving only `GET /metrics`, open to
+    /// whoever reaches it (a scraper's network). Unset: `/metrics` is on the
+    /// main address, behind the admin token.
+    #[arg(long, env = "FLAGHOST_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
     /// Flags and plugins.
     #[command(flatten)]
     pub source: SourceArgs,
@@ -487,6 +493,8 @@ pub struct ConfigError {
 pub struct ServeConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Address serving `GET /metrics` alone, open; `None`: none.
+    pub metrics_listen: Option<SocketAddr>,
     /// Flag file directory.
     pub flags: PathBuf,
     /// Plugin directory, if any.
@@ -524,6 +532,7 @@ impl std::fmt::Debug for ServeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeConfig")
             .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
             .field("flags", &self.flags)
             .field("plugins", &self.plugins)
             .field("plugin_cache_dir", &self.plugin_cache_dir)
@@ -786,6 +795,13 @@ impl ServeArgs {
             admin_token,
             api_keys_file: self.api_keys_file.filter(|f| !f.as_os_str().is_empty()),
             listen: self.listen,
+            metrics_listen: match self.metrics_listen.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(address) => Some(address.parse().map_err(|e| ConfigError {
+                    option: "--metrics-listen (FLAGHOST_METRICS_LISTEN)",
+                    reason: format!("{address:?} is not an address like 127.0.0.1:9090 ({e})"),
+                })?),
+            },
             limits: self.source.limits.to_limits()?,
             documents,
             flags: self.source.flags,

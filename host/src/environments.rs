@@ -116,6 +116,8 @@ pub struct Environments {
     /// The last set the store gave per environment: served when the store
     /// fails (a file broken on disk, a read error).
     last_good: RwLock<HashMap<String, Good>>,
+    /// Flag files put in force and refused.
+    reloads: crate::metrics::Reloads,
     /// One refresh at a time per environment.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Problems already logged (store failures, refused files, conflicts),
@@ -146,6 +148,7 @@ impl Environments {
             store,
             timing,
             last_good: RwLock::new(HashMap::new()),
+            reloads: Default::default(),
             gates: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
         }
@@ -498,6 +501,29 @@ impl Environments {
                 .is_ok_and(|listed| listed.iter().any(|e| e == environment))
     }
 
+    /// Flag-file reloads put in force and refused.
+    pub fn reloads(&self) -> &crate::metrics::Reloads {
+        &self.reloads
+    }
+
+    /// Every flag set loaded or served now (the last good set of each
+    /// environment, and what the snapshots serve).
+    pub fn loaded_sets(&self) -> Vec<Arc<FlagSet>> {
+        let mut sets: Vec<Arc<FlagSet>> = self
+            .last_good
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|good| good.set.clone())
+            .collect();
+        for snapshot in self.snapshots.all() {
+            if !sets.iter().any(|s| Arc::ptr_eq(s, &snapshot.set)) {
+                sets.push(snapshot.set);
+            }
+        }
+        sets
+    }
+
     /// Which cache serves.
     pub fn cache_status(&self) -> CacheStatus {
         match &self.shared {
@@ -624,6 +650,7 @@ impl Environments {
                     }
                     self.recovered(&environment);
                     self.confirm(set.clone(), generation);
+                    self.reloads.accepted();
                     changed.push(set);
                 }
                 Err(StoreError::NotFound(_)) => {
@@ -634,6 +661,7 @@ impl Environments {
                     }
                 }
                 Err(e) => self.log_once(format!("store {environment}"), || {
+                    self.reloads.refused();
                     warn!(environment = %environment, error = %e,
                           "flag file refused; the last good version keeps serving");
                 }),

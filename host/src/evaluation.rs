@@ -95,6 +95,19 @@ pub struct Resolution<'a> {
     pub served: Option<&'a Variant>,
 }
 
+impl Resolution<'_> {
+    /// The reason as answered: STALE for a value from a flag set served
+    /// past its TTL because nothing could refresh it (DISABLED and errors
+    /// keep theirs: they carry no value to doubt).
+    pub fn reason_sent(&self, stale: bool) -> Reason {
+        if stale && self.value.is_some() {
+            Reason::Stale
+        } else {
+            self.reason
+        }
+    }
+}
+
 /// A [`Resolution`] without borrows, to carry back from the thread that
 /// evaluated it (the plugin pool): the variant by name.
 #[derive(Debug, Clone, PartialEq, Eq)]

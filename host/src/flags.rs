@@ -277,6 +277,9 @@ pub struct Flag {
     /// answer asks every flag, and a call through the rule's vtable to
     /// memory no other step touches cost 2% of a 900-flag answer (perf).
     lane: Option<Box<str>>,
+    /// Its place in its set's key order, set when the set is built: where
+    /// its evaluation counters are (see [`crate::metrics`]).
+    pub(crate) position: usize,
 }
 
 /// One variant of a flag: its value, and its name and value as JSON, made
@@ -293,6 +296,9 @@ pub struct Variant {
     pub value_json: Box<str>,
     /// The variant's name as a JSON string.
     pub name_json: Box<str>,
+    /// Its number among its flag's variants (0, 1, ...), set at load:
+    /// where its evaluation counters are (see [`crate::metrics`]).
+    pub ordinal: usize,
 }
 
 impl Variant {
@@ -302,6 +308,7 @@ impl Variant {
             value_json: json_text(&value),
             name_json: json_text(name),
             value,
+            ordinal: 0,
         }
     }
 }
@@ -353,6 +360,9 @@ pub struct FlagSet {
     /// `fractional` weights that are not non-negative integers), each with
     /// its flag and place.
     pub lints: Vec<Problem>,
+    /// Its evaluation counters, found once (at its first evaluation) so
+    /// that counting one is an index and an atomic add.
+    pub counters: std::sync::OnceLock<Arc<crate::metrics::SetCounters>>,
 }
 
 /// One set's flags: looked up by key, and walked in key order.
@@ -416,6 +426,9 @@ impl FromIterator<Flag> for Flags {
                 Some(last) if last.key == flag.key => *last = flag,
                 _ => deduplicated.push(flag),
             }
+        }
+        for (at, flag) in deduplicated.iter_mut().enumerate() {
+            flag.position = at;
         }
         let index = deduplicated
             .iter()

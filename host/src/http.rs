@@ -8,6 +8,7 @@ mod admin;
 pub mod connections;
 mod error;
 mod health;
+mod metrics;
 mod ofrep;
 
 pub use admin::AdminToken;
@@ -26,6 +27,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::access::ApiKeys;
 use crate::environments::Environments;
+use crate::metrics::Metrics;
 use crate::plugin_changes::PluginChanges;
 use crate::plugins::{PluginPool, PluginRegistry};
 
@@ -52,6 +54,8 @@ pub struct AppState {
     pub plugin_budget: std::time::Duration,
     /// Callers' API keys; `None`: evaluation is open to any caller.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// What `/metrics` exposes; evaluations and requests are counted in it.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Which browser origins may call flaghost (CORS).
@@ -114,6 +118,15 @@ fn cors_layer(cors: &Cors) -> Option<CorsLayer> {
     )
 }
 
+/// The router of `--metrics-listen`: `GET /metrics`, open (the operator
+/// chose who can reach that address).
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::open))
+        .fallback(error::not_found)
+        .with_state(Arc::new(state))
+}
+
 /// The router, without a socket: tests and benches call it with `oneshot`.
 pub fn app(state: AppState, options: &HttpOptions) -> Router {
     // NB: shared, not cloned field by field: axum hands every request
@@ -137,12 +150,20 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         .nest("/environments/{environment}/ofrep/v1", ofrep)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::behind_token))
         .route("/admin/v1/cache/invalidate", post(admin::invalidate))
         .route("/admin/v1/plugins", get(admin::plugins))
         .route(
             "/admin/v1/plugins/{name}",
             put(admin::put_plugin).delete(admin::delete_plugin),
         )
+        // NB: on the matched routes, where the route's pattern is known (a
+        // path's flag key or environment never becomes a label); requests
+        // no route matches are counted by the fallbacks.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(options.body_limit))

@@ -25,6 +25,7 @@
 //! - [`plugin_changes`]: the one way the plugins in force change (the plugin
 //!   directory's watcher, the admin API's uploads and deletions).
 //! - [`access`]: who may evaluate: caller API keys per environment.
+//! - [`metrics`]: what `GET /metrics` exposes, and the evaluation counters.
 //! - [`config`] and [`server`]: command line, start-up and shutdown.
 //! - [`signing`]: HMAC-SHA-256 under flaghost's own key, for what it reads
 //!   back from places others might write (compiled plugin artifacts).
@@ -37,6 +38,7 @@ pub mod evaluation;
 pub mod flags;
 pub mod http;
 pub mod local;
+pub mod metrics;
 pub mod plugin_changes;
 pub mod plugins;
 pub mod rules;

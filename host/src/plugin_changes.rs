@@ -259,6 +259,7 @@ impl PluginChanges {
         let plugin = match compiled {
             Ok(plugin) => plugin,
             Err(Compile::Refused(e)) => {
+                self.registry().reloads().refused();
                 warn!(plugin = %name, digest = %digest, error = %e, "plugin upload refused");
                 return Err(ChangeError::Refused(e));
             }
@@ -268,6 +269,7 @@ impl PluginChanges {
         candidate.insert(plugin.clone());
         let problems = self.problems_brought(&current, &candidate).await;
         if !problems.is_empty() {
+            self.registry().reloads().refused();
             warn!(plugin = %name, digest = %digest, problems = ?problems,
                   "plugin upload refused: flag files would not load with it");
             return Err(ChangeError::FlagsRefuse {
@@ -370,6 +372,7 @@ impl PluginChanges {
     /// Puts `candidate` in force and reloads every environment on it.
     async fn apply(&self, candidate: PluginSet, changes: Vec<String>) {
         self.registry().replace(candidate);
+        self.registry().reloads().accepted();
         info!(changes = ?changes, "plugins changed; reloading flag sets");
         self.environments.reload_all().await;
     }
@@ -492,6 +495,7 @@ impl PluginChanges {
                     candidate.insert(plugin);
                 }
                 Err(Compile::Refused(e)) => {
+                    self.registry().reloads().refused();
                     warn!(plugin = %name, digest = %digest, error = %e,
                           "plugin file refused; the previous version (if any) keeps serving");
                     seen.refused.insert((name.clone(), digest), e.to_string());
@@ -567,6 +571,7 @@ impl PluginChanges {
         }
         if !problems.is_empty() {
             let problems = in_words(&problems);
+            self.registry().reloads().refused();
             warn!(changes = ?changes, problems = ?problems,
                   "plugin change refused: flag files would not load with it; the previous plugins keep serving");
             for (name, file) in &files {
@@ -607,6 +612,7 @@ impl PluginChanges {
                 std::mem::take(&mut seen.stamps),
             )
         };
+        let oversized_before = oversized.len();
         let listed = tokio::task::spawn_blocking(move || {
             let files = files(&dir, &reader, &mut oversized, &mut stamps);
             (files, oversized, stamps)
@@ -615,6 +621,10 @@ impl PluginChanges {
         let Ok((files, oversized, stamps)) = listed else {
             return None;
         };
+        // A file newly refused for its size is a refused reload.
+        for _ in oversized_before..oversized.len() {
+            self.registry().reloads().refused();
+        }
         let mut seen = self.seen.lock().await;
         seen.oversized = oversized;
         seen.stamps = stamps;

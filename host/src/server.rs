@@ -29,6 +29,8 @@ pub struct Service {
     pub http: HttpOptions,
     /// Keeps the engine (and its epoch ticker) alive.
     pub runtime: Arc<PluginRuntime>,
+    /// The `--metrics-listen` socket, bound.
+    pub metrics_listener: Option<TcpListener>,
     /// Reloads the plugin directory and flag files, and keeps the shared
     /// cache warm, while served.
     _maintenance: AbortOnDrop,
@@ -286,8 +288,25 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             })));
         }
     }));
+    let metrics = Arc::new(crate::metrics::Metrics::new(crate::metrics::Sources {
+        environments: read_path.clone(),
+        plugins: registry.clone(),
+        api_keys: api_keys.clone(),
+    }));
+    let metrics_listener = match config.metrics_listen {
+        None => None,
+        Some(address) => {
+            let listener = TcpListener::bind(address).await.with_context(|| {
+                format!("--metrics-listen (FLAGHOST_METRICS_LISTEN): cannot listen on {address}")
+            })?;
+            info!(address = %listener.local_addr()?, "metrics listening (GET /metrics, open)");
+            Some(listener)
+        }
+    };
     Ok(Service {
+        metrics_listener,
         state: AppState {
+            metrics,
             environments: read_path,
             default_environment: config.default_environment.as_str().into(),
             admin: config.admin_token.as_deref().map(AdminToken::new),
@@ -307,11 +326,40 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
 /// in-flight requests and returns.
 pub async fn serve(
     listener: TcpListener,
-    service: Service,
+    mut service: Service,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let router = app(service.state.clone(), &service.http);
-    crate::http::connections::serve(listener, router, &service.http.connections, shutdown).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let metrics = service.metrics_listener.take().map(|listener| {
+        // NB: its own small bounds: a scraper needs a connection or two,
+        // and whoever else reaches this address must not hold the rest.
+        let limits = crate::http::ConnectionLimits {
+            max_connections: 64,
+            max_per_client: 8,
+            ..service.http.connections.clone()
+        };
+        let router = crate::http::metrics_app(service.state.clone());
+        let stopped = until_stopped();
+        tokio::spawn(async move {
+            crate::http::connections::serve(listener, router, &limits, stopped).await;
+        })
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    crate::http::connections::serve(listener, router, &service.http.connections, until_stopped())
+        .await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     drop(service);
     Ok(())
 }

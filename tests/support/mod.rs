@@ -134,6 +134,7 @@ pub fn config_for(
 ) -> ServeConfig {
     ServeConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
+        metrics_listen: None,
         flags,
         plugins,
         plugin_cache_dir: None,
@@ -219,6 +220,8 @@ pub struct Flaghost {
     pub base: String,
     /// A real HTTP client.
     pub client: reqwest::Client,
+    /// `http://127.0.0.1:<port>` of `--metrics-listen`, when configured.
+    pub metrics_base: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -228,6 +231,10 @@ impl Flaghost {
     pub async fn start(config: &ServeConfig) -> anyhow::Result<Self> {
         log_to_test_output();
         let service = flaghost::server::build(config).await?;
+        let metrics_base = match &service.metrics_listener {
+            Some(listener) => Some(format!("http://{}", listener.local_addr()?)),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -237,6 +244,7 @@ impl Flaghost {
         Ok(Self {
             base,
             client: reqwest::Client::new(),
+            metrics_base,
             stop: Some(stop),
             task: Some(task),
         })

@@ -233,6 +233,7 @@ mod tests {
                 digest: "d".into(),
                 warnings: vec![],
                 lints: vec![],
+                counters: Default::default(),
             }),
             stale: false,
         }

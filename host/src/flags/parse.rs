@@ -160,6 +160,7 @@ pub fn parse_flag_file(
         digest: crate::sha256_hex(bytes),
         warnings,
         lints,
+        counters: Default::default(),
     })
 }
 
@@ -275,6 +276,7 @@ fn parse_flag(
         metadata: Arc::new(Metadata::new(metadata)),
         definition: Arc::new(definition),
         key_json: super::json_text(&key),
+        position: 0,
     })
 }
 
@@ -353,7 +355,8 @@ fn parse_variants(raw: Json) -> Result<FastMap<String, Variant>, String> {
             }
             Some(_) => {}
         }
-        let variant = Variant::new(&name, value);
+        let mut variant = Variant::new(&name, value);
+        variant.ordinal = variants.len();
         variants.insert(name, variant);
     }
     Ok(variants)

@@ -55,7 +55,7 @@ impl std::fmt::Debug for AdminToken {
     }
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match &state.admin {
         None => Err(ApiError::AdminOff),
         Some(token) => token.admits(headers),

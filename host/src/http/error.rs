@@ -240,12 +240,26 @@ impl IntoResponse for ApiError {
 }
 
 /// The fallback for unknown paths: a JSON 404, like every other error.
-pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+pub async fn not_found(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<super::AppState>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> ApiError {
+    state
+        .metrics
+        .request(None, &method, 404, std::time::Duration::ZERO);
     ApiError::NoRoute(uri.path().to_owned())
 }
 
 /// The fallback for a known path with the wrong method.
-pub async fn method_not_allowed(uri: axum::http::Uri) -> ApiError {
+pub async fn method_not_allowed(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<super::AppState>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> ApiError {
+    state
+        .metrics
+        .request(None, &method, 405, std::time::Duration::ZERO);
     ApiError::WrongMethod(uri.path().to_owned())
 }
 

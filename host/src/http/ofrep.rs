@@ -14,9 +14,7 @@ use serde_json::Value as Json;
 use super::error::ValidPath;
 use super::{ApiError, AppState};
 use crate::cache::Snapshot;
-use crate::evaluation::{
-    self, ErrorCode, EvaluationContext, EvaluationError, Reason, Resolution, Verdict,
-};
+use crate::evaluation::{self, ErrorCode, EvaluationContext, EvaluationError, Resolution, Verdict};
 use crate::flags::{FastMap as HashMap, Flag, FlagSet, FlagState, Metadata, json_text};
 use crate::plugins::Budget;
 
@@ -78,6 +76,18 @@ pub async fn evaluate_one(
         (Some(flag), None) => evaluation::evaluate_flag(flag, &context, None),
         (None, _) => evaluation::evaluate(set, &key, &context, None),
     };
+    let counter = state.metrics.evaluations().counter(set);
+    match (flag, &answer) {
+        (Some(flag), Ok(r)) => {
+            counter.served(
+                flag,
+                r.served.map(|v| v.ordinal),
+                r.reason_sent(served.stale),
+            );
+        }
+        (Some(flag), Err(e)) => counter.failed(flag, e.code),
+        (None, _) => counter.not_found(),
+    }
     match answer {
         Ok(resolution) => {
             let mut body = Vec::with_capacity(256);
@@ -249,11 +259,7 @@ struct Failure<'a> {
 /// refresh it; a value it gives says so with OpenFeature's reason STALE
 /// (DISABLED and errors keep theirs: they carry no value to doubt).
 fn write_success(out: &mut Vec<u8>, key_json: &str, r: &Resolution<'_>, stale: bool) {
-    let reason = if stale && r.value.is_some() {
-        Reason::Stale
-    } else {
-        r.reason
-    };
+    let reason = r.reason_sent(stale);
     out.extend_from_slice(b"{\"key\":");
     out.extend_from_slice(key_json.as_bytes());
     if let Some(variant) = r.served {
@@ -344,14 +350,23 @@ async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -
     // it grows.
     let mut body = Vec::with_capacity(128 + 128 * flags.len());
     body.extend_from_slice(b"{\"flags\":[");
+    let counter = state.metrics.evaluations().counter(set);
     for (at, (flag, result)) in flags.iter().zip(&results).enumerate() {
         if at > 0 {
             body.push(b',');
         }
         match result {
-            Ok(r) => write_success(&mut body, &flag.key_json, r, served.stale),
+            Ok(r) => {
+                counter.served(
+                    flag,
+                    r.served.map(|v| v.ordinal),
+                    r.reason_sent(served.stale),
+                );
+                write_success(&mut body, &flag.key_json, r, served.stale);
+            }
             // NB: a failure's fields always serialise (strings).
             Err(e) => {
+                counter.failed(flag, e.code);
                 let _ = serde_json::to_writer(&mut body, &failure(&flag.key, e));
             }
         }

@@ -163,8 +163,10 @@ impl Guard {
     /// NB: cost, not wall time alone, decides a strike, a deadline
     /// included: a call stopped at its (wall-clock) deadline after little
     /// CPU was starved by the machine, not slow by itself.
-    pub fn record<T>(&self, plugin: &str, result: &Result<T, PluginError>, cpu: Duration) {
+    /// Whether the plugin was quarantined by this call.
+    pub fn record<T>(&self, plugin: &str, result: &Result<T, PluginError>, cpu: Duration) -> bool {
         let slow = cpu > self.strike_after;
+        let mut quarantined = false;
         let strike = match result {
             // Stopped, by its deadline or its request's budget: a strike if
             // it had run long already; else it says nothing about the plugin.
@@ -172,7 +174,7 @@ impl Guard {
                 PluginError::Deadline { .. }
                 | PluginError::BudgetSpent { .. }
                 | PluginError::NotReached { .. },
-            ) if !slow => return,
+            ) if !slow => return false,
             _ => slow,
         };
         if strike {
@@ -183,6 +185,7 @@ impl Guard {
                 );
                 let previous = self.quarantined_until.swap(until, Ordering::AcqRel);
                 if previous == 0 {
+                    quarantined = true;
                     warn!(
                         plugin,
                         strikes = held,
@@ -204,6 +207,7 @@ impl Guard {
                 "plugin answers within its deadline again: quarantine over"
             );
         }
+        quarantined
     }
 
     /// Adds a strike to the bucket (drained for the time since it last

@@ -72,6 +72,7 @@ pub struct PluginRegistry {
     current: Arc<arc_swap::ArcSwap<PluginSet>>,
     generation: Arc<AtomicU64>,
     report: Arc<std::sync::Mutex<ReloadReport>>,
+    reloads: Arc<crate::metrics::Reloads>,
 }
 
 /// What the last looks at the plugin directory could not apply, for the
@@ -105,7 +106,13 @@ impl PluginRegistry {
             current: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
             generation: Arc::new(AtomicU64::new(0)),
             report: Arc::default(),
+            reloads: Arc::default(),
         }
+    }
+
+    /// Plugin changes put in force and refused (directory and uploads).
+    pub fn reloads(&self) -> &crate::metrics::Reloads {
+        &self.reloads
     }
 
     /// What the directory watcher could not apply.

@@ -145,9 +145,12 @@ impl PluginRule {
             plugin.limits.deadline.as_secs_f64()
                 / plugin.limits.init_deadline.as_secs_f64().max(1e-9),
         );
-        plugin
+        if plugin
             .guard
-            .record(&plugin.name, &result, judged.max(start_up));
+            .record(&plugin.name, &result, judged.max(start_up))
+        {
+            plugin.stats.quarantined();
+        }
         result
     }
 }

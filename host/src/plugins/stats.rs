@@ -31,6 +31,10 @@ pub struct Stats {
     guest: AtomicU64,
     refused: AtomicU64,
     latency: [AtomicU64; BUCKETS + 1],
+    /// Nanoseconds of all calls together (a histogram's sum).
+    latency_sum_ns: AtomicU64,
+    /// Times the plugin was quarantined.
+    quarantines: AtomicU64,
     /// The most memory (linear memories and tables) an instance has held.
     peak_instance_bytes: AtomicU64,
     /// The last [`RECENT_ERRORS`] failures, newest last.
@@ -77,6 +81,15 @@ pub struct StatsSnapshot {
     pub refused: u64,
     /// Failed evaluations, by kind.
     pub errors: ErrorCounts,
+    /// Times it was quarantined.
+    pub quarantines: u64,
+    /// The latency histogram: each bucket's upper bound (`None`: past the
+    /// last) and its count (not cumulative), for `/metrics`.
+    #[serde(skip)]
+    pub latency_buckets: Vec<(Option<Duration>, u64)>,
+    /// All calls' time together.
+    #[serde(skip)]
+    pub latency_sum: Duration,
     /// Latency percentiles in microseconds (upper bounds of power-of-two
     /// buckets); absent before the first evaluation.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -132,6 +145,10 @@ impl Stats {
     pub fn record<T>(&self, elapsed: Duration, result: &Result<T, PluginError>) {
         self.evaluations.fetch_add(1, Ordering::Relaxed);
         self.latency[bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ns.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let kind = match result {
             Ok(_) => return,
             Err(PluginError::Deadline { .. } | PluginError::BudgetSpent { .. }) => &self.deadline,
@@ -181,6 +198,11 @@ impl Stats {
         self.peak_instance_bytes.fetch_max(bytes, Ordering::Relaxed);
     }
 
+    /// Records a quarantine.
+    pub fn quarantined(&self) {
+        self.quarantines.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records an evaluation refused without running.
     pub fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
@@ -208,7 +230,20 @@ impl Stats {
             bound as f64 / 1000.0
         };
         let deadline = self.deadline.load(Ordering::Relaxed);
+        let mut bound = FIRST_BUCKET_NS;
+        let latency_buckets = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &count)| {
+                let upper = (i < BUCKETS).then(|| Duration::from_nanos(bound));
+                bound = bound.saturating_mul(2);
+                (upper, count)
+            })
+            .collect();
         StatsSnapshot {
+            quarantines: self.quarantines.load(Ordering::Relaxed),
+            latency_buckets,
+            latency_sum: Duration::from_nanos(self.latency_sum_ns.load(Ordering::Relaxed)),
             evaluations: self.evaluations.load(Ordering::Relaxed),
             timeouts: deadline,
             refused: self.refused.load(Ordering::Relaxed),

@@ -78,6 +78,9 @@ pub struct Link {
     confirming: AtomicBool,
     /// Requests that timed out while Redis still answered a `PING`.
     late_answers: AtomicU64,
+    /// Times the breaker opened, and closed again.
+    breaker_opened: AtomicU64,
+    breaker_closed: AtomicU64,
     wake: Notify,
     events: broadcast::Sender<CacheEvent>,
     url: String,
@@ -111,6 +114,8 @@ impl Link {
             writes_failing: AtomicBool::new(false),
             confirming: AtomicBool::new(false),
             late_answers: AtomicU64::new(0),
+            breaker_opened: AtomicU64::new(0),
+            breaker_closed: AtomicU64::new(0),
             wake: Notify::new(),
             events,
             url,
@@ -224,6 +229,7 @@ impl Link {
         if self.open.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.breaker_opened.fetch_add(1, Ordering::Relaxed);
         warn!(redis = %self.url, error = %why,
               "redis unreachable: serving from memory until it answers again");
         *state = (State::Disconnected(why), Instant::now());
@@ -235,6 +241,10 @@ impl Link {
     /// Closes the breaker: requests go to Redis again.
     fn close(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // NB: the first connection is no transition back.
+        if matches!(state.0, State::Disconnected(_)) {
+            self.breaker_closed.fetch_add(1, Ordering::Relaxed);
+        }
         *state = (State::Connected, Instant::now());
         self.open.store(false, Ordering::Release);
         self.up.send_replace(true);
@@ -281,6 +291,8 @@ impl Link {
             since_seconds: since.elapsed().as_secs(),
             last_error,
             late_answers: self.late_answers(),
+            breaker_opened: self.breaker_opened.load(Ordering::Relaxed),
+            breaker_closed: self.breaker_closed.load(Ordering::Relaxed),
         }
     }
 

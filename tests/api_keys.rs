@@ -108,6 +108,7 @@ async fn keyed_environments_answer_401_403_and_200_as_ofrep_says() {
     config.api_keys_file = Some(keys.clone());
     config.watch_interval = Some(Duration::from_millis(100));
     config.http.cors = Cors::Any;
+    config.http.body_limit = 4 << 10;
     let fh = Flaghost::start(&config).await.expect("flaghost starts");
 
     let bearer = format!("Bearer {PROD_KEY}");
@@ -173,15 +174,27 @@ async fn keyed_environments_answer_401_403_and_200_as_ofrep_says() {
     }
 
     // The gate comes before the body: a caller without a key cannot make
-    // flaghost read (or refuse) a body.
+    // flaghost read (or refuse) a body. (A body over the limit that still
+    // fits the socket's buffers, so the client sees the answer, not a reset.)
     let (status, _, _) = post(
         &fh,
         "/ofrep/v1/evaluate/flags/banner",
         &[],
-        "x".repeat(2 << 20),
+        "x".repeat(16 << 10),
     )
     .await;
     assert_eq!(status, 401, "no key: 401 before the body's 413");
+    let (status, _, _) = post(
+        &fh,
+        "/ofrep/v1/evaluate/flags/banner",
+        &[("x-api-key", PROD_KEY)],
+        "x".repeat(16 << 10),
+    )
+    .await;
+    assert_eq!(
+        status, 413,
+        "with its key, the body is read, and is too large"
+    );
 
     // Health stays open, and a browser's preflight needs no key.
     assert_eq!(fh.get("/healthz").await.0, 200);
@@ -235,6 +248,60 @@ async fn keyed_environments_answer_401_403_and_200_as_ofrep_says() {
     );
     assert_eq!(single(&fh, None, &[]).await.0, 401);
 
+    fh.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_past_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
+    let dirs = Dirs::new()
+        .flag_file("production", &flags())
+        .flag_file("staging", &flags());
+    let keys = dirs.flags().parent().expect("tmp").join("api-keys.json");
+    write_keys(&keys, PROD_KEY);
+    let mut config = dirs.config("production", answer_limits());
+    config.api_keys_file = Some(keys);
+    config.api_key_rate_limit = Some(flaghost::access::RateLimit { per_second: 4 });
+    let fh = Flaghost::start(&config).await.expect("flaghost starts");
+    let prod = [("x-api-key", PROD_KEY)];
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(single(&fh, None, &prod).await.0);
+    }
+    assert_eq!(
+        &statuses[..4],
+        &[200; 4],
+        "a burst of the rate: {statuses:?}"
+    );
+    assert!(statuses[4..].contains(&429), "then 429: {statuses:?}");
+    let response = fh
+        .client
+        .post(format!("{}/ofrep/v1/evaluate/flags/banner", fh.base))
+        .header("x-api-key", PROD_KEY)
+        .body(CONTEXT)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status().as_u16(), 429);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1"),
+        "whole seconds, rounded up"
+    );
+    let body: Value = response.json().await.expect("an OFREP error body");
+    assert_eq!(body["errorCode"], "GENERAL", "{body}");
+    // Another key, and a caller without one, are unaffected.
+    assert_eq!(
+        single(&fh, Some("staging"), &[("x-api-key", STAGING_KEY)])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(single(&fh, None, &[]).await.0, 401);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(single(&fh, None, &prod).await.0, 200, "allowed again");
     fh.stop().await.expect("clean stop");
 }
 

@@ -239,6 +239,10 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
             "FLAGHOST_ADMIN_TOKEN" => "an-admin-token-of-32-characters!".into(),
             "FLAGHOST_LOG_FORMAT" => "text".into(),
             "FLAGHOST_API_KEYS_FILE" => "/etc/flaghost/api-keys.json".into(),
+            "FLAGHOST_METRICS_LISTEN" => "0.0.0.0:9090".into(),
+            "FLAGHOST_API_KEY_RATE_LIMIT" => "50".into(),
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => "http://otel-collector:4318".into(),
+            "FLAGHOST_TRACE_SAMPLE_RATIO" => "0.25".into(),
             "RUST_LOG" => "debug".into(),
             _ => match value.parse::<u64>() {
                 Ok(n) => (n + 7).to_string(),
@@ -280,6 +284,21 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
     assert_eq!(
         config.admin_token.as_deref(),
         Some("an-admin-token-of-32-characters!")
+    );
+    assert_eq!(
+        config.api_key_rate_limit,
+        Some(flaghost::access::RateLimit { per_second: 50 })
+    );
+    assert_eq!(
+        config.metrics_listen,
+        Some("0.0.0.0:9090".parse().expect("address"))
+    );
+    assert_eq!(
+        config.traces,
+        Some(flaghost::telemetry::TraceOptions {
+            endpoint: "http://otel-collector:4318".into(),
+            sample_ratio: 0.25,
+        })
     );
     assert_eq!(
         config.api_keys_file.as_deref(),

@@ -22,6 +22,21 @@ const USER: &str = "flaghost";
 const PASSWORD: &str = "acl-password-9d2f61";
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
+/// The README's ACL rules for flaghost's user (after `on >PASSWORD`).
+const ACL: &str = "resetkeys ~feature_flags:* resetchannels &feature_flags:* -@all \
+                   +getrange +set +unlink +scan +pttl +exists +publish +subscribe \
+                   +unsubscribe +ping +echo +multi +exec +discard";
+
+#[test]
+fn the_readme_grants_the_acl_this_test_runs_with() {
+    let readme = std::fs::read_to_string(flaghost_tests::root().join("README.md")).expect("README");
+    let wanted = ACL.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        readme.contains(&format!("ACL SETUSER flaghost on >PASSWORD {wanted}")),
+        "README.md's ACL line differs from the one tests/redis_tls.rs checks: {wanted}"
+    );
+}
+
 /// PEM files of a CA, a server certificate it signed for 127.0.0.1, and a
 /// client certificate it signed.
 struct Pki {
@@ -119,18 +134,10 @@ impl TlsRedis {
             .arg("--tls-ca-cert-file")
             .arg(pki.path("ca.crt"))
             .args(["--tls-auth-clients", "yes"])
-            // NB: what an operator would grant flaghost: its keys and its
-            // invalidation channel, no dangerous commands.
-            .args([
-                "--user",
-                USER,
-                "on",
-                &format!(">{PASSWORD}"),
-                "~feature_flags:*",
-                "&feature_flags:*",
-                "+@all",
-                "-@dangerous",
-            ])
+            // NB: what the README tells an operator to grant flaghost: its
+            // keys, its channel, and the commands it sends.
+            .args(["--user", USER, "on", &format!(">{PASSWORD}")])
+            .args(ACL.split_whitespace())
             .args(["--user", "default", "off"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -314,6 +321,14 @@ async fn certificate_files_that_cannot_work_stop_start_up_naming_the_option() {
                 client_cert: Some((pki.path("client.crt"), pki.path("client.crt"))),
             },
             "no unencrypted PEM private key",
+        ),
+        (
+            RedisTls {
+                ca_file: None,
+                // The server's key beside the client's certificate.
+                client_cert: Some((pki.path("client.crt"), pki.path("server.key"))),
+            },
+            "cannot be used together",
         ),
     ] {
         let mut config = dirs.config("production", answer_limits());

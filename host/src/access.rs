@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -29,6 +29,9 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// Shortest plain key accepted: shorter ones can be guessed.
 pub const MIN_KEY_CHARS: usize = 16;
+
+/// Longest key looked up; a longer one is unknown.
+const MAX_KEY_BYTES: usize = 1024;
 
 /// Presented keys considered per request (the header values of both
 /// schemes); more are ignored, so a request cannot make flaghost hash
@@ -46,6 +49,10 @@ pub struct ApiKeys {
     reloading: AtomicBool,
     /// Versions of the file put in force and refused.
     reloads: crate::metrics::Reloads,
+    /// Each key's request rate, if limited.
+    rate: Option<RateLimit>,
+    /// The clock's origin for the rate allowance.
+    started: std::time::Instant,
 }
 
 /// A version of the key file.
@@ -57,10 +64,26 @@ struct Seen {
     digest: [u8; 32],
 }
 
+/// One key: its environments, and its rate allowance.
+#[derive(Debug, Default)]
+struct Entry {
+    environments: Box<[Box<str>]>,
+    /// GCRA's theoretical arrival time of the key's next request, in
+    /// nanoseconds after [`ApiKeys::started`].
+    next_at: AtomicU64,
+}
+
+/// A per-key request rate (`--api-key-rate-limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests a second, sustained; a key may also burst this many at once.
+    pub per_second: u32,
+}
+
 /// Environments by key digest.
 #[derive(Debug, Default)]
 struct KeyTable {
-    environments: HashMap<[u8; 32], Box<[Box<str>]>>,
+    environments: HashMap<[u8; 32], Entry>,
     /// Environments the file names (for the log line).
     named: usize,
 }
@@ -79,6 +102,16 @@ pub enum Denied {
     /// The key is valid, for other environments.
     #[error("the API key sent is not valid for environment {0:?}")]
     OtherEnvironment(String),
+    /// The key made its requests for now.
+    #[error(
+        "this API key is limited to {per_second} requests a second: retry after the time Retry-After gives"
+    )]
+    RateLimited {
+        /// The limit.
+        per_second: u32,
+        /// When the key may make its next request.
+        retry_after: std::time::Duration,
+    },
 }
 
 /// A key file that cannot be used.
@@ -105,7 +138,15 @@ impl ApiKeys {
             }),
             reloading: AtomicBool::new(false),
             reloads: Default::default(),
+            rate: None,
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// These keys, each limited to `rate` (`None`: unlimited).
+    pub fn with_rate_limit(mut self, rate: Option<RateLimit>) -> Self {
+        self.rate = rate.filter(|r| r.per_second > 0);
+        self
     }
 
     /// How many environments and keys are in force (for the log).
@@ -137,9 +178,9 @@ impl ApiKeys {
             // lookup's timing depends on the digest, not on how much of a
             // key a guess got right.
             let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-            if let Some(environments) = table.environments.get(&digest) {
-                if environments.iter().any(|e| &**e == environment) {
-                    return Ok(());
+            if let Some(entry) = table.environments.get(&digest) {
+                if entry.environments.iter().any(|e| &**e == environment) {
+                    return self.within_rate(entry);
                 }
                 known = true;
             }
@@ -149,6 +190,37 @@ impl ApiKeys {
         } else {
             Denied::Unknown
         })
+    }
+
+    /// Whether `entry`'s key may make one more request now (GCRA: a key
+    /// makes `per_second` requests a second, in a burst or spread).
+    fn within_rate(&self, entry: &Entry) -> Result<(), Denied> {
+        let Some(rate) = self.rate else {
+            return Ok(());
+        };
+        let interval = 1_000_000_000 / u64::from(rate.per_second);
+        let tolerance = interval * u64::from(rate.per_second - 1);
+        let now = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let mut next_at = entry.next_at.load(Ordering::Acquire);
+        loop {
+            let earliest = next_at.saturating_sub(tolerance);
+            if now < earliest {
+                return Err(Denied::RateLimited {
+                    per_second: rate.per_second,
+                    retry_after: std::time::Duration::from_nanos(earliest - now),
+                });
+            }
+            let after = next_at.max(now) + interval;
+            match entry.next_at.compare_exchange_weak(
+                next_at,
+                after,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(current) => next_at = current,
+            }
+        }
     }
 
     /// Reads the file again if it changed: a file that parses replaces the
@@ -207,11 +279,16 @@ impl ApiKeys {
         if self.reloading.swap(true, Ordering::AcqRel) {
             return;
         }
-        let keys = self.clone();
-        tokio::task::spawn_blocking(move || {
-            keys.reload();
-            keys.reloading.store(false, Ordering::Release);
-        });
+        /// Clears the flag however the reload ends (a panic included), so
+        /// one failed reload cannot stop every later one.
+        struct Done(Arc<ApiKeys>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.reloading.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(self.clone());
+        tokio::task::spawn_blocking(move || done.0.reload());
     }
 }
 
@@ -246,6 +323,8 @@ fn presented(headers: &HeaderMap) -> Vec<&str> {
         .chain(api_key)
         .filter(|k| !k.is_empty())
         .take(MAX_PRESENTED)
+        // NB: no key is this long; a longer one is unknown without hashing it.
+        .map(|k| if k.len() > MAX_KEY_BYTES { "" } else { k })
         .collect()
 }
 
@@ -256,13 +335,31 @@ fn read(file: &Path) -> Result<(Vec<u8>, Option<Stamp>), KeyFileError> {
         file: file.display().to_string(),
         reason,
     };
-    let mut opened =
-        std::fs::File::open(file).map_err(|e| fail(format!("cannot open it ({e})")))?;
+    // NB: a FIFO or device at the path must not block the open (and with
+    // it every later reload): checked first, and opened without blocking.
+    let before = std::fs::metadata(file).map_err(|e| fail(format!("cannot read it ({e})")))?;
+    if !before.is_file() {
+        return Err(fail("is not a regular file".into()));
+    }
+    let mut opened = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(file)
+            .map_err(|e| fail(format!("cannot open it ({e})")))?
+    };
     let meta = opened
         .metadata()
         .map_err(|e| fail(format!("cannot stat it ({e})")))?;
     if !meta.is_file() {
         return Err(fail("is not a regular file".into()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(fail(format!(
+            "is over {} MiB: list hashed keys of the environments this instance serves",
+            MAX_FILE_BYTES >> 20
+        )));
     }
     let mut bytes = Vec::new();
     (&mut opened)
@@ -290,6 +387,7 @@ fn parse(file: &Path, bytes: &[u8]) -> Result<KeyTable, KeyFileError> {
         ))
     })?;
     let mut table = KeyTable::default();
+    let mut by_digest: HashMap<[u8; 32], Vec<Box<str>>> = HashMap::new();
     let mut seen_environments = std::collections::HashSet::new();
     for (environment, keys) in entries.0 {
         if !valid_environment_name(&environment) {
@@ -309,15 +407,27 @@ fn parse(file: &Path, bytes: &[u8]) -> Result<KeyTable, KeyFileError> {
                     index + 1
                 ))
             })?;
-            let environments = table.environments.entry(digest).or_default();
-            if !environments.iter().any(|e| **e == *environment) {
-                let mut list = std::mem::take(environments).into_vec();
-                list.push(environment.as_str().into());
-                *environments = list.into_boxed_slice();
+            // NB: environments are unique, so a key listed twice under one
+            // is the last one pushed.
+            let environments = by_digest.entry(digest).or_default();
+            if environments.last().is_none_or(|e| **e != *environment) {
+                environments.push(environment.as_str().into());
             }
         }
         table.named += 1;
     }
+    table.environments = by_digest
+        .into_iter()
+        .map(|(digest, environments)| {
+            (
+                digest,
+                Entry {
+                    environments: environments.into_boxed_slice(),
+                    next_at: AtomicU64::new(0),
+                },
+            )
+        })
+        .collect();
     Ok(table)
 }
 
@@ -338,6 +448,19 @@ fn digest_of(entry: &str) -> Result<[u8; 32], String> {
                 .map_err(|e| format!("bad hex digit ({e})"))?;
         }
         return Ok(digest);
+    }
+    if entry.len() == 64 && entry.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(
+            "looks like a SHA-256 without its prefix: write \"sha256:<hex>\" for a hashed key (as it stands, the hex itself would be the key)"
+                .into(),
+        );
+    }
+    let lower = entry.to_ascii_lowercase();
+    if lower.starts_with("sha256") || lower.starts_with("sha-256") {
+        return Err(
+            "starts like a hashed entry but not with \"sha256:\" exactly (lower case, a colon): fix the prefix"
+                .into(),
+        );
     }
     if entry.trim() != entry {
         return Err("has spaces around it: a header cannot carry them, remove them".into());
@@ -461,6 +584,46 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_limited_key_bursts_its_rate_then_waits_and_others_are_not_held_up() {
+        let keys = keys(&format!(
+            r#"{{"production": ["{KEY}"], "staging": ["{STAGING}"]}}"#
+        ))
+        .expect("loads")
+        .with_rate_limit(Some(RateLimit { per_second: 3 }));
+        let prod = headers(&[("x-api-key", KEY)]);
+        for _ in 0..3 {
+            assert_eq!(keys.admit("production", &prod), Ok(()));
+        }
+        match keys.admit("production", &prod) {
+            Err(Denied::RateLimited {
+                per_second: 3,
+                retry_after,
+            }) => {
+                assert!(
+                    retry_after <= std::time::Duration::from_millis(334),
+                    "{retry_after:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another key has its own allowance; a refused key is not charged.
+        assert_eq!(
+            keys.admit("staging", &headers(&[("x-api-key", STAGING)])),
+            Ok(())
+        );
+        assert_eq!(
+            keys.admit("staging", &prod),
+            Err(Denied::OtherEnvironment("staging".into()))
+        );
+        std::thread::sleep(std::time::Duration::from_millis(340));
+        assert_eq!(
+            keys.admit("production", &prod),
+            Ok(()),
+            "one more after a third of a second"
+        );
+    }
+
+    #[test]
     fn a_bad_key_file_says_where_and_what_to_fix() {
         for (text, says) in [
             ("[]", "an object of environments"),
@@ -472,6 +635,14 @@ mod tests {
             ),
             (r#"{"production": ["short"]}"#, "key #1: is 5 characters"),
             (r#"{"production": ["sha256:abc"]}"#, "64 hex digits"),
+            (
+                r#"{"production": ["ef5c6728735591e25f14ce6e259493aea3bb151a770728af091b91fd66f8f991"]}"#,
+                "without its prefix",
+            ),
+            (
+                r#"{"production": ["SHA256:ef5c6728735591e25f14ce6e259493aea3bb151a770728af091b91fd66f8f991"]}"#,
+                "not with \"sha256:\" exactly",
+            ),
             (
                 r#"{"production": [" prod-key-0123456789abcdef"]}"#,
                 "spaces around",
@@ -490,6 +661,28 @@ mod tests {
             assert!(error.contains("keys.json"), "{error}");
             assert!(error.contains(says), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn a_fifo_or_a_huge_file_is_refused_without_blocking_or_reading_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("keys.json");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let error = ApiKeys::load(&fifo).expect_err("a FIFO").to_string();
+        assert!(error.contains("not a regular file"), "{error}");
+        let huge = dir.path().join("huge.json");
+        std::fs::File::create(&huge)
+            .and_then(|f| f.set_len(MAX_FILE_BYTES + 1))
+            .expect("sparse file");
+        let error = ApiKeys::load(&huge).expect_err("too large").to_string();
+        assert!(error.contains("is over 16 MiB"), "{error}");
     }
 
     #[test]

@@ -234,6 +234,27 @@ pub struct LimitArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_MAX_CONTEXT_BYTES", default_value_t = limits::DEFAULT_MAX_CONTEXT_BYTES)]
     pub plugin_max_context_bytes: usize,
 
+    /// Plugins that may be loaded at once; the pool of plugin instances is
+    /// sized for them (twice this many live plugins, counting replaced
+    /// versions still finishing, times plugin threads + 2 instances each).
+    #[arg(long, env = "FLAGHOST_PLUGIN_MAX_PLUGINS", default_value_t = limits::DEFAULT_MAX_PLUGINS)]
+    pub plugin_max_plugins: usize,
+
+    /// CPU time compiling one plugin may use, in seconds. Each compile runs
+    /// in a child process of its own; one that needs more is stopped and
+    /// the plugin refused.
+    #[arg(long, env = "FLAGHOST_PLUGIN_COMPILE_CPU_SECS", default_value_t = crate::plugins::compiler::DEFAULT_CPU.as_secs())]
+    pub plugin_compile_cpu_secs: u64,
+
+    /// Memory (address space) compiling one plugin may use, in MiB.
+    #[arg(long, env = "FLAGHOST_PLUGIN_COMPILE_MEMORY_MIB", default_value_t = crate::plugins::compiler::DEFAULT_MEMORY_BYTES >> 20)]
+    pub plugin_compile_memory_mib: u64,
+}
+
+/// How the plugin threads are shared while serving: only `serve` takes
+/// these (`validate` and `eval` run no pool).
+#[derive(Debug, Clone, Args)]
+pub struct PoolArgs {
     /// Threads plugin code runs on (never the HTTP workers). Default: the
     /// number of cores, at least 2.
     #[arg(long, env = "FLAGHOST_PLUGIN_THREADS")]
@@ -244,12 +265,6 @@ pub struct LimitArgs {
     /// higher value turns CPU contention into plugin deadlines.
     #[arg(long, env = "FLAGHOST_PLUGIN_NICE", default_value_t = limits::DEFAULT_POOL_NICE)]
     pub plugin_nice: i32,
-
-    /// Plugins that may be loaded at once; the pool of plugin instances is
-    /// sized for them (twice this many live plugins, counting replaced
-    /// versions still finishing, times plugin threads + 2 instances each).
-    #[arg(long, env = "FLAGHOST_PLUGIN_MAX_PLUGINS", default_value_t = limits::DEFAULT_MAX_PLUGINS)]
-    pub plugin_max_plugins: usize,
 
     /// Plugin threads one plugin may hold at once (its share); its other
     /// calls wait in its queue. Default: half the plugin threads.
@@ -284,16 +299,6 @@ pub struct LimitArgs {
     /// milliseconds.
     #[arg(long, env = "FLAGHOST_PLUGIN_QUARANTINE_MS", default_value_t = limits::DEFAULT_QUARANTINE_FOR.as_millis() as u64)]
     pub plugin_quarantine_ms: u64,
-
-    /// CPU time compiling one plugin may use, in seconds. Each compile runs
-    /// in a child process of its own; one that needs more is stopped and
-    /// the plugin refused.
-    #[arg(long, env = "FLAGHOST_PLUGIN_COMPILE_CPU_SECS", default_value_t = crate::plugins::compiler::DEFAULT_CPU.as_secs())]
-    pub plugin_compile_cpu_secs: u64,
-
-    /// Memory (address space) compiling one plugin may use, in MiB.
-    #[arg(long, env = "FLAGHOST_PLUGIN_COMPILE_MEMORY_MIB", default_value_t = crate::plugins::compiler::DEFAULT_MEMORY_BYTES >> 20)]
-    pub plugin_compile_memory_mib: u64,
 
     /// How plugin evaluations are isolated. `fresh`: a new instance for
     /// every evaluation, so nothing one caller's evaluation leaves in a
@@ -354,6 +359,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub source: SourceArgs,
 
+    /// How the plugin threads are shared.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+
     /// The environment `/ofrep/v1/...` evaluates in;
     /// `/environments/{env}/ofrep/v1/...` picks another.
     #[arg(
@@ -373,7 +382,7 @@ pub struct ServeArgs {
     /// cache only. An unreachable Redis is no start-up error: flaghost serves
     /// from memory and moves onto Redis when it answers.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<Secret>,
 
     /// How long a request may wait for Redis before it is served from
     /// memory, in milliseconds.
@@ -400,7 +409,7 @@ pub struct ServeArgs {
     /// that is unsigned, does not verify, or has expired is ignored and
     /// overwritten. Unset: whatever Redis holds is trusted.
     #[arg(long, env = "FLAGHOST_CACHE_SIGNING_KEY", hide_env_values = true)]
-    pub cache_signing_key: Option<String>,
+    pub cache_signing_key: Option<Secret>,
 
     /// Largest Redis entry read or written, in MiB; a larger one is ignored
     /// (never fetched whole) or not written. Default: the largest entry a
@@ -424,7 +433,7 @@ pub struct ServeArgs {
     /// Token that unlocks the admin API (`Authorization: Bearer <token>`).
     /// Unset: the admin API is off.
     #[arg(long, env = "FLAGHOST_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
 
     /// JSON file of callers' API keys per environment,
     /// `{"<environment>": ["<key>", "sha256:<hex>", ...]}`; callers send
@@ -433,6 +442,11 @@ pub struct ServeArgs {
     /// changes (with --watch-interval-ms).
     #[arg(long, env = "FLAGHOST_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+
+    /// Requests a second each API key may make (it may also burst this
+    /// many at once); past it, 429 with `Retry-After`. 0 or unset: no limit.
+    #[arg(long, env = "FLAGHOST_API_KEY_RATE_LIMIT")]
+    pub api_key_rate_limit: Option<u32>,
 
     /// Largest request body accepted, in bytes; larger ones get a 413.
     #[arg(long, env = "FLAGHOST_BODY_LIMIT", default_value_t = crate::http::DEFAULT_BODY_LIMIT)]
@@ -467,9 +481,46 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub cors_allowed_origins: Vec<String>,
 
+    /// OTLP/HTTP endpoint of a trace collector (`http://collector:4318`;
+    /// spans go to `<endpoint>/v1/traces`, protobuf). Unset: no traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of the traces started here that are kept, 0 to 1 (a caller's
+    /// `traceparent` decides for its own).
+    #[arg(long, env = "FLAGHOST_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    pub trace_sample_ratio: f64,
+
     /// Log format (the level comes from `RUST_LOG`, default `info`).
     #[arg(long, env = "FLAGHOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// A secret given on the command line or in the environment (the Redis
+/// URL, which may hold a password, and the tokens): its `Debug` never shows
+/// it, so printing the parsed arguments leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Longest cache TTL: 30 days.
@@ -495,6 +546,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Address serving `GET /metrics` alone, open; `None`: none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where spans go; `None`: no traces.
+    pub traces: Option<crate::telemetry::TraceOptions>,
     /// Flag file directory.
     pub flags: PathBuf,
     /// Plugin directory, if any.
@@ -517,6 +570,8 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     /// Callers' API keys; `None`: evaluation is open.
     pub api_keys_file: Option<PathBuf>,
+    /// Each key's request rate; `None`: unlimited.
+    pub api_key_rate_limit: Option<crate::access::RateLimit>,
     /// The HTTP edge: body limit, CORS.
     pub http: HttpOptions,
     /// Plugin limits.
@@ -533,6 +588,7 @@ impl std::fmt::Debug for ServeConfig {
         f.debug_struct("ServeConfig")
             .field("listen", &self.listen)
             .field("metrics_listen", &self.metrics_listen)
+            .field("traces", &self.traces)
             .field("flags", &self.flags)
             .field("plugins", &self.plugins)
             .field("plugin_cache_dir", &self.plugin_cache_dir)
@@ -547,6 +603,7 @@ impl std::fmt::Debug for ServeConfig {
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
             .field("api_keys_file", &self.api_keys_file)
+            .field("api_key_rate_limit", &self.api_key_rate_limit)
             .field("http", &self.http)
             .field("limits", &self.limits)
             .field("documents", &self.documents)
@@ -556,8 +613,10 @@ impl std::fmt::Debug for ServeConfig {
 }
 
 impl LimitArgs {
-    /// The limits these arguments ask for.
-    pub fn to_limits(&self) -> Result<Limits, ConfigError> {
+    /// The limits these arguments ask for, the plugin threads shared as
+    /// `pool` says (`None`: as by default: `validate` and `eval` run no
+    /// pool).
+    pub fn to_limits(&self, pool: Option<&PoolArgs>) -> Result<Limits, ConfigError> {
         if self.plugin_deadline_ms == 0 {
             return Err(ConfigError {
                 option: "--plugin-deadline-ms (FLAGHOST_PLUGIN_DEADLINE_MS)",
@@ -582,12 +641,6 @@ impl LimitArgs {
                 reason: "must be between 1 and 1024".into(),
             });
         }
-        if !(self.plugin_strike_fraction > 0.0 && self.plugin_strike_fraction <= 1.0) {
-            return Err(ConfigError {
-                option: "--plugin-strike-fraction (FLAGHOST_PLUGIN_STRIKE_FRACTION)",
-                reason: "must be more than 0 and at most 1".into(),
-            });
-        }
         if self.plugin_compile_cpu_secs == 0 || self.plugin_compile_cpu_secs > 3600 {
             return Err(ConfigError {
                 option: "--plugin-compile-cpu-secs (FLAGHOST_PLUGIN_COMPILE_CPU_SECS)",
@@ -600,38 +653,21 @@ impl LimitArgs {
                 reason: "must be between 256 and 1048576 (the compiler itself needs about 100 MiB of address space)".into(),
             });
         }
-        let deadline = Duration::from_millis(self.plugin_deadline_ms);
-        let pool_threads = self
-            .plugin_threads
-            .unwrap_or_else(limits::default_pool_threads)
-            .clamp(1, 256);
-        let limits = Limits {
-            deadline,
+        let mut limits = Limits {
+            deadline: Duration::from_millis(self.plugin_deadline_ms),
             init_deadline: Duration::from_millis(self.plugin_init_deadline_ms),
             memory_bytes: self.plugin_memory_mib << 20,
             max_component_bytes: self.plugin_max_file_mib << 20,
             max_answer_bytes: self.plugin_max_answer_bytes.max(1),
             max_context_bytes: self.plugin_max_context_bytes.max(1),
-            max_concurrency: self
-                .plugin_max_concurrency
-                .unwrap_or((pool_threads / 2).max(1))
-                .clamp(1, pool_threads),
-            pool_threads,
             max_plugins: self.plugin_max_plugins.clamp(1, 4096),
-            queue: self.plugin_queue.clamp(1, 1 << 16),
-            pool_nice: self.plugin_nice.clamp(0, 19),
-            request_budget: self
-                .plugin_request_budget_ms
-                .map(|ms| Duration::from_millis(ms.clamp(1, MAX_INTERVAL_MS))),
-            strike_fraction: self.plugin_strike_fraction,
-            quarantine_after: self.plugin_quarantine_after.max(1),
-            quarantine_for: Duration::from_millis(self.plugin_quarantine_ms.min(MAX_INTERVAL_MS)),
-            isolation: self.plugin_isolation,
-            isolation_for: self.plugin_isolation_for.iter().cloned().collect(),
             compile_cpu: Duration::from_secs(self.plugin_compile_cpu_secs),
             compile_memory_bytes: self.plugin_compile_memory_mib << 20,
             ..Limits::default()
         };
+        if let Some(pool) = pool {
+            pool.apply(&mut limits)?;
+        }
         let memories = u64::from(limits.pool_component_instances())
             * u64::from(limits::MAX_MEMORIES_PER_COMPONENT);
         if memories > limits::MAX_POOL_MEMORIES {
@@ -646,6 +682,39 @@ impl LimitArgs {
             });
         }
         Ok(limits)
+    }
+}
+
+impl PoolArgs {
+    /// Sets the pool's share of `limits` as these arguments ask.
+    fn apply(&self, limits: &mut Limits) -> Result<(), ConfigError> {
+        if !(self.plugin_strike_fraction > 0.0 && self.plugin_strike_fraction <= 1.0) {
+            return Err(ConfigError {
+                option: "--plugin-strike-fraction (FLAGHOST_PLUGIN_STRIKE_FRACTION)",
+                reason: "must be more than 0 and at most 1".into(),
+            });
+        }
+        let pool_threads = self
+            .plugin_threads
+            .unwrap_or_else(limits::default_pool_threads)
+            .clamp(1, 256);
+        limits.pool_threads = pool_threads;
+        limits.max_concurrency = self
+            .plugin_max_concurrency
+            .unwrap_or((pool_threads / 2).max(1))
+            .clamp(1, pool_threads);
+        limits.queue = self.plugin_queue.clamp(1, 1 << 16);
+        limits.pool_nice = self.plugin_nice.clamp(0, 19);
+        limits.request_budget = self
+            .plugin_request_budget_ms
+            .map(|ms| Duration::from_millis(ms.clamp(1, MAX_INTERVAL_MS)));
+        limits.strike_fraction = self.plugin_strike_fraction;
+        limits.quarantine_after = self.plugin_quarantine_after.max(1);
+        limits.quarantine_for =
+            Duration::from_millis(self.plugin_quarantine_ms.min(MAX_INTERVAL_MS));
+        limits.isolation = self.plugin_isolation;
+        limits.isolation_for = self.plugin_isolation_for.iter().cloned().collect();
+        Ok(())
     }
 }
 
@@ -698,7 +767,7 @@ impl ServeArgs {
         }
         let cache_ttl = Duration::from_secs(self.cache_ttl);
         let documents = self.source.documents.to_limits()?;
-        let redis = match self.redis_url.as_deref().map(str::trim) {
+        let redis = match self.redis_url.as_ref().map(|u| u.expose().trim()) {
             None | Some("") => None,
             Some(url) => {
                 RedisOptions::check_url(url).map_err(|reason| ConfigError {
@@ -711,7 +780,7 @@ impl ServeArgs {
                         reason: "must be at least 1".into(),
                     });
                 }
-                let signing_key = match self.cache_signing_key.as_deref().map(str::trim) {
+                let signing_key = match self.cache_signing_key.as_ref().map(|k| k.expose().trim()) {
                     None | Some("") => None,
                     Some(secret) if secret.chars().count() < 16 => {
                         return Err(ConfigError {
@@ -779,7 +848,7 @@ impl ServeArgs {
                 reason: "must be at least 1".into(),
             });
         }
-        let admin_token = self.admin_token.filter(|t| !t.is_empty());
+        let admin_token = self.admin_token.map(|t| t.0).filter(|t| !t.is_empty());
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError {
                 option: "--admin-token (FLAGHOST_ADMIN_TOKEN)",
@@ -794,7 +863,40 @@ impl ServeArgs {
                 .then(|| Duration::from_millis(self.watch_interval_ms)),
             admin_token,
             api_keys_file: self.api_keys_file.filter(|f| !f.as_os_str().is_empty()),
+            api_key_rate_limit: self
+                .api_key_rate_limit
+                .filter(|n| *n > 0)
+                .map(|per_second| crate::access::RateLimit { per_second }),
             listen: self.listen,
+            traces: match self.otlp_endpoint.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(endpoint) => {
+                    let url = url::Url::parse(endpoint).map_err(|e| ConfigError {
+                        option: "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)",
+                        reason: format!(
+                            "{endpoint:?} is not a URL like http://collector:4318 ({e})"
+                        ),
+                    })?;
+                    if url.scheme() != "http" {
+                        return Err(ConfigError {
+                            option: "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)",
+                            reason: format!(
+                                "{endpoint:?}: only http:// is built in (OTLP/HTTP to a collector beside flaghost)"
+                            ),
+                        });
+                    }
+                    if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+                        return Err(ConfigError {
+                            option: "--trace-sample-ratio (FLAGHOST_TRACE_SAMPLE_RATIO)",
+                            reason: "must be between 0 and 1".into(),
+                        });
+                    }
+                    Some(crate::telemetry::TraceOptions {
+                        endpoint: endpoint.to_owned(),
+                        sample_ratio: self.trace_sample_ratio,
+                    })
+                }
+            },
             metrics_listen: match self.metrics_listen.as_deref().map(str::trim) {
                 None | Some("") => None,
                 Some(address) => Some(address.parse().map_err(|e| ConfigError {
@@ -802,7 +904,7 @@ impl ServeArgs {
                     reason: format!("{address:?} is not an address like 127.0.0.1:9090 ({e})"),
                 })?),
             },
-            limits: self.source.limits.to_limits()?,
+            limits: self.source.limits.to_limits(Some(&self.pool))?,
             documents,
             flags: self.source.flags,
             plugins: self.source.plugins,
@@ -876,6 +978,8 @@ fn parse_cors(origins: &[String]) -> Result<Cors, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory as _;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Cli {
@@ -1032,6 +1136,58 @@ mod tests {
         assert!(err.option.contains("--plugin-max-plugins"), "{err}");
         assert!(err.reason.contains("memory slots"), "{err}");
         assert!(refused(&["serve", "--plugin-threads", "16"]).is_none());
+    }
+
+    #[test]
+    fn parsed_arguments_printed_for_debugging_show_no_secret() {
+        let cli = parse(&[
+            "serve",
+            "--redis-url",
+            "redis://:hunter2@cache:6379",
+            "--admin-token",
+            "admin-token-sekrit-0123",
+            "--cache-signing-key",
+            "signing-key-sekrit-0123",
+        ]);
+        let printed = format!("{cli:?}");
+        for secret in ["hunter2", "admin-token-sekrit", "signing-key-sekrit"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+    }
+
+    #[test]
+    fn validate_and_eval_take_no_serving_only_options() {
+        let cli = Cli::command();
+        let longs = |name: &str| -> Vec<String> {
+            cli.find_subcommand(name)
+                .expect("subcommand")
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_owned))
+                .collect()
+        };
+        let serving_only = [
+            "plugin-threads",
+            "plugin-nice",
+            "plugin-max-concurrency",
+            "plugin-queue",
+            "plugin-request-budget-ms",
+            "plugin-strike-fraction",
+            "plugin-quarantine-after",
+            "plugin-quarantine-ms",
+            "plugin-isolation",
+            "plugin-isolation-for",
+        ];
+        for command in ["validate", "eval"] {
+            let taken = longs(command);
+            for option in serving_only {
+                assert!(!taken.iter().any(|t| t == option), "{command} --{option}");
+            }
+            assert!(taken.iter().any(|t| t == "plugin-memory-mib"), "{command}");
+        }
+        let serve = longs("serve");
+        for option in serving_only {
+            assert!(serve.iter().any(|t| t == option), "serve --{option}");
+        }
     }
 
     #[test]

@@ -39,7 +39,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            telemetry::init(args.log_format);
+            let log_format = args.log_format;
+            // NB: validated before logging starts: where traces go is part
+            // of the configuration.
+            let config = match args.validate() {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("flaghost: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let telemetry = match telemetry::init(log_format, config.traces.as_ref()) {
+                Ok(telemetry) => telemetry,
+                Err(e) => {
+                    eprintln!("flaghost: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let result = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 // NB: plugin calls run on these threads; a guest's recursion
@@ -48,7 +64,9 @@ fn main() -> ExitCode {
                 .thread_stack_size(4 << 20)
                 .build()
                 .context("cannot start the async runtime")
-                .and_then(|rt| rt.block_on(serve(args)));
+                .and_then(|rt| rt.block_on(serve(config)));
+            // NB: after the runtime: the last spans are sent on the way out.
+            drop(telemetry);
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -59,11 +77,11 @@ fn main() -> ExitCode {
         }
         Command::CompileWorker(args) => flaghost::plugins::compiler::worker(&args),
         Command::Eval(args) => {
-            telemetry::init(LogFormat::Text);
+            let _telemetry = telemetry::init(LogFormat::Text, None);
             ExitCode::from(flaghost::local::run(&args))
         }
         Command::Validate(args) => {
-            telemetry::init(LogFormat::Text);
+            let _telemetry = telemetry::init(LogFormat::Text, None);
             match server::validate(&args.source) {
                 Ok(found) => {
                     for p in found
@@ -91,8 +109,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: flaghost::config::ServeArgs) -> anyhow::Result<()> {
-    let config = args.validate()?;
+async fn serve(config: flaghost::config::ServeConfig) -> anyhow::Result<()> {
     let service = server::build(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

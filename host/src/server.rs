@@ -250,9 +250,24 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         "flaghost loaded"
     );
     let api_keys = match &config.api_keys_file {
-        None => None,
+        None => {
+            if config.api_key_rate_limit.is_some() {
+                warn!("--api-key-rate-limit has no keys to limit without --api-keys-file: ignored");
+            }
+            None
+        }
         Some(file) => {
-            let keys = ApiKeys::load(file).context("--api-keys-file (FLAGHOST_API_KEYS_FILE)")?;
+            // NB: off the async workers: the path may be on a slow mount.
+            let path = file.clone();
+            let keys = tokio::task::spawn_blocking(move || ApiKeys::load(&path))
+                .await
+                .context("loading the API key file")?
+                .context("--api-keys-file (FLAGHOST_API_KEYS_FILE)")?
+                .with_rate_limit(config.api_key_rate_limit);
+            if config.watch_interval.is_none() {
+                warn!(file = %file.display(),
+                      "--watch-interval-ms is 0: the API key file is not reloaded; a changed key needs a restart");
+            }
             let (environments, keys_in_force) = keys.counts();
             info!(file = %file.display(), environments, keys = keys_in_force,
                   "API keys required: every environment needs one of its keys");
@@ -418,7 +433,7 @@ impl Validation {
 /// `flaghost`), and the errors of those that did not load.
 fn local_plugins(source: &SourceArgs) -> anyhow::Result<(PluginSet, Vec<PluginError>)> {
     let runtime = runtime(
-        source.limits.to_limits()?,
+        source.limits.to_limits(None)?,
         Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
         source.plugin_cache_dir.as_deref(),
         source.plugin_cache_key.as_deref(),

@@ -135,6 +135,7 @@ pub fn config_for(
     ServeConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
         metrics_listen: None,
+        traces: None,
         flags,
         plugins,
         plugin_cache_dir: None,
@@ -146,6 +147,7 @@ pub fn config_for(
         watch_interval: Some(Duration::from_secs(1)),
         admin_token: None,
         api_keys_file: None,
+        api_key_rate_limit: None,
         http: Default::default(),
         limits,
         documents: Default::default(),

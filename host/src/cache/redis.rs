@@ -372,7 +372,10 @@ impl RedisCache {
                 backend: "redis",
                 reason,
             })?;
-            redis::Client::build_with_tls(info, certificates).map_err(refuse)?
+            redis::Client::build_with_tls(info, certificates).map_err(|e| CacheError {
+                backend: "redis",
+                reason: format!("{url}: cannot set up TLS with the certificates given ({e})"),
+            })?
         } else {
             if options.tls.is_set() {
                 return Err(CacheError {

@@ -64,6 +64,13 @@ pub enum ApiError {
     Unauthorized(String),
     /// A valid API key, for another environment.
     Forbidden(String),
+    /// A key over its rate limit.
+    TooManyRequests {
+        /// Why.
+        why: String,
+        /// When it may try again.
+        retry_after: std::time::Duration,
+    },
     /// A plugin change through the admin API was refused.
     Plugin(ChangeError),
     /// The request cannot be served in this configuration.
@@ -76,6 +83,10 @@ impl From<crate::access::Denied> for ApiError {
     fn from(denied: crate::access::Denied) -> Self {
         match denied {
             crate::access::Denied::OtherEnvironment(_) => ApiError::Forbidden(denied.to_string()),
+            crate::access::Denied::RateLimited { retry_after, .. } => ApiError::TooManyRequests {
+                why: denied.to_string(),
+                retry_after,
+            },
             _ => ApiError::Unauthorized(denied.to_string()),
         }
     }
@@ -194,6 +205,13 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(why) => {
                 (StatusCode::FORBIDDEN, None, "GENERAL", why.clone(), None)
             }
+            ApiError::TooManyRequests { why, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                None,
+                "GENERAL",
+                why.clone(),
+                None,
+            ),
             ApiError::Plugin(e) => {
                 let status = match e {
                     ChangeError::InvalidName(_) => StatusCode::BAD_REQUEST,
@@ -229,6 +247,14 @@ impl IntoResponse for ApiError {
             metadata,
         };
         let mut response = (status, Json(body)).into_response();
+        if let ApiError::TooManyRequests { retry_after, .. } = &self {
+            // NB: whole seconds, rounded up (RFC 9110 §10.2.3).
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds.max(1)),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

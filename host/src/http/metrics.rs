@@ -1,4 +1,5 @@
-//! `GET /metrics` (Prometheus text), and the HTTP request metrics.
+//! `GET /metrics` (Prometheus text), and what every matched request gets:
+//! a request id, a `request` span, and its metrics.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,18 +36,59 @@ fn exposition(state: &AppState) -> Response {
         .into_response()
 }
 
-/// Counts a request to a matched route: its route, method, status and
+/// Runs a request to a matched route in a `request` span carrying its
+/// request id (the caller's `X-Request-Id` if it sent a usable one, else a
+/// new one; answered in `X-Request-Id`), its parent the caller's trace
+/// context when traces are on; and counts it: route, method, status and
 /// time to the response's headers.
 pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().cloned();
-    let response = next.run(request).await;
+    let id = request_id(request.headers());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %method,
+        route = route.as_ref().map_or("", MatchedPath::as_str),
+        otel.kind = "server",
+        http.response.status_code = tracing::field::Empty,
+    );
+    if crate::telemetry::traces_on() {
+        crate::telemetry::adopt_caller_context(&span, request.headers());
+    }
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
     state.metrics.request(
         route.as_ref().map(MatchedPath::as_str),
         &method,
-        response.status().as_u16(),
+        status,
         started.elapsed(),
     );
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
     response
+}
+
+const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// The caller's request id if it is one a log line can carry as it is (1
+/// to 64 letters, digits, `.`, `_`, `:` or `-`), else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static PROCESS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    if let Some(given) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok())
+        && (1..=64).contains(&given.len())
+        && given
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return given.to_owned();
+    }
+    let process = PROCESS.get_or_init(rand::random::<u32>);
+    format!("{process:08x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }

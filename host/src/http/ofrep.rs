@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
+use tracing::Instrument as _;
 
 use super::error::ValidPath;
 use super::{ApiError, AppState};
@@ -58,24 +59,35 @@ pub async fn evaluate_one(
     let lane = flag
         .filter(|flag| flag.state == FlagState::Enabled)
         .and_then(Flag::lane);
-    let answer = match (flag, lane) {
-        // NB: guest code runs on the plugin pool, never on this worker.
-        (Some(flag), Some(lane)) => {
-            let keys = vec![key.clone()];
-            let budget = Budget::new(state.plugin_budget);
-            let mut verdicts = on_plugin_pool(&state, lane, &served, keys, context, budget).await;
-            match verdicts.pop() {
-                Some(Ok(verdict)) => Ok(verdict.resolve(flag)),
-                Some(Err(error)) => Err(EvaluationError {
-                    metadata: Some(flag.metadata.clone()),
-                    ..error
-                }),
-                None => unreachable!("one verdict per key"),
-            }
-        }
-        (Some(flag), None) => evaluation::evaluate_flag(flag, &context, None),
-        (None, _) => evaluation::evaluate(set, &key, &context, None),
+    // NB: a span for the evaluation only with traces exported.
+    let span = if crate::telemetry::traces_on() {
+        tracing::info_span!("evaluate", flag = %key, environment = %set.environment)
+    } else {
+        tracing::Span::none()
     };
+    let answer = async {
+        match (flag, lane) {
+            // NB: guest code runs on the plugin pool, never on this worker.
+            (Some(flag), Some(lane)) => {
+                let keys = vec![key.clone()];
+                let budget = Budget::new(state.plugin_budget);
+                let mut verdicts =
+                    on_plugin_pool(&state, lane, &served, keys, context, budget).await;
+                match verdicts.pop() {
+                    Some(Ok(verdict)) => Ok(verdict.resolve(flag)),
+                    Some(Err(error)) => Err(EvaluationError {
+                        metadata: Some(flag.metadata.clone()),
+                        ..error
+                    }),
+                    None => unreachable!("one verdict per key"),
+                }
+            }
+            (Some(flag), None) => evaluation::evaluate_flag(flag, &context, None),
+            (None, _) => evaluation::evaluate(set, &key, &context, None),
+        }
+    }
+    .instrument(span)
+    .await;
     let counter = state.metrics.evaluations().counter(set);
     match (flag, &answer) {
         (Some(flag), Ok(r)) => {
@@ -114,7 +126,11 @@ async fn on_plugin_pool(
 ) -> Vec<Result<Verdict, EvaluationError>> {
     let set = served.set.clone();
     let count = keys.len();
+    // NB: the plugin calls' spans are children of this request's (traces
+    // on only: entering a span on another thread is not free).
+    let parent = crate::telemetry::traces_on().then(tracing::Span::current);
     let job = move || {
+        let _parent = parent.as_ref().map(tracing::Span::enter);
         budget.run(|| {
             keys.iter()
                 .map(|key| evaluation::evaluate(&set, key, &context, None).map(|r| r.verdict()))

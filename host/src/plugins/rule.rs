@@ -95,6 +95,11 @@ impl PluginRule {
     /// Runs the rule for `context`.
     pub fn run(&self, context: &EvaluationContext) -> Result<Option<String>, PluginError> {
         let plugin = &self.plugin;
+        // NB: only with traces exported: no span otherwise.
+        let _span = crate::telemetry::traces_on().then(|| {
+            tracing::info_span!("plugin call", plugin = %plugin.name, otel.kind = "internal")
+                .entered()
+        });
         let budget = BUDGET.with_borrow(Clone::clone);
         let limit = match &budget {
             None => CallLimit::deadline(plugin),

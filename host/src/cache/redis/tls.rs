@@ -77,11 +77,46 @@ impl RedisTls {
                 })
             }
         };
+        check_with_rustls(root_cert.as_deref(), client_tls.as_ref())?;
         Ok(TlsCertificates {
             client_tls,
             root_cert,
         })
     }
+}
+
+/// Builds the TLS configuration the connection will use, once, so what
+/// rustls refuses (a CA it will not take as a trust anchor, a key that does
+/// not match its certificate or that it cannot use) stops start-up naming
+/// the option, instead of failing every connect later.
+fn check_with_rustls(ca: Option<&[u8]>, client: Option<&ClientTlsConfig>) -> Result<(), String> {
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = ca {
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("{CA_FILE_OPTION}: {e}"))?;
+            roots.add(cert).map_err(|e| {
+                format!("{CA_FILE_OPTION}: a certificate cannot be a trust anchor: {e}")
+            })?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_root_certificates(roots);
+    if let Some(client) = client {
+        let certs = CertificateDer::pem_slice_iter(&client.client_cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{CLIENT_CERT_OPTION}: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&client.client_key)
+            .map_err(|e| format!("{CLIENT_CERT_OPTION}: {e}"))?;
+        builder.with_client_auth_cert(certs, key).map_err(|e| {
+            format!("{CLIENT_CERT_OPTION}: the certificate and key cannot be used together: {e}")
+        })?;
+    }
+    Ok(())
 }
 
 fn read(option: &str, file: &Path) -> Result<Vec<u8>, String> {

@@ -1,0 +1,254 @@
+//! Traces over OTLP/HTTP (protobuf): the `flaghost` binary exports to a
+//! small OTLP receiver of the test's own, which decodes what it gets with
+//! `opentelemetry-proto`. A request carrying a W3C `traceparent` is a child
+//! of the caller's span; its evaluation and its plugin call are children of
+//! it; a request without one starts a trace. Every log line of a request
+//! names its request id, which the answer carries back.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use flaghost_tests::{build_plugins, eventually, flaghost_binary, root};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message as _;
+
+/// What the receiver got.
+type Received = Arc<Mutex<Vec<Span>>>;
+
+/// An OTLP/HTTP receiver on a free port: its address and what it received.
+async fn receiver() -> (String, Received) {
+    let received: Received = Arc::default();
+    let kept = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let kept = kept.clone();
+            async move {
+                let request =
+                    ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export");
+                let mut kept = kept.lock().expect("lock");
+                for resource in request.resource_spans {
+                    for scope in resource.scope_spans {
+                        kept.extend(scope.spans);
+                    }
+                }
+                // An empty ExportTraceServiceResponse.
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, received)
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            Value::StringValue(s) => s.clone(),
+            Value::IntValue(i) => i.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CALLER_SPAN: &str = "b7ad6b7169203331";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_receiver_as_children_of_the_callers_trace() {
+    build_plugins();
+    let (collector, received) = receiver().await;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let flaghost = Killed(
+        Command::new(flaghost_binary())
+            .arg("serve")
+            .arg("--flags")
+            .arg(root().join("examples/flags"))
+            .arg("--plugins")
+            .arg(root().join("target/plugins"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
+            // Batches sent every 100 ms, not every 5 s.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("RUST_LOG", "flaghost=debug")
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("flaghost starts"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let ready = eventually(Duration::from_secs(30), || async {
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    assert!(ready, "flaghost is ready");
+
+    // A plugin flag, from a caller in a trace of its own.
+    let answer = client
+        .post(format!("{base}/ofrep/v1/evaluate/flags/beta-search"))
+        .header("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01"))
+        .header("x-request-id", "caller-request-7")
+        .body(r#"{"context": {"targetingKey": "u", "account": {"tier": "beta"}}}"#)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(answer.status().as_u16(), 200);
+    assert_eq!(
+        answer
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("caller-request-7"),
+        "the caller's request id comes back"
+    );
+    // A bulk request without a trace, and a refused one (logged at debug).
+    let bulk = client
+        .post(format!("{base}/ofrep/v1/evaluate/flags"))
+        .body(r#"{"context": {"targetingKey": "u", "account": {"tier": "beta"}}}"#)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(bulk.status().as_u16(), 200);
+    let generated = bulk
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("a request id is made when the caller sends none")
+        .to_owned();
+    let refused = client
+        .post(format!("{base}/ofrep/v1/evaluate/flags/no-such-flag"))
+        .header("x-request-id", "refused-request-9")
+        .body("{}")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(refused.status().as_u16(), 404);
+
+    let complete = eventually(Duration::from_secs(10), || async {
+        let spans = received.lock().expect("lock");
+        let plugin_calls = spans.iter().filter(|s| s.name == "plugin call").count();
+        let requests = spans.iter().filter(|s| s.name == "request").count();
+        // The traced call's one, and the bulk answer's (4 plugin flags).
+        plugin_calls >= 5 && requests >= 3
+    })
+    .await;
+    let spans = received.lock().expect("lock").clone();
+    assert!(
+        complete,
+        "spans received: {:#?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+
+    let in_trace: Vec<&Span> = spans.iter().filter(|s| hex(&s.trace_id) == TRACE).collect();
+    let request = in_trace
+        .iter()
+        .find(|s| s.name == "request")
+        .expect("the request span is in the caller's trace");
+    assert_eq!(
+        hex(&request.parent_span_id),
+        CALLER_SPAN,
+        "child of the caller's span"
+    );
+    assert_eq!(
+        attribute(request, "request_id").as_deref(),
+        Some("caller-request-7")
+    );
+    assert_eq!(
+        attribute(request, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    let evaluate = in_trace
+        .iter()
+        .find(|s| s.name == "evaluate")
+        .expect("the evaluation has a span");
+    assert_eq!(
+        evaluate.parent_span_id, request.span_id,
+        "evaluation under the request"
+    );
+    assert_eq!(attribute(evaluate, "flag").as_deref(), Some("beta-search"));
+    let call = in_trace
+        .iter()
+        .find(|s| s.name == "plugin call")
+        .expect("the plugin call has a span");
+    assert_eq!(
+        call.parent_span_id, evaluate.span_id,
+        "plugin call under the evaluation"
+    );
+    assert_eq!(attribute(call, "plugin").as_deref(), Some("allow-list"));
+
+    // The bulk request: a trace of its own, its plugin calls under it.
+    let bulk_request = spans
+        .iter()
+        .find(|s| {
+            s.name == "request" && attribute(s, "request_id").as_deref() == Some(generated.as_str())
+        })
+        .expect("the bulk request's span");
+    assert!(
+        bulk_request.parent_span_id.is_empty(),
+        "a root: no trace came with it"
+    );
+    assert_ne!(hex(&bulk_request.trace_id), TRACE);
+    let bulk_calls = spans
+        .iter()
+        .filter(|s| s.name == "plugin call" && s.trace_id == bulk_request.trace_id)
+        .count();
+    assert!(
+        bulk_calls >= 4,
+        "one span per plugin call of the bulk answer: {bulk_calls}"
+    );
+    assert!(
+        spans
+            .iter()
+            .filter(|s| s.trace_id == bulk_request.trace_id)
+            .all(|s| s.name != "evaluate"),
+        "no evaluation spans in a bulk answer"
+    );
+
+    // Every log line of the refused request names its request id.
+    drop(flaghost);
+    let logged = std::fs::read_to_string(log.path()).expect("log");
+    let lines: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("no-such-flag"))
+        .collect();
+    assert!(!lines.is_empty(), "the refusal is logged:\n{logged}");
+    for line in lines {
+        assert!(line.contains("refused-request-9"), "{line}");
+    }
+}

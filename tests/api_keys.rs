@@ -97,8 +97,9 @@ async fn bulk(fh: &Flaghost, environment: Option<&str>, headers: &[(&str, &str)]
     .0
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keyed_environments_answer_401_403_and_200_as_ofrep_says() {
+/// Production and staging with one flag each, and a key file (the path
+/// returned) beside them, configured.
+fn keyed() -> (Dirs, std::path::PathBuf, flaghost::config::ServeConfig) {
     let dirs = Dirs::new()
         .flag_file("production", &flags())
         .flag_file("staging", &flags());
@@ -106,6 +107,12 @@ async fn keyed_environments_answer_401_403_and_200_as_ofrep_says() {
     write_keys(&keys, PROD_KEY);
     let mut config = dirs.config("production", answer_limits());
     config.api_keys_file = Some(keys.clone());
+    (dirs, keys, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_environments_answer_401_403_and_200_as_ofrep_says() {
+    let (_dirs, keys, mut config) = keyed();
     config.watch_interval = Some(Duration::from_millis(100));
     config.http.cors = Cors::Any;
     config.http.body_limit = 4 << 10;
@@ -253,13 +260,7 @@ async fn keyed_environments_answer_401_403_and_200_as_ofrep_says() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_past_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
-    let dirs = Dirs::new()
-        .flag_file("production", &flags())
-        .flag_file("staging", &flags());
-    let keys = dirs.flags().parent().expect("tmp").join("api-keys.json");
-    write_keys(&keys, PROD_KEY);
-    let mut config = dirs.config("production", answer_limits());
-    config.api_keys_file = Some(keys);
+    let (_dirs, _keys, mut config) = keyed();
     config.api_key_rate_limit = Some(flaghost::access::RateLimit { per_second: 4 });
     let fh = Flaghost::start(&config).await.expect("flaghost starts");
     let prod = [("x-api-key", PROD_KEY)];

@@ -12,7 +12,9 @@ use std::time::Duration;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use flaghost_tests::{Dirs, Flaghost, answer_limits, eventually, examples_config, root};
+use flaghost_tests::{
+    Dirs, Flaghost, answer_limits, eventually, examples_config, install_clients, root,
+};
 use serde_json::json;
 
 /// One sample as the parser read it.
@@ -60,15 +62,6 @@ fn parse(text: &str) -> Scrape {
 }
 
 const TOKEN: &str = "metrics-admin-token-0123";
-
-/// Installs the parser once (the script is idempotent).
-fn install_clients() {
-    let status = Command::new("bash")
-        .arg(root().join("tests/clients/install.sh"))
-        .status()
-        .expect("run tests/clients/install.sh");
-    assert!(status.success(), "installing the clients failed");
-}
 
 /// The scrape at `url` (with the admin token when given), parsed.
 async fn scrape(fh: &Flaghost, url: &str, token: Option<&str>) -> (u16, Option<Scrape>) {
@@ -133,15 +126,7 @@ fn evaluations(scrape: &Scrape, flag: &str, variant: &str, reason: &str) -> f64 
 async fn metrics_count_a_known_sequence_exactly() {
     install_clients();
     // A copy of the examples, so a file can be broken and mended.
-    let dirs = Dirs::new();
-    for env in ["production", "staging"] {
-        let file = format!("{env}.json");
-        std::fs::copy(
-            root().join("examples/flags").join(&file),
-            dirs.flags().join(&file),
-        )
-        .expect("copy");
-    }
+    let dirs = Dirs::new().with_example_flags();
     let mut config = examples_config(answer_limits());
     config.flags = dirs.flags();
     config.admin_token = Some(TOKEN.into());

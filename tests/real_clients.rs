@@ -13,19 +13,9 @@ use std::process::{Command, Output};
 
 use std::time::Duration;
 
-use flaghost_tests::{Dirs, Flaghost, answer_limits, eventually, examples_config, root};
-
-/// Installs the clients once (the script is idempotent).
-fn install_clients() {
-    let status = Command::new("bash")
-        .arg(root().join("tests/clients/install.sh"))
-        .status()
-        .expect("run tests/clients/install.sh");
-    assert!(
-        status.success(),
-        "installing the OpenFeature clients failed"
-    );
-}
+use flaghost_tests::{
+    Dirs, Flaghost, answer_limits, eventually, examples_config, install_clients, root,
+};
 
 /// Runs `command` off the async workers (flaghost serves on them meanwhile)
 /// and fails the test with the client's own output if any check failed.
@@ -60,15 +50,7 @@ async fn python_and_javascript_openfeature_clients_get_correct_answers() {
 
     // A copy of the examples, served until its TTL runs out with the file
     // broken: its answers are STALE.
-    let copy = Dirs::new();
-    for env in ["production", "staging"] {
-        let file = format!("{env}.json");
-        std::fs::copy(
-            root().join("examples/flags").join(&file),
-            copy.flags().join(&file),
-        )
-        .expect("copy the examples");
-    }
+    let copy = Dirs::new().with_example_flags();
     let mut stale_config = examples_config(answer_limits());
     stale_config.flags = copy.flags();
     stale_config.cache_ttl = Duration::from_secs(1);

@@ -155,6 +155,16 @@ pub fn config_for(
     }
 }
 
+/// Installs the real clients (and the Prometheus parser) the client tests
+/// use, once: tests/clients/install.sh is idempotent.
+pub fn install_clients() {
+    let status = std::process::Command::new("bash")
+        .arg(root().join("tests/clients/install.sh"))
+        .status()
+        .expect("run tests/clients/install.sh");
+    assert!(status.success(), "installing the clients failed");
+}
+
 /// A flag directory and a plugin directory in a temporary folder.
 pub struct Dirs {
     tmp: tempfile::TempDir,
@@ -177,6 +187,20 @@ impl Dirs {
     /// The plugin directory.
     pub fn plugins(&self) -> PathBuf {
         self.tmp.path().join("plugins")
+    }
+
+    /// With a copy of the bundled example flag files (examples/flags), to
+    /// break and mend.
+    pub fn with_example_flags(self) -> Self {
+        for env in ["production", "staging"] {
+            let file = format!("{env}.json");
+            std::fs::copy(
+                root().join("examples/flags").join(&file),
+                self.flags().join(&file),
+            )
+            .expect("copy the examples");
+        }
+        self
     }
 
     /// Writes `<environment>.json`.

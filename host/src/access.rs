@@ -242,6 +242,7 @@ impl ApiKeys {
                         stamp: None,
                         digest,
                     };
+                    self.reloads.refused();
                     error!(file = %self.file.display(), reason = %e.reason,
                            "API key file unreadable: the keys loaded before stay in force");
                 }

@@ -877,6 +877,12 @@ impl ServeArgs {
                             "{endpoint:?} is not a URL like http://collector:4318 ({e})"
                         ),
                     })?;
+                    if !url.username().is_empty() || url.password().is_some() {
+                        return Err(ConfigError {
+                            option: "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)",
+                            reason: "holds credentials, which would be logged: give a collector beside flaghost without them".into(),
+                        });
+                    }
                     if url.scheme() != "http" {
                         return Err(ConfigError {
                             option: "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)",

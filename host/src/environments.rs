@@ -118,6 +118,8 @@ pub struct Environments {
     last_good: RwLock<HashMap<String, Good>>,
     /// Flag files put in force and refused.
     reloads: crate::metrics::Reloads,
+    /// Refused versions already counted, as `environment\nreason`.
+    refusals: Mutex<HashSet<String>>,
     /// One refresh at a time per environment.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Problems already logged (store failures, refused files, conflicts),
@@ -149,6 +151,7 @@ impl Environments {
             timing,
             last_good: RwLock::new(HashMap::new()),
             reloads: Default::default(),
+            refusals: Mutex::new(HashSet::new()),
             gates: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
         }
@@ -374,6 +377,7 @@ impl Environments {
                 }
             },
         };
+        self.refused(environment, &error);
         self.log_once(format!("store {environment}"), || {
             warn!(environment, error = %error, digest = %snapshot.set.digest,
                   "flag store failed; serving the last good flag set (marked STALE once older than the TTL)");
@@ -387,7 +391,8 @@ impl Environments {
     /// Installs a set the store just gave (read after `generation`).
     fn confirm(&self, set: Arc<FlagSet>, generation: u64) -> Snapshot {
         let snapshot = Snapshot { set, stale: false };
-        self.last_good
+        let previous = self
+            .last_good
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(
@@ -397,9 +402,27 @@ impl Environments {
                     confirmed_at: self.snapshots.now(),
                 },
             );
+        // NB: counted here, where every new version is put in force (the
+        // watcher, a refresh at the TTL, a reload after a plugin change).
+        if previous.is_some_and(|p| p.set.digest != snapshot.set.digest) {
+            self.reloads.accepted();
+        }
         self.snapshots
             .insert_since(snapshot.clone(), self.timing.ttl, generation);
         snapshot
+    }
+
+    /// Counts a refused version of `environment`'s file once (a version is
+    /// known by why it is refused), however often it is tried.
+    fn refused(&self, environment: &str, error: &StoreError) {
+        if self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(format!("{environment}\n{error}"))
+        {
+            self.reloads.refused();
+        }
     }
 
     fn forget(&self, environment: &str) {
@@ -446,6 +469,11 @@ impl Environments {
 
     /// The store serves `environment` again: its failures may be logged anew.
     fn recovered(&self, environment: &str) {
+        let prefix = format!("{environment}\n");
+        self.refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|r| !r.starts_with(&prefix));
         let key = format!("store {environment}");
         let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
         logged.remove("unavailable");
@@ -650,7 +678,6 @@ impl Environments {
                     }
                     self.recovered(&environment);
                     self.confirm(set.clone(), generation);
-                    self.reloads.accepted();
                     changed.push(set);
                 }
                 Err(StoreError::NotFound(_)) => {
@@ -660,11 +687,13 @@ impl Environments {
                         removed.push(environment);
                     }
                 }
-                Err(e) => self.log_once(format!("store {environment}"), || {
-                    self.reloads.refused();
-                    warn!(environment = %environment, error = %e,
-                          "flag file refused; the last good version keeps serving");
-                }),
+                Err(e) => {
+                    self.refused(&environment, &e);
+                    self.log_once(format!("store {environment}"), || {
+                        warn!(environment = %environment, error = %e,
+                              "flag file refused; the last good version keeps serving");
+                    });
+                }
             }
         }
         let Some(shared) = &self.shared else { return };

@@ -26,9 +26,7 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::access::ApiKeys;
@@ -49,6 +47,16 @@ const REASONS: [Reason; 6] = [
     Reason::Error,
     Reason::Stale,
 ];
+
+// NB: counters are indexed by `reason as usize`: the list must follow the
+// enum's order.
+const _: () = {
+    assert!(Reason::Static as usize == 0 && Reason::TargetingMatch as usize == 1);
+    assert!(Reason::Default as usize == 2 && Reason::Disabled as usize == 3);
+    assert!(Reason::Error as usize == 4 && Reason::Stale as usize == 5);
+    assert!(ErrorCode::FlagNotFound as usize == 0 && ErrorCode::ParseError as usize == 1);
+    assert!(ErrorCode::TypeMismatch as usize == 2 && ErrorCode::General as usize == 3);
+};
 
 /// Error codes, in [`ErrorCode`]'s order.
 const ERROR_CODES: [ErrorCode; 4] = [
@@ -98,7 +106,7 @@ pub struct Sources {
 /// Every metric flaghost exposes.
 pub struct Metrics {
     registry: Registry,
-    http: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    http: Arc<HttpRequests>,
     evaluations: Arc<Evaluations>,
 }
 
@@ -108,23 +116,9 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// An HTTP request's labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct HttpLabels {
-    route: &'static str,
-    method: &'static str,
-    status: u16,
-}
-
-/// 50 µs to about 1.6 s, doubling: a flag answer takes tens of
-/// microseconds, a bulk answer with plugins milliseconds.
-fn http_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(50e-6, 2.0, 16))
-}
-
 /// The routes, as matched (so a path's flag key or environment never
-/// becomes a label).
-const ROUTES: [&str; 9] = [
+/// becomes a label); then `other` and `unmatched`.
+const ROUTES: [&str; 12] = [
     "/ofrep/v1/evaluate/flags",
     "/ofrep/v1/evaluate/flags/{key}",
     "/environments/{environment}/ofrep/v1/evaluate/flags",
@@ -133,24 +127,91 @@ const ROUTES: [&str; 9] = [
     "/readyz",
     "/metrics",
     "/admin/v1/cache/invalidate",
+    "/admin/v1/plugins",
     "/admin/v1/plugins/{name}",
+    "other",
+    "unmatched",
 ];
+
+const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD", "other"];
+
+/// Upper bounds of the request histogram's buckets: 50 µs to about 1.6 s,
+/// doubling (a flag answer takes tens of microseconds, a bulk answer with
+/// plugins milliseconds).
+const HTTP_BUCKETS: usize = 16;
+
+fn http_bucket_bound(i: usize) -> Duration {
+    Duration::from_micros(50 << i)
+}
+
+/// HTTP requests by route, method and status: a histogram each, kept
+/// without a lock on the request path.
+///
+/// NB: not `prometheus-client`'s `Family<_, Histogram>`: its lookup takes a
+/// read lock and each histogram a mutex, every request on every core
+/// writing the same lines. Routes and methods are a fixed table; the
+/// statuses each has seen are a short list swapped whole when one is new.
+struct HttpRequests {
+    cells: Vec<arc_swap::ArcSwap<Vec<(u16, Arc<HttpCell>)>>>,
+    adding: Mutex<()>,
+}
+
+/// One histogram: its buckets' counts (not cumulative; the last past every
+/// bound), then the count of all, then their sum in nanoseconds.
+type HttpCell = Sharded<{ HTTP_BUCKETS + 3 }>;
+
+impl HttpRequests {
+    fn new() -> Self {
+        Self {
+            cells: (0..ROUTES.len() * METHODS.len())
+                .map(|_| arc_swap::ArcSwap::from_pointee(Vec::new()))
+                .collect(),
+            adding: Mutex::new(()),
+        }
+    }
+
+    fn observe(&self, route: usize, method: usize, status: u16, took: Duration) {
+        let Some(cell) = self.cells.get(route * METHODS.len() + method) else {
+            return;
+        };
+        let histogram = match cell.load().iter().find(|(s, _)| *s == status) {
+            Some((_, histogram)) => histogram.clone(),
+            None => {
+                let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
+                let statuses = cell.load_full();
+                if let Some((_, histogram)) = statuses.iter().find(|(s, _)| *s == status) {
+                    histogram.clone()
+                } else {
+                    let histogram = Arc::new(HttpCell::default());
+                    let mut more = Vec::clone(&statuses);
+                    more.push((status, histogram.clone()));
+                    cell.store(Arc::new(more));
+                    histogram
+                }
+            }
+        };
+        let bucket = (0..HTTP_BUCKETS)
+            .find(|&i| took <= http_bucket_bound(i))
+            .unwrap_or(HTTP_BUCKETS);
+        histogram.add(bucket);
+        histogram.add(HTTP_BUCKETS + 1);
+        histogram.add_by(
+            HTTP_BUCKETS + 2,
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+}
 
 impl Metrics {
     /// Metrics read from `sources`.
     pub fn new(sources: Sources) -> Self {
         let evaluations = Arc::new(Evaluations::default());
-        let http: Family<HttpLabels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(http_histogram);
+        let http = Arc::new(HttpRequests::new());
         let mut registry = Registry::default();
-        registry.register(
-            "flaghost_http_request_duration_seconds",
-            "HTTP requests by route (as matched), method and status: time to the response's headers",
-            http.clone(),
-        );
         registry.register_collector(Box::new(Collected {
             sources,
             evaluations: evaluations.clone(),
+            http: http.clone(),
         }));
         Self {
             registry,
@@ -180,39 +241,47 @@ impl Metrics {
         status: u16,
         took: Duration,
     ) {
-        let route = route
-            .and_then(|r| ROUTES.iter().find(|known| **known == r).copied())
-            .unwrap_or(if route.is_some() {
-                "other"
-            } else {
-                "unmatched"
-            });
-        let method = match *method {
-            axum::http::Method::GET => "GET",
-            axum::http::Method::POST => "POST",
-            axum::http::Method::PUT => "PUT",
-            axum::http::Method::DELETE => "DELETE",
-            axum::http::Method::OPTIONS => "OPTIONS",
-            axum::http::Method::HEAD => "HEAD",
-            _ => "other",
+        let route = match route {
+            Some(r) => ROUTES[..ROUTES.len() - 2]
+                .iter()
+                .position(|known| *known == r)
+                .unwrap_or(ROUTES.len() - 2),
+            None => ROUTES.len() - 1,
         };
-        self.http
-            .get_or_create(&HttpLabels {
-                route,
-                method,
-                status,
-            })
-            .observe(took.as_secs_f64());
+        let method = match *method {
+            axum::http::Method::GET => 0,
+            axum::http::Method::POST => 1,
+            axum::http::Method::PUT => 2,
+            axum::http::Method::DELETE => 3,
+            axum::http::Method::OPTIONS => 4,
+            axum::http::Method::HEAD => 5,
+            _ => 6,
+        };
+        self.http.observe(route, method, status, took);
     }
 }
 
 /// Evaluation counters, by environment and flag, kept across reloads of a
 /// flag set (a reload that keeps a flag keeps its counts).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Evaluations {
+    /// Tells this registry's counters from another's (an address could be
+    /// reused by the next one).
+    id: u64,
     flags: Mutex<HashMap<(String, String), Arc<FlagCounts>>>,
     /// Flags callers asked for that the environment does not have.
     not_found: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl Default for Evaluations {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            flags: Mutex::default(),
+            not_found: Mutex::default(),
+        }
+    }
 }
 
 /// One flag's counters.
@@ -229,12 +298,14 @@ struct FlagCounts {
 /// Counts by reason.
 type ReasonCounts = Sharded<{ REASONS.len() }>;
 
-/// `N` counters that every worker thread adds to, kept per thread shard,
-/// one cache line each, and summed when read.
+/// `N` counters that every worker thread adds to: each of the first
+/// threads to count has a shard (a cache line) of its own that only it
+/// writes, with a plain load and store; threads past them share the last
+/// shard, with atomic adds. Read by summing the shards.
 ///
-/// NB: one shared line per counter made a bulk answer of 900 flags cost 9%
-/// more CPU on 2 cores (`cargo bench --bench load`, side by side): both
-/// cores count every flag, and each add took the line from the other core.
+/// NB: a bulk answer counts every flag. With one shared counter per flag,
+/// each a locked add, a 900-flag answer cost 25% more CPU (a quick `wrk`
+/// side by side; perf put 68% of the answer loop on the `lock` add).
 #[derive(Debug)]
 struct Sharded<const N: usize> {
     shards: Box<[Shard<N>]>,
@@ -244,21 +315,25 @@ struct Sharded<const N: usize> {
 #[repr(align(64))]
 struct Shard<const N: usize>([AtomicU64; N]);
 
-/// Shards per counter: one per core, at most 8.
+/// Shards per counter: one for each of the first counting threads (the
+/// HTTP workers: one per core, at most 16), and one they share past that.
 fn shards() -> usize {
     static SHARDS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *SHARDS.get_or_init(|| {
         std::thread::available_parallelism()
             .map_or(2, std::num::NonZero::get)
-            .clamp(1, 8)
+            .clamp(1, 16)
+            + 1
     })
 }
 
 thread_local! {
-    /// This thread's shard (threads take them in turn).
-    static SHARD: usize = {
+    /// This thread's shard if it owns one (never reused: a thread that
+    /// ends leaves its index unused).
+    static SHARD: Option<usize> = {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % shards()
+        let index = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
+        (index + 1 < shards()).then_some(index)
     };
 }
 
@@ -274,9 +349,25 @@ impl<const N: usize> Default for Sharded<N> {
 
 impl<const N: usize> Sharded<N> {
     fn add(&self, i: usize) {
-        let shard = SHARD.with(|s| *s);
-        if let Some(counter) = self.shards.get(shard).and_then(|s| s.0.get(i)) {
-            counter.fetch_add(1, Ordering::Relaxed);
+        self.add_by(i, 1);
+    }
+
+    fn add_by(&self, i: usize, n: u64) {
+        match SHARD.with(|s| *s).and_then(|own| self.shards.get(own)) {
+            // NB: this thread is the one writer of its shard: no locked add.
+            Some(own) => {
+                if let Some(counter) = own.0.get(i) {
+                    counter.store(
+                        counter.load(Ordering::Relaxed).wrapping_add(n),
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+            None => {
+                if let Some(counter) = self.shards.last().and_then(|s| s.0.get(i)) {
+                    counter.fetch_add(n, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -297,7 +388,7 @@ impl<const N: usize> Sharded<N> {
 #[derive(Debug)]
 pub struct SetCounters {
     /// The [`Evaluations`] they belong to.
-    owner: usize,
+    owner: u64,
     flags: Vec<ResolvedFlag>,
     not_found: Arc<AtomicU64>,
 }
@@ -309,8 +400,8 @@ struct ResolvedFlag {
 }
 
 impl Evaluations {
-    fn owner(&self) -> usize {
-        std::ptr::from_ref(self) as usize
+    fn owner(&self) -> u64 {
+        self.id
     }
 
     /// `set`'s counters: found at its first evaluation, then kept with it.
@@ -378,15 +469,23 @@ impl Evaluations {
             .iter()
             .flat_map(|s| s.flags.keys().map(|k| (s.environment.as_str(), k.as_str())))
             .collect();
+        // NB: counters a set holds stay, though the set was not among
+        // `sets` (one loaded between the listing and this): its counts
+        // would otherwise go unreported for as long as it serves.
         self.flags
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(environment, flag), _| live.contains(&(environment.as_str(), flag.as_str())));
+            .retain(|(environment, flag), counts| {
+                Arc::strong_count(counts) > 1
+                    || live.contains(&(environment.as_str(), flag.as_str()))
+            });
         let environments: HashSet<&str> = sets.iter().map(|s| s.environment.as_str()).collect();
         self.not_found
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|environment, _| environments.contains(environment.as_str()));
+            .retain(|environment, count| {
+                Arc::strong_count(count) > 1 || environments.contains(environment.as_str())
+            });
     }
 }
 
@@ -437,6 +536,7 @@ impl Counter<'_> {
 struct Collected {
     sources: Sources,
     evaluations: Arc<Evaluations>,
+    http: Arc<HttpRequests>,
 }
 
 impl std::fmt::Debug for Collected {
@@ -634,6 +734,41 @@ impl Collector for Collected {
             }),
         )?;
 
+        // HTTP requests.
+        let mut requests = encoder.encode_descriptor(
+            "flaghost_http_request_duration_seconds",
+            "HTTP requests by route (as matched), method and status: time to the response's headers",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (at, cell) in self.http.cells.iter().enumerate() {
+            let (route, method) = (ROUTES[at / METHODS.len()], METHODS[at % METHODS.len()]);
+            let mut statuses: Vec<(u16, Arc<HttpCell>)> = Vec::clone(&cell.load());
+            statuses.sort_by_key(|(status, _)| *status);
+            for (status, histogram) in statuses {
+                let totals = histogram.totals();
+                let status = status.to_string();
+                let labels = [
+                    ("route", route),
+                    ("method", method),
+                    ("status", status.as_str()),
+                ];
+                let buckets: Vec<(f64, u64)> = (0..=HTTP_BUCKETS)
+                    .map(|i| {
+                        let bound = if i < HTTP_BUCKETS {
+                            http_bucket_bound(i).as_secs_f64()
+                        } else {
+                            f64::INFINITY
+                        };
+                        (bound, totals[i])
+                    })
+                    .collect();
+                let sum = Duration::from_nanos(totals[HTTP_BUCKETS + 2]).as_secs_f64();
+                histogram_of(requests.encode_family(&labels)?, sum, &buckets)?;
+            }
+        }
+        drop(requests);
+
         // Plugins: the admin listing's numbers, from the same counters.
         let plugins = self.sources.plugins.current();
         let mut stats: Vec<(String, crate::plugins::StatsSnapshot)> = plugins
@@ -698,7 +833,7 @@ impl Collector for Collected {
                 .iter()
                 .map(|&(bound, count)| (bound.map_or(f64::INFINITY, |b| b.as_secs_f64()), count))
                 .collect();
-            histogram(sample, s.latency_sum.as_secs_f64(), &buckets)?;
+            histogram_of(sample, s.latency_sum.as_secs_f64(), &buckets)?;
         }
         Ok(())
     }
@@ -717,7 +852,7 @@ impl EncodeLabelSet for NoLabels {
     }
 }
 
-fn histogram(
+fn histogram_of(
     mut sample: MetricEncoder,
     sum: f64,
     buckets: &[(f64, u64)],

@@ -47,17 +47,23 @@ pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: N
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().cloned();
     let id = RequestId::of(request.headers());
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id,
-        method = %method,
-        route = route.as_ref().map_or("", MatchedPath::as_str),
-        otel.kind = "server",
-        http.response.status_code = tracing::field::Empty,
-    );
-    if crate::telemetry::traces_on() {
+    // NB: with traces off, the span carries the request id alone: at the
+    // default level the log layer formats every field into a string for
+    // each request, whether or not a line is then logged.
+    let span = if crate::telemetry::traces_on() {
+        let span = tracing::info_span!(
+            "request",
+            request_id = %id,
+            method = %method,
+            route = route.as_ref().map_or("", MatchedPath::as_str),
+            otel.kind = "server",
+            http.response.status_code = tracing::field::Empty,
+        );
         crate::telemetry::adopt_caller_context(&span, request.headers());
-    }
+        span
+    } else {
+        tracing::info_span!("request", request_id = %id)
+    };
     let mut response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);

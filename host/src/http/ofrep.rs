@@ -60,10 +60,16 @@ pub async fn evaluate_one(
         .filter(|flag| flag.state == FlagState::Enabled)
         .and_then(Flag::lane);
     // NB: a span for the evaluation only with traces exported.
-    let span = if crate::telemetry::traces_on() {
-        tracing::info_span!("evaluate", flag = %key, environment = %set.environment)
-    } else {
-        tracing::Span::none()
+    let span = match (crate::telemetry::traces_on(), flag) {
+        (false, _) => tracing::Span::none(),
+        (true, Some(flag)) => {
+            tracing::info_span!("evaluate", flag = %flag.key, environment = %set.environment)
+        }
+        // NB: `?`: a key no flag has is the caller's alone, and a newline
+        // in it must not start a line of its own in a log.
+        (true, None) => {
+            tracing::info_span!("evaluate", flag = ?key, environment = %set.environment)
+        }
     };
     let answer = async {
         match (flag, lane) {

@@ -377,7 +377,7 @@ impl Environments {
                 }
             },
         };
-        self.refused(environment, &error);
+        self.refused(environment, error);
         self.log_once(format!("store {environment}"), || {
             warn!(environment, error = %error, digest = %snapshot.set.digest,
                   "flag store failed; serving the last good flag set (marked STALE once older than the TTL)");

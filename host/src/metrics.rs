@@ -152,9 +152,12 @@ fn http_bucket_bound(i: usize) -> Duration {
 /// writing the same lines. Routes and methods are a fixed table; the
 /// statuses each has seen are a short list swapped whole when one is new.
 struct HttpRequests {
-    cells: Vec<arc_swap::ArcSwap<Vec<(u16, Arc<HttpCell>)>>>,
+    cells: Vec<arc_swap::ArcSwap<Statuses>>,
     adding: Mutex<()>,
 }
+
+/// The statuses a route and method answered, each with its histogram.
+type Statuses = Vec<(u16, Arc<HttpCell>)>;
 
 /// One histogram: its buckets' counts (not cumulative; the last past every
 /// bound), then the count of all, then their sum in nanoseconds.
@@ -743,7 +746,7 @@ impl Collector for Collected {
         )?;
         for (at, cell) in self.http.cells.iter().enumerate() {
             let (route, method) = (ROUTES[at / METHODS.len()], METHODS[at % METHODS.len()]);
-            let mut statuses: Vec<(u16, Arc<HttpCell>)> = Vec::clone(&cell.load());
+            let mut statuses: Statuses = Vec::clone(&cell.load());
             statuses.sort_by_key(|(status, _)| *status);
             for (status, histogram) in statuses {
                 let totals = histogram.totals();
@@ -767,7 +770,6 @@ impl Collector for Collected {
                 histogram_of(requests.encode_family(&labels)?, sum, &buckets)?;
             }
         }
-        drop(requests);
 
         // Plugins: the admin listing's numbers, from the same counters.
         let plugins = self.sources.plugins.current();

@@ -106,9 +106,19 @@ impl RequestId {
         {
             return RequestId::Given(given.clone());
         }
+        // NB: numbered per thread (a thread's number in the high bits): one
+        // counter shared by every core is a cache line they take in turn.
+        thread_local! {
+            static OWN: std::cell::Cell<u64> =
+                std::cell::Cell::new(NEXT.fetch_add(1, Ordering::Relaxed) << 40);
+        }
         RequestId::Own(
             *PROCESS.get_or_init(rand::random::<u32>),
-            NEXT.fetch_add(1, Ordering::Relaxed),
+            OWN.with(|n| {
+                let id = n.get();
+                n.set(id + 1);
+                id
+            }),
         )
     }
 }

@@ -76,12 +76,8 @@ pub fn ofrep_router(
             plugin_pool: runtime.pool().clone(),
             plugin_budget: runtime.limits().request_budget(),
             api_keys: None,
-            metrics: std::sync::Arc::new(flaghost::metrics::Metrics::new(
-                flaghost::metrics::Sources {
-                    environments: metrics_environments,
-                    plugins: Default::default(),
-                    api_keys: None,
-                },
+            metrics: std::sync::Arc::new(flaghost::metrics::Metrics::of_environments(
+                metrics_environments,
             )),
         },
         options,

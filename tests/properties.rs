@@ -101,12 +101,8 @@ fn router(flags: &Path, env: &str) -> (Arc<Environments>, axum::Router) {
             plugin_pool: world.runtime.pool().clone(),
             plugin_budget: world.runtime.limits().request_budget(),
             api_keys: None,
-            metrics: std::sync::Arc::new(flaghost::metrics::Metrics::new(
-                flaghost::metrics::Sources {
-                    environments: metrics_environments,
-                    plugins: Default::default(),
-                    api_keys: None,
-                },
+            metrics: std::sync::Arc::new(flaghost::metrics::Metrics::of_environments(
+                metrics_environments,
             )),
         },
         &HttpOptions::default(),

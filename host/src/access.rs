@@ -160,11 +160,6 @@ impl ApiKeys {
         &self.reloads
     }
 
-    /// The file.
-    pub fn file(&self) -> &Path {
-        &self.file
-    }
-
     /// Whether a caller sending `headers` may evaluate in `environment`.
     pub fn admit(&self, environment: &str, headers: &HeaderMap) -> Result<(), Denied> {
         let presented = presented(headers);

@@ -160,8 +160,8 @@ struct HttpRequests {
 type Statuses = Vec<(u16, Arc<HttpCell>)>;
 
 /// One histogram: its buckets' counts (not cumulative; the last past every
-/// bound), then the count of all, then their sum in nanoseconds.
-type HttpCell = Sharded<{ HTTP_BUCKETS + 3 }>;
+/// bound), then their sum in nanoseconds (the count is the buckets' sum).
+type HttpCell = Sharded<{ HTTP_BUCKETS + 2 }>;
 
 impl HttpRequests {
     fn new() -> Self {
@@ -197,9 +197,8 @@ impl HttpRequests {
             .find(|&i| took <= http_bucket_bound(i))
             .unwrap_or(HTTP_BUCKETS);
         histogram.add(bucket);
-        histogram.add(HTTP_BUCKETS + 1);
         histogram.add_by(
-            HTTP_BUCKETS + 2,
+            HTTP_BUCKETS + 1,
             u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
         );
     }
@@ -221,6 +220,16 @@ impl Metrics {
             http,
             evaluations,
         }
+    }
+
+    /// Metrics of `environments` alone (no plugins registry, no key file):
+    /// for a router built without `server::build`, as benches and tests do.
+    pub fn of_environments(environments: Arc<Environments>) -> Self {
+        Self::new(Sources {
+            environments,
+            plugins: PluginRegistry::default(),
+            api_keys: None,
+        })
     }
 
     /// Everything, in the Prometheus text format.
@@ -407,8 +416,9 @@ impl Evaluations {
         self.id
     }
 
-    /// `set`'s counters: found at its first evaluation, then kept with it.
-    fn of<'a>(&self, set: &'a FlagSet) -> Counter<'a> {
+    /// `set`'s counters, to count many with one lookup: found at its first
+    /// evaluation, then kept with it.
+    pub fn counter<'a>(&self, set: &'a FlagSet) -> Counter<'a> {
         let found = set.counters.get_or_init(|| Arc::new(self.resolve(set)));
         if found.owner == self.owner() {
             // NB: borrowed, not an `Arc` clone: every request on every core
@@ -459,11 +469,6 @@ impl Evaluations {
             flags: resolved,
             not_found,
         }
-    }
-
-    /// The counters of `set`'s evaluations, to count many with one lookup.
-    pub fn counter<'a>(&self, set: &'a FlagSet) -> Counter<'a> {
-        self.of(set)
     }
 
     /// Drops the counters of flags no set in `sets` has.
@@ -575,7 +580,7 @@ impl Collector for Collected {
         // NB: counters of a set loaded but not evaluated yet are found now,
         // so a reload between scrapes does not drop a flag's counts.
         for set in &sets {
-            self.evaluations.of(set);
+            self.evaluations.counter(set);
         }
         self.evaluations.keep_only(&sets);
 
@@ -766,7 +771,7 @@ impl Collector for Collected {
                         (bound, totals[i])
                     })
                     .collect();
-                let sum = Duration::from_nanos(totals[HTTP_BUCKETS + 2]).as_secs_f64();
+                let sum = Duration::from_nanos(totals[HTTP_BUCKETS + 1]).as_secs_f64();
                 histogram_of(requests.encode_family(&labels)?, sum, &buckets)?;
             }
         }

@@ -160,10 +160,7 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         // NB: on the matched routes, where the route's pattern is known (a
         // path's flag key or environment never becomes a label); requests
         // no route matches are counted by the fallbacks.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
+        .route_layer(metrics::Track(state.clone()))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(options.body_limit))

@@ -15,7 +15,7 @@
 //! - HTTP requests, by route (the matched pattern, not the path), method and
 //!   status, with a latency histogram.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -133,6 +133,29 @@ const ROUTES: [&str; 12] = [
     "unmatched",
 ];
 
+/// A route as counted: one of [`ROUTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route(usize);
+
+impl Route {
+    /// The route of a request that matched `pattern` (if any).
+    pub fn of(pattern: Option<&str>) -> Self {
+        Route(match pattern {
+            Some(p) => ROUTES[..ROUTES.len() - 2]
+                .iter()
+                .position(|known| *known == p)
+                .unwrap_or(ROUTES.len() - 2),
+            None => ROUTES.len() - 1,
+        })
+    }
+
+    /// Its pattern (`other` for a route not in the table, `unmatched` for
+    /// none).
+    pub fn as_str(self) -> &'static str {
+        ROUTES[self.0]
+    }
+}
+
 const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD", "other"];
 
 /// Upper bounds of the request histogram's buckets: 50 µs to about 1.6 s,
@@ -173,34 +196,35 @@ impl HttpRequests {
         }
     }
 
-    fn observe(&self, route: usize, method: usize, status: u16, took: Duration) {
-        let Some(cell) = self.cells.get(route * METHODS.len() + method) else {
+    fn observe(&self, route: Route, method: usize, status: u16, took: Duration) {
+        let Some(cell) = self.cells.get(route.0 * METHODS.len() + method) else {
             return;
         };
-        let histogram = match cell.load().iter().find(|(s, _)| *s == status) {
-            Some((_, histogram)) => histogram.clone(),
-            None => {
-                let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
-                let statuses = cell.load_full();
-                if let Some((_, histogram)) = statuses.iter().find(|(s, _)| *s == status) {
-                    histogram.clone()
-                } else {
-                    let histogram = Arc::new(HttpCell::default());
-                    let mut more = Vec::clone(&statuses);
-                    more.push((status, histogram.clone()));
-                    cell.store(Arc::new(more));
-                    histogram
-                }
-            }
+        let record = |histogram: &HttpCell| {
+            let bucket = (0..HTTP_BUCKETS)
+                .find(|&i| took <= http_bucket_bound(i))
+                .unwrap_or(HTTP_BUCKETS);
+            histogram.add(bucket);
+            histogram.add_by(
+                HTTP_BUCKETS + 1,
+                u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            );
         };
-        let bucket = (0..HTTP_BUCKETS)
-            .find(|&i| took <= http_bucket_bound(i))
-            .unwrap_or(HTTP_BUCKETS);
-        histogram.add(bucket);
-        histogram.add_by(
-            HTTP_BUCKETS + 1,
-            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-        );
+        // NB: used through the guard, not an `Arc` clone: every request on
+        // every core would write the histogram's reference count.
+        if let Some((_, histogram)) = cell.load().iter().find(|(s, _)| *s == status) {
+            return record(histogram);
+        }
+        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
+        let statuses = cell.load_full();
+        if let Some((_, histogram)) = statuses.iter().find(|(s, _)| *s == status) {
+            return record(histogram);
+        }
+        let histogram = Arc::new(HttpCell::default());
+        record(&histogram);
+        let mut more = Vec::clone(&statuses);
+        more.push((status, histogram));
+        cell.store(Arc::new(more));
     }
 }
 
@@ -245,21 +269,8 @@ impl Metrics {
         &self.evaluations
     }
 
-    /// Counts an HTTP request to `route` (the matched pattern, if any).
-    pub fn request(
-        &self,
-        route: Option<&str>,
-        method: &axum::http::Method,
-        status: u16,
-        took: Duration,
-    ) {
-        let route = match route {
-            Some(r) => ROUTES[..ROUTES.len() - 2]
-                .iter()
-                .position(|known| *known == r)
-                .unwrap_or(ROUTES.len() - 2),
-            None => ROUTES.len() - 1,
-        };
+    /// Counts an HTTP request to `route`.
+    pub fn request(&self, route: Route, method: &axum::http::Method, status: u16, took: Duration) {
         let method = match *method {
             axum::http::Method::GET => 0,
             axum::http::Method::POST => 1,
@@ -273,51 +284,16 @@ impl Metrics {
     }
 }
 
-/// Evaluation counters, by environment and flag, kept across reloads of a
-/// flag set (a reload that keeps a flag keeps its counts).
-#[derive(Debug)]
-pub struct Evaluations {
-    /// Tells this registry's counters from another's (an address could be
-    /// reused by the next one).
-    id: u64,
-    flags: Mutex<HashMap<(String, String), Arc<FlagCounts>>>,
-    /// Flags callers asked for that the environment does not have.
-    not_found: Mutex<HashMap<String, Arc<AtomicU64>>>,
-}
-
-impl Default for Evaluations {
-    fn default() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        Self {
-            id: NEXT.fetch_add(1, Ordering::Relaxed),
-            flags: Mutex::default(),
-            not_found: Mutex::default(),
-        }
-    }
-}
-
-/// One flag's counters.
-#[derive(Debug, Default)]
-struct FlagCounts {
-    /// By variant name.
-    variants: Mutex<HashMap<String, Arc<ReasonCounts>>>,
-    /// Answers without a variant (disabled, no default variant, errors).
-    unserved: ReasonCounts,
-    /// Failures by code.
-    errors: Sharded<{ ERROR_CODES.len() }>,
-}
-
-/// Counts by reason.
-type ReasonCounts = Sharded<{ REASONS.len() }>;
-
 /// `N` counters that every worker thread adds to: each of the first
 /// threads to count has a shard (a cache line) of its own that only it
 /// writes, with a plain load and store; threads past them share the last
 /// shard, with atomic adds. Read by summing the shards.
 ///
-/// NB: a bulk answer counts every flag. With one shared counter per flag,
-/// each a locked add, a 900-flag answer cost 25% more CPU (a quick `wrk`
-/// side by side; perf put 68% of the answer loop on the `lock` add).
+/// NB: every request counts, on every core. With one shared counter, each
+/// a locked add, a 900-flag bulk answer (a count per flag) cost 25% more
+/// CPU (a quick `wrk` side by side; perf put 68% of the answer loop on the
+/// `lock` add). Evaluation counters are sharded the same way, a block per
+/// flag set (see [`SetCounters`]).
 #[derive(Debug)]
 struct Sharded<const N: usize> {
     shards: Box<[Shard<N>]>,
@@ -395,148 +371,368 @@ impl<const N: usize> Sharded<N> {
     }
 }
 
-/// One flag set's counters, found once: by flag position, then variant
-/// ordinal.
+/// Evaluation counters, by environment and flag, kept across reloads of a
+/// flag set (a reload that keeps a flag keeps its counts).
+///
+/// Each flag set counts into one block of its own ([`SetCounters`]); a set
+/// no longer served has its counts folded into `retired` at the next
+/// scrape, and a scrape reports `retired` plus every set still served.
+#[derive(Debug)]
+pub struct Evaluations {
+    /// Tells this registry's counters from another's (an address could be
+    /// reused by the next one).
+    id: u64,
+    tallies: Mutex<Tallies>,
+}
+
+#[derive(Debug, Default)]
+struct Tallies {
+    /// The blocks of sets that may still count.
+    live: Vec<Arc<SetCounters>>,
+    /// What sets no longer served counted, by environment and flag.
+    retired: Totals,
+}
+
+impl Tallies {
+    /// Folds the blocks of sets no longer served into `retired`.
+    fn fold_retired(&mut self) {
+        let Tallies { live, retired } = self;
+        live.retain_mut(|counters| match Arc::get_mut(counters) {
+            // NB: `get_mut` sees every count the set's last user made.
+            Some(unique) => {
+                unique.add_to(retired);
+                false
+            }
+            None => true,
+        });
+    }
+}
+
+impl Default for Evaluations {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            tallies: Mutex::default(),
+        }
+    }
+}
+
+/// Evaluation counts by environment and flag (the empty flag: flags callers
+/// asked for that the environment does not have).
+pub type Totals = BTreeMap<(String, String), FlagTotals>;
+
+/// One flag's evaluation counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlagTotals {
+    /// By variant name, then reason (in [`REASONS`]' order).
+    pub variants: BTreeMap<String, [u64; REASONS.len()]>,
+    /// Answers without a variant (disabled, no default variant, errors),
+    /// by reason.
+    pub unserved: [u64; REASONS.len()],
+    /// Failures by code (in [`ErrorCode`]'s order).
+    pub errors: [u64; ERROR_CODES.len()],
+}
+
+impl FlagTotals {
+    fn is_zero(&self) -> bool {
+        self.variants.values().flatten().all(|&n| n == 0)
+            && self.unserved.iter().chain(&self.errors).all(|&n| n == 0)
+    }
+}
+
+/// One flag set's counters: one contiguous block per shard (see
+/// [`Sharded`]), a flag's counters at an offset of their own, in the set's
+/// key order.
+///
+/// NB: a bulk answer counts every flag, in key order. Counters reached
+/// through a pointer or two per flag (an `Arc` per flag and variant) cost a
+/// 900-flag answer 24% more CPU, most of it waiting on those loads (perf);
+/// here the next counter's address is known without loading anything, and
+/// the walk is forward through one block.
 #[derive(Debug)]
 pub struct SetCounters {
     /// The [`Evaluations`] they belong to.
     owner: u64,
-    flags: Vec<ResolvedFlag>,
-    not_found: Arc<AtomicU64>,
+    environment: String,
+    /// Where each flag's counters are, by flag position.
+    ///
+    /// NB: apart from the names, which only a scrape reads: each count
+    /// would otherwise load a name list from elsewhere in memory first
+    /// (perf: 7% of a bulk answer's loop waited on that load).
+    flags: Vec<FlagSlots>,
+    /// Each flag's key and variant names, by flag position.
+    names: Vec<FlagNames>,
+    /// Counters per shard (a whole number of lines).
+    stride: usize,
+    lines: Box<[Line]>,
 }
 
+/// Where one flag's counters are in its set's block: for each variant (by
+/// ordinal), then for answers without one, a counter per reason; then one
+/// per error code.
+#[derive(Debug, Clone, Copy)]
+struct FlagSlots {
+    offset: u32,
+    /// Variant ordinals the flag has (0 to this, less one).
+    variants: u32,
+}
+
+impl FlagSlots {
+    fn served(self, variant: Option<usize>, reason: Reason) -> usize {
+        let variants = self.variants as usize;
+        let row = variant.filter(|&v| v < variants).unwrap_or(variants);
+        self.offset as usize + row * REASONS.len() + reason as usize
+    }
+
+    fn failed(self, code: ErrorCode) -> usize {
+        self.offset as usize + (self.variants as usize + 1) * REASONS.len() + code as usize
+    }
+
+    fn len(self) -> usize {
+        (self.variants as usize + 1) * REASONS.len() + ERROR_CODES.len()
+    }
+}
+
+/// A flag's key, and its variants' names by ordinal.
 #[derive(Debug)]
-struct ResolvedFlag {
-    counts: Arc<FlagCounts>,
-    variants: Vec<Option<Arc<ReasonCounts>>>,
+struct FlagNames {
+    key: String,
+    variants: Vec<Option<String>>,
+}
+
+/// The counter of flags the set does not have.
+const NOT_FOUND_SLOT: usize = 0;
+
+/// Eight counters: a cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Line([AtomicU64; 8]);
+
+impl SetCounters {
+    fn new(owner: u64, set: &FlagSet) -> Self {
+        let mut offset = NOT_FOUND_SLOT + 1;
+        let mut flags = Vec::with_capacity(set.flags.len());
+        let mut names = Vec::with_capacity(set.flags.len());
+        for flag in set.flags.values() {
+            let mut variants = vec![None; flag.variants.len()];
+            for (name, variant) in &flag.variants {
+                if variants.len() <= variant.ordinal {
+                    variants.resize(variant.ordinal + 1, None);
+                }
+                variants[variant.ordinal] = Some(name.clone());
+            }
+            // NB: a flag file is bounded far below 4 G counters.
+            let slots = FlagSlots {
+                offset: u32::try_from(offset).unwrap_or(u32::MAX),
+                variants: u32::try_from(variants.len()).unwrap_or(u32::MAX),
+            };
+            offset += slots.len();
+            flags.push(slots);
+            names.push(FlagNames {
+                key: flag.key.clone(),
+                variants,
+            });
+        }
+        let stride = offset.div_ceil(8) * 8;
+        Self {
+            owner,
+            environment: set.environment.clone(),
+            flags,
+            names,
+            stride,
+            lines: (0..shards() * stride / 8)
+                .map(|_| Line::default())
+                .collect(),
+        }
+    }
+
+    fn counter(&self, shard: usize, slot: usize) -> Option<&AtomicU64> {
+        let at = shard * self.stride + slot;
+        self.lines.get(at / 8).map(|line| &line.0[at % 8])
+    }
+
+    /// Counter `slot`, summed over the shards.
+    fn total(&self, slot: usize) -> u64 {
+        (0..shards())
+            .filter_map(|shard| self.counter(shard, slot))
+            .map(|c| c.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// Adds what this block counted to `totals`.
+    fn add_to(&self, totals: &mut Totals) {
+        let not_found = self.total(NOT_FOUND_SLOT);
+        if not_found > 0 {
+            let mut counts = FlagTotals::default();
+            counts.errors[ErrorCode::FlagNotFound as usize] = not_found;
+            merge(totals, (&self.environment, ""), counts);
+        }
+        for (&flag, names) in self.flags.iter().zip(&self.names) {
+            let row = |variant| -> [u64; REASONS.len()] {
+                std::array::from_fn(|r| self.total(flag.served(variant, REASONS[r])))
+            };
+            let counts = FlagTotals {
+                variants: (names.variants.iter().enumerate())
+                    .filter_map(|(ordinal, name)| Some((name.clone()?, row(Some(ordinal)))))
+                    .filter(|(_, reasons)| reasons.iter().any(|&n| n > 0))
+                    .collect(),
+                unserved: row(None),
+                errors: std::array::from_fn(|c| self.total(flag.failed(ERROR_CODES[c]))),
+            };
+            merge(totals, (&self.environment, &names.key), counts);
+        }
+    }
+}
+
+/// Adds `counts` to `totals`' entry for `(environment, flag)`, unless they
+/// are all zero.
+fn merge(totals: &mut Totals, (environment, flag): (&str, &str), counts: FlagTotals) {
+    if counts.is_zero() {
+        return;
+    }
+    let entry = totals
+        .entry((environment.to_owned(), flag.to_owned()))
+        .or_default();
+    for (name, reasons) in counts.variants {
+        let row = entry.variants.entry(name).or_default();
+        for (total, n) in row.iter_mut().zip(reasons) {
+            *total += n;
+        }
+    }
+    for (total, n) in (entry.unserved.iter_mut()).zip(counts.unserved) {
+        *total += n;
+    }
+    for (total, n) in entry.errors.iter_mut().zip(counts.errors) {
+        *total += n;
+    }
 }
 
 impl Evaluations {
-    fn owner(&self) -> u64 {
-        self.id
-    }
-
     /// `set`'s counters, to count many with one lookup: found at its first
     /// evaluation, then kept with it.
     pub fn counter<'a>(&self, set: &'a FlagSet) -> Counter<'a> {
-        let found = set.counters.get_or_init(|| Arc::new(self.resolve(set)));
-        if found.owner == self.owner() {
+        let found = set.counters.get_or_init(|| self.resolve(set));
+        let counters = if found.owner == self.id {
             // NB: borrowed, not an `Arc` clone: every request on every core
             // would write the same reference count.
-            return Counter::Kept(found);
-        }
-        // NB: a set is served by one flaghost; should two share one, the
-        // second's counts are still right, found each time.
-        Counter::Found(Box::new(self.resolve(set)))
-    }
-
-    fn resolve(&self, set: &FlagSet) -> SetCounters {
-        let mut flags = self.flags.lock().unwrap_or_else(PoisonError::into_inner);
-        let resolved = set
-            .flags
-            .values()
-            .map(|flag| {
-                let counts = flags
-                    .entry((set.environment.clone(), flag.key.clone()))
-                    .or_default()
-                    .clone();
-                let mut variants = vec![None; flag.variants.len() + 1];
-                {
-                    let mut by_name = counts
-                        .variants
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    for (name, variant) in &flag.variants {
-                        if variants.len() <= variant.ordinal {
-                            variants.resize(variant.ordinal + 1, None);
-                        }
-                        variants[variant.ordinal] =
-                            Some(by_name.entry(name.clone()).or_default().clone());
-                    }
-                }
-                ResolvedFlag { counts, variants }
-            })
-            .collect();
-        let not_found = self
-            .not_found
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(set.environment.clone())
-            .or_default()
-            .clone();
-        SetCounters {
-            owner: self.owner(),
-            flags: resolved,
-            not_found,
+            Counters::Kept(found)
+        } else {
+            // NB: a set is served by one flaghost; should two share one
+            // (tests, benches), the second's counts are still right, in a
+            // block made for this use and folded in at its next scrape.
+            Counters::Found(self.resolve(set))
+        };
+        Counter {
+            counters,
+            shard: SHARD.with(|s| *s),
         }
     }
 
-    /// Drops the counters of flags no set in `sets` has.
-    fn keep_only(&self, sets: &[Arc<FlagSet>]) {
-        let live: HashSet<(&str, &str)> = sets
-            .iter()
-            .flat_map(|s| s.flags.keys().map(|k| (s.environment.as_str(), k.as_str())))
-            .collect();
-        // NB: counters a set holds stay, though the set was not among
-        // `sets` (one loaded between the listing and this): its counts
-        // would otherwise go unreported for as long as it serves.
-        self.flags
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(environment, flag), counts| {
-                Arc::strong_count(counts) > 1
-                    || live.contains(&(environment.as_str(), flag.as_str()))
-            });
-        let environments: HashSet<&str> = sets.iter().map(|s| s.environment.as_str()).collect();
-        self.not_found
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|environment, count| {
-                Arc::strong_count(count) > 1 || environments.contains(environment.as_str())
-            });
+    fn resolve(&self, set: &FlagSet) -> Arc<SetCounters> {
+        let counters = Arc::new(SetCounters::new(self.id, set));
+        let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
+        // NB: folded here too, not only at scrapes: with no scraper, each
+        // reload would otherwise leave its block behind.
+        tallies.fold_retired();
+        tallies.live.push(counters.clone());
+        counters
+    }
+
+    /// Every count so far, of the flags some set in `sets` (or one still
+    /// serving) has: what sets no longer served counted is folded in
+    /// first, and the flags no set has any more are dropped.
+    pub fn totals(&self, sets: &[Arc<FlagSet>]) -> Totals {
+        let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
+        tallies.fold_retired();
+        let Tallies { live, retired } = &mut *tallies;
+        let mut served: HashSet<(&str, &str)> = HashSet::new();
+        for set in sets {
+            served.insert((&set.environment, ""));
+            served.extend(
+                set.flags
+                    .keys()
+                    .map(|k| (set.environment.as_str(), k.as_str())),
+            );
+        }
+        for counters in live.iter() {
+            served.insert((&counters.environment, ""));
+            served.extend(
+                (counters.names.iter()).map(|f| (counters.environment.as_str(), f.key.as_str())),
+            );
+        }
+        retired.retain(|(environment, flag), _| {
+            served.contains(&(environment.as_str(), flag.as_str()))
+        });
+        let mut totals = retired.clone();
+        for counters in live.iter() {
+            counters.add_to(&mut totals);
+        }
+        totals
     }
 }
 
-/// Counts the evaluations of one flag set.
-pub enum Counter<'a> {
-    /// The set's own counters.
+/// A set's counters, as one evaluation uses them.
+enum Counters<'a> {
+    /// The set's own block.
     Kept(&'a SetCounters),
-    /// Counters found for this use only.
-    Found(Box<SetCounters>),
+    /// A block found for this use only.
+    Found(Arc<SetCounters>),
+}
+
+/// Counts the evaluations of one flag set, on one thread.
+pub struct Counter<'a> {
+    counters: Counters<'a>,
+    /// This thread's shard, if it owns one.
+    shard: Option<usize>,
 }
 
 impl Counter<'_> {
     fn counters(&self) -> &SetCounters {
-        match self {
-            Counter::Kept(kept) => kept,
-            Counter::Found(found) => found,
+        match &self.counters {
+            Counters::Kept(kept) => kept,
+            Counters::Found(found) => found,
+        }
+    }
+
+    fn add(&self, slot: usize) {
+        let counters = self.counters();
+        match self.shard {
+            // NB: this thread is the one writer of its shard: no locked add.
+            Some(own) => {
+                if let Some(counter) = counters.counter(own, slot) {
+                    counter.store(
+                        counter.load(Ordering::Relaxed).wrapping_add(1),
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+            None => {
+                if let Some(counter) = counters.counter(shards() - 1, slot) {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
     /// `flag` answered `variant` (if any) for `reason` (as sent).
     pub fn served(&self, flag: &Flag, variant: Option<usize>, reason: Reason) {
-        let Some(resolved) = self.counters().flags.get(flag.position) else {
-            return;
-        };
-        let counts = match variant.and_then(|v| resolved.variants.get(v)) {
-            Some(Some(counts)) => counts,
-            _ => &resolved.counts.unserved,
-        };
-        counts.add(reason as usize);
+        if let Some(&slots) = self.counters().flags.get(flag.position) {
+            self.add(slots.served(variant, reason));
+        }
     }
 
     /// `flag` failed with `code`.
     pub fn failed(&self, flag: &Flag, code: ErrorCode) {
-        let Some(resolved) = self.counters().flags.get(flag.position) else {
-            return;
-        };
-        resolved.counts.unserved.add(Reason::Error as usize);
-        resolved.counts.errors.add(code as usize);
+        if let Some(&slots) = self.counters().flags.get(flag.position) {
+            self.add(slots.served(None, Reason::Error));
+            self.add(slots.failed(code));
+        }
     }
 
     /// A caller asked for a flag the set does not have.
     pub fn not_found(&self) {
-        self.counters().not_found.fetch_add(1, Ordering::Relaxed);
+        self.add(NOT_FOUND_SLOT);
     }
 }
 
@@ -577,79 +773,36 @@ impl Collector for Collected {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let environments = &self.sources.environments;
         let sets = environments.loaded_sets();
-        // NB: counters of a set loaded but not evaluated yet are found now,
-        // so a reload between scrapes does not drop a flag's counts.
-        for set in &sets {
-            self.evaluations.counter(set);
-        }
-        self.evaluations.keep_only(&sets);
-
         let mut evaluations = Vec::new();
         let mut errors = Vec::new();
-        {
-            let flags = self
-                .evaluations
-                .flags
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let mut keys: Vec<&(String, String)> = flags.keys().collect();
-            keys.sort();
-            for key in keys {
-                let counts = &flags[key];
-                let (environment, flag) = key;
-                let variants = counts
-                    .variants
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let mut names: Vec<&String> = variants.keys().collect();
-                names.sort();
-                let by_variant = names
-                    .into_iter()
-                    .map(|n| (n.as_str(), &*variants[n]))
-                    .chain(std::iter::once(("", &counts.unserved)));
-                for (variant, reasons) in by_variant {
-                    for (reason, count) in REASONS.iter().zip(reasons.totals()) {
-                        if count > 0 {
-                            evaluations.push((
-                                [
-                                    ("environment", environment.clone()),
-                                    ("flag", flag.clone()),
-                                    ("variant", variant.to_owned()),
-                                    ("reason", reason.as_str().to_owned()),
-                                ],
-                                count,
-                            ));
-                        }
-                    }
-                }
-                for (code, count) in ERROR_CODES.iter().zip(counts.errors.totals()) {
+        for ((environment, flag), counts) in self.evaluations.totals(&sets) {
+            let by_variant = counts
+                .variants
+                .iter()
+                .map(|(name, reasons)| (name.as_str(), reasons))
+                .chain(std::iter::once(("", &counts.unserved)));
+            for (variant, reasons) in by_variant {
+                for (reason, &count) in REASONS.iter().zip(reasons) {
                     if count > 0 {
-                        errors.push((
+                        evaluations.push((
                             [
                                 ("environment", environment.clone()),
                                 ("flag", flag.clone()),
-                                ("code", code.as_str().to_owned()),
+                                ("variant", variant.to_owned()),
+                                ("reason", reason.as_str().to_owned()),
                             ],
                             count,
                         ));
                     }
                 }
             }
-            let not_found = self
-                .evaluations
-                .not_found
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let mut environments: Vec<&String> = not_found.keys().collect();
-            environments.sort();
-            for environment in environments {
-                let count = not_found[environment].load(Ordering::Relaxed);
+            for (code, &count) in ERROR_CODES.iter().zip(&counts.errors) {
                 if count > 0 {
                     errors.push((
                         [
                             ("environment", environment.clone()),
-                            ("flag", String::new()),
-                            ("code", ErrorCode::FlagNotFound.as_str().to_owned()),
+                            ("flag", flag.clone()),
+                            ("code", code.as_str().to_owned()),
                         ],
                         count,
                     ));
@@ -867,3 +1020,6 @@ fn histogram_of(
     let count = buckets.iter().map(|b| b.1).sum();
     sample.encode_histogram::<NoLabelSet>(sum, count, buckets, None)
 }
+
+#[cfg(test)]
+mod tests;

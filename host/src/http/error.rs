@@ -271,9 +271,12 @@ pub async fn not_found(
     method: axum::http::Method,
     uri: axum::http::Uri,
 ) -> ApiError {
-    state
-        .metrics
-        .request(None, &method, 404, std::time::Duration::ZERO);
+    state.metrics.request(
+        crate::metrics::Route::of(None),
+        &method,
+        404,
+        std::time::Duration::ZERO,
+    );
     ApiError::NoRoute(uri.path().to_owned())
 }
 
@@ -283,9 +286,12 @@ pub async fn method_not_allowed(
     method: axum::http::Method,
     uri: axum::http::Uri,
 ) -> ApiError {
-    state
-        .metrics
-        .request(None, &method, 405, std::time::Duration::ZERO);
+    state.metrics.request(
+        crate::metrics::Route::of(None),
+        &method,
+        405,
+        std::time::Duration::ZERO,
+    );
     ApiError::WrongMethod(uri.path().to_owned())
 }
 

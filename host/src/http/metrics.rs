@@ -1,15 +1,18 @@
 //! `GET /metrics` (Prometheus text), and what every matched request gets:
 //! a request id, a `request` span, and its metrics.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
 
 use super::{ApiError, AppState};
+use crate::metrics::Route;
 
 /// `GET /metrics` on the public port: behind the admin token.
 pub async fn behind_token(
@@ -36,47 +39,94 @@ fn exposition(state: &AppState) -> Response {
         .into_response()
 }
 
-/// Runs a request to a matched route in a `request` span carrying its
+/// Runs each request to a matched route in a `request` span carrying its
 /// request id (the caller's `X-Request-Id` if it sent a usable one, else a
 /// new one; answered in `X-Request-Id`), its parent the caller's trace
 /// context when traces are on; and counts it: route, method, status and
 /// time to the response's headers.
-pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    use tracing::Instrument as _;
-    let started = Instant::now();
-    let method = request.method().clone();
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let id = RequestId::of(request.headers());
-    // NB: with traces off, the span carries the request id alone: at the
-    // default level the log layer formats every field into a string for
-    // each request, whether or not a line is then logged.
-    let span = if crate::telemetry::traces_on() {
-        let span = tracing::info_span!(
-            "request",
-            request_id = %id,
-            method = %method,
-            route = route.as_ref().map_or("", MatchedPath::as_str),
-            otel.kind = "server",
-            http.response.status_code = tracing::field::Empty,
-        );
-        crate::telemetry::adopt_caller_context(&span, request.headers());
-        span
-    } else {
-        tracing::info_span!("request", request_id = %id)
-    };
-    let mut response = next.run(request).instrument(span.clone()).await;
-    let status = response.status().as_u16();
-    span.record("http.response.status_code", status);
-    state.metrics.request(
-        route.as_ref().map(MatchedPath::as_str),
-        &method,
-        status,
-        started.elapsed(),
-    );
-    if let RequestId::Given(value) = id {
-        response.headers_mut().insert(REQUEST_ID, value);
+///
+/// NB: a service of its own, not `axum::middleware::from_fn`: that clones
+/// the route's boxed service and boxes it again for every request, which
+/// a single-flag request paid for in CPU (perf, side by side).
+#[derive(Clone)]
+pub struct Track(pub Arc<AppState>);
+
+impl<S> tower::Layer<S> for Track {
+    type Service = Tracked<S>;
+
+    fn layer(&self, inner: S) -> Tracked<S> {
+        Tracked {
+            inner,
+            state: self.0.clone(),
+        }
     }
-    response
+}
+
+/// A route's service, tracked (see [`Track`]).
+#[derive(Clone)]
+pub struct Tracked<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S> tower::Service<Request> for Tracked<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        use tracing::Instrument as _;
+        let started = Instant::now();
+        let method = request.method().clone();
+        // NB: the route's number, not a clone of the matched path: an
+        // `Arc` every request on every core would write the count of.
+        let route = Route::of(
+            request
+                .extensions()
+                .get::<MatchedPath>()
+                .map(MatchedPath::as_str),
+        );
+        let id = RequestId::of(request.headers());
+        // NB: with traces off, the span carries the request id alone: at
+        // the default level the log layer formats every field into a
+        // string for each request, whether or not a line is then logged.
+        let span = if crate::telemetry::traces_on() {
+            let span = tracing::info_span!(
+                "request",
+                request_id = %id,
+                method = %method,
+                route = route.as_str(),
+                otel.kind = "server",
+                http.response.status_code = tracing::field::Empty,
+            );
+            crate::telemetry::adopt_caller_context(&span, request.headers());
+            span
+        } else {
+            tracing::info_span!("request", request_id = %id)
+        };
+        let answer = self.inner.call(request).instrument(span.clone());
+        let state = self.state.clone();
+        Box::pin(async move {
+            let Ok(mut response) = answer.await;
+            let status = response.status().as_u16();
+            span.record("http.response.status_code", status);
+            state
+                .metrics
+                .request(route, &method, status, started.elapsed());
+            if let RequestId::Given(value) = id {
+                response.headers_mut().insert(REQUEST_ID, value);
+            }
+            Ok(response)
+        })
+    }
 }
 
 const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");

@@ -372,23 +372,30 @@ async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -
     // it grows.
     let mut body = Vec::with_capacity(128 + 128 * flags.len());
     body.extend_from_slice(b"{\"flags\":[");
+    // NB: counted in a loop of their own, before the answer is written:
+    // each count is an add to a counter not in the core's nearest cache,
+    // and with nothing else in the loop the core has many of them under
+    // way at once (perf: interleaved with the writing, a 900-flag answer
+    // spent 8% of its loop waiting on them one by one).
     let counter = state.metrics.evaluations().counter(set);
+    for (flag, result) in flags.iter().zip(&results) {
+        match result {
+            Ok(r) => counter.served(
+                flag,
+                r.served.map(|v| v.ordinal),
+                r.reason_sent(served.stale),
+            ),
+            Err(e) => counter.failed(flag, e.code),
+        }
+    }
     for (at, (flag, result)) in flags.iter().zip(&results).enumerate() {
         if at > 0 {
             body.push(b',');
         }
         match result {
-            Ok(r) => {
-                counter.served(
-                    flag,
-                    r.served.map(|v| v.ordinal),
-                    r.reason_sent(served.stale),
-                );
-                write_success(&mut body, &flag.key_json, r, served.stale);
-            }
+            Ok(r) => write_success(&mut body, &flag.key_json, r, served.stale),
             // NB: a failure's fields always serialise (strings).
             Err(e) => {
-                counter.failed(flag, e.code);
                 let _ = serde_json::to_writer(&mut body, &failure(&flag.key, e));
             }
         }

@@ -393,21 +393,6 @@ struct Tallies {
     retired: Totals,
 }
 
-impl Tallies {
-    /// Folds the blocks of sets no longer served into `retired`.
-    fn fold_retired(&mut self) {
-        let Tallies { live, retired } = self;
-        live.retain_mut(|counters| match Arc::get_mut(counters) {
-            // NB: `get_mut` sees every count the set's last user made.
-            Some(unique) => {
-                unique.add_to(retired);
-                false
-            }
-            None => true,
-        });
-    }
-}
-
 impl Default for Evaluations {
     fn default() -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -625,47 +610,98 @@ impl Evaluations {
         };
         Counter {
             counters,
+            on_one_thread: std::marker::PhantomData,
             shard: SHARD.with(|s| *s),
         }
     }
 
     fn resolve(&self, set: &FlagSet) -> Arc<SetCounters> {
-        let counters = Arc::new(SetCounters::new(self.id, set));
-        let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
         // NB: folded here too, not only at scrapes: with no scraper, each
         // reload would otherwise leave its block behind.
-        tallies.fold_retired();
-        tallies.live.push(counters.clone());
+        self.fold_retired();
+        let counters = Arc::new(SetCounters::new(self.id, set));
+        self.lock().live.push(counters.clone());
         counters
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tallies> {
+        self.tallies.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Folds the blocks of sets no longer served into the retired totals.
+    ///
+    /// NB: their counters are summed outside the lock (a request may be
+    /// waiting on it for a new set's block), and each block leaves `live`
+    /// under the same lock its counts join `retired`: a scrape sees them
+    /// in one or the other, never both or neither.
+    fn fold_retired(&self) {
+        let retiring: Vec<Arc<SetCounters>> = self
+            .lock()
+            .live
+            .iter_mut()
+            // NB: `get_mut` sees every count the set's last user made. A
+            // block held here is no longer unique: a fold running at the
+            // same time leaves it alone.
+            .filter_map(|counters| Arc::get_mut(counters).is_some().then(|| counters.clone()))
+            .collect();
+        if retiring.is_empty() {
+            return;
+        }
+        let mut folded = Totals::new();
+        for counters in &retiring {
+            counters.add_to(&mut folded);
+        }
+        let mut tallies = self.lock();
+        tallies
+            .live
+            .retain(|counters| !retiring.iter().any(|r| Arc::ptr_eq(r, counters)));
+        for ((environment, flag), counts) in folded {
+            merge(&mut tallies.retired, (&environment, &flag), counts);
+        }
     }
 
     /// Every count so far, of the flags some set in `sets` (or one still
     /// serving) has: what sets no longer served counted is folded in
     /// first, and the flags no set has any more are dropped.
     pub fn totals(&self, sets: &[Arc<FlagSet>]) -> Totals {
-        let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
-        tallies.fold_retired();
-        let Tallies { live, retired } = &mut *tallies;
-        let mut served: HashSet<(&str, &str)> = HashSet::new();
-        for set in sets {
-            served.insert((&set.environment, ""));
-            served.extend(
-                set.flags
-                    .keys()
-                    .map(|k| (set.environment.as_str(), k.as_str())),
-            );
-        }
-        for counters in live.iter() {
-            served.insert((&counters.environment, ""));
-            served.extend(
-                (counters.names.iter()).map(|f| (counters.environment.as_str(), f.key.as_str())),
-            );
-        }
-        retired.retain(|(environment, flag), _| {
-            served.contains(&(environment.as_str(), flag.as_str()))
-        });
-        let mut totals = retired.clone();
-        for counters in live.iter() {
+        self.fold_retired();
+        let (mut totals, live) = {
+            let mut tallies = self.lock();
+            let Tallies { live, retired } = &mut *tallies;
+            // What some set has: environments, flags, and their variants.
+            let mut served: HashSet<(&str, &str, &str)> = HashSet::new();
+            for set in sets {
+                served.insert((&set.environment, "", ""));
+                for flag in set.flags.values() {
+                    served.insert((&set.environment, &flag.key, ""));
+                    served.extend(
+                        (flag.variants.keys())
+                            .map(|v| (set.environment.as_str(), flag.key.as_str(), v.as_str())),
+                    );
+                }
+            }
+            for counters in live.iter() {
+                let environment = counters.environment.as_str();
+                served.insert((environment, "", ""));
+                for flag in &counters.names {
+                    served.insert((environment, &flag.key, ""));
+                    served.extend(
+                        (flag.variants.iter().flatten())
+                            .map(|v| (environment, flag.key.as_str(), v.as_str())),
+                    );
+                }
+            }
+            retired.retain(|(environment, flag), counts| {
+                counts.variants.retain(|variant, _| {
+                    served.contains(&(environment.as_str(), flag.as_str(), variant.as_str()))
+                });
+                served.contains(&(environment.as_str(), flag.as_str(), ""))
+            });
+            (retired.clone(), live.clone())
+        };
+        // NB: summed outside the lock; a block held here cannot be folded
+        // meanwhile.
+        for counters in &live {
             counters.add_to(&mut totals);
         }
         totals
@@ -683,6 +719,10 @@ enum Counters<'a> {
 /// Counts the evaluations of one flag set, on one thread.
 pub struct Counter<'a> {
     counters: Counters<'a>,
+    /// NB: not `Send`: it adds to its thread's shard without a locked add,
+    /// so it must not be held across an `.await` (the task could resume on
+    /// another thread, and two threads write one shard).
+    on_one_thread: std::marker::PhantomData<*const ()>,
     /// This thread's shard, if it owns one.
     shard: Option<usize>,
 }

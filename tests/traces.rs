@@ -81,10 +81,10 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN: &str = "b7ad6b7169203331";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_an_otlp_receiver_as_children_of_the_callers_trace() {
+/// flaghost on the example flags and plugins, exporting to `collector`,
+/// with `extra` options: the process, its base URL and its log.
+async fn start(collector: &str, extra: &[&str]) -> (Killed, String, tempfile::NamedTempFile) {
     build_plugins();
-    let (collector, received) = receiver().await;
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -98,7 +98,8 @@ async fn spans_reach_an_otlp_receiver_as_children_of_the_callers_trace() {
             .arg("--plugins")
             .arg(root().join("target/plugins"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
+            .args(extra)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector)
             // Batches sent every 100 ms, not every 5 s.
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .env("RUST_LOG", "flaghost=debug")
@@ -118,6 +119,14 @@ async fn spans_reach_an_otlp_receiver_as_children_of_the_callers_trace() {
     })
     .await;
     assert!(ready, "flaghost is ready");
+    (flaghost, base, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_receiver_as_children_of_the_callers_trace() {
+    let (collector, received) = receiver().await;
+    let (flaghost, base, log) = start(&collector, &[]).await;
+    let client = reqwest::Client::new();
 
     // A plugin flag, from a caller in a trace of its own.
     let answer = client
@@ -259,4 +268,67 @@ async fn spans_reach_an_otlp_receiver_as_children_of_the_callers_trace() {
     for line in lines {
         assert!(line.contains("refused-request-9"), "{line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_api_keys_only_a_caller_with_a_key_joins_its_trace() {
+    const KEY: &str = "trace-test-key-0123456789";
+    const KEYED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let keys = tempfile::NamedTempFile::new().expect("key file");
+    std::fs::write(keys.path(), format!(r#"{{"production": ["{KEY}"]}}"#)).expect("write keys");
+    let (collector, received) = receiver().await;
+    let key_file = keys.path().to_str().expect("utf-8 path");
+    let (_flaghost, base, _log) = start(&collector, &["--api-keys-file", key_file]).await;
+    let client = reqwest::Client::new();
+    let ask = |trace: &str, key: Option<&str>, id: &str| {
+        let mut request = client
+            .post(format!("{base}/ofrep/v1/evaluate/flags/beta-search"))
+            .header("traceparent", format!("00-{trace}-{CALLER_SPAN}-01"))
+            .header("x-request-id", id)
+            .body(r#"{"context": {"targetingKey": "u"}}"#);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    let unkeyed = ask(TRACE, None, "unkeyed-1").await.expect("answer");
+    assert_eq!(unkeyed.status().as_u16(), 401);
+    let wrong = ask(TRACE, Some("not-a-key-of-this-file-42"), "wrong-key-2")
+        .await
+        .expect("answer");
+    assert_eq!(wrong.status().as_u16(), 401);
+    let keyed = ask(KEYED_TRACE, Some(KEY), "keyed-3")
+        .await
+        .expect("answer");
+    assert_eq!(keyed.status().as_u16(), 200);
+
+    let request_span = |id: &str| {
+        received
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|s| s.name == "request" && attribute(s, "request_id").as_deref() == Some(id))
+            .cloned()
+    };
+    let all_in = eventually(Duration::from_secs(10), || async {
+        ["unkeyed-1", "wrong-key-2", "keyed-3"]
+            .iter()
+            .all(|id| request_span(id).is_some())
+    })
+    .await;
+    assert!(all_in, "a request span for each request");
+    for id in ["unkeyed-1", "wrong-key-2"] {
+        let span = request_span(id).expect("span");
+        assert!(
+            span.parent_span_id.is_empty() && hex(&span.trace_id) != TRACE,
+            "{id}: a caller without a key starts a trace of flaghost's own"
+        );
+        assert_eq!(
+            attribute(&span, "http.response.status_code").as_deref(),
+            Some("401")
+        );
+    }
+    let span = request_span("keyed-3").expect("span");
+    assert_eq!(hex(&span.trace_id), KEYED_TRACE, "a keyed caller's trace");
+    assert_eq!(hex(&span.parent_span_id), CALLER_SPAN);
 }

@@ -107,7 +107,13 @@ where
                 otel.kind = "server",
                 http.response.status_code = tracing::field::Empty,
             );
-            crate::telemetry::adopt_caller_context(&span, request.headers());
+            // NB: with API keys, only a caller with a key joins its trace
+            // to ours: a `traceparent` marked sampled would otherwise let
+            // anyone who reaches the port have flaghost export its spans.
+            if (self.state.api_keys.as_ref()).is_none_or(|keys| keys.recognises(request.headers()))
+            {
+                crate::telemetry::adopt_caller_context(&span, request.headers());
+            }
             span
         } else {
             tracing::info_span!("request", request_id = %id)

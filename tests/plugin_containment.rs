@@ -644,3 +644,54 @@ async fn a_compile_over_its_memory_bound_is_refused_naming_the_bound() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_plugin_queue_turns_callers_away_at_once_and_counts_them() {
+    const TOKEN: &str = "containment-admin-token-0123";
+    let _alone = ALONE.lock().await;
+    // One thread for the plugin, one call waiting: the rest are turned
+    // away. No quarantine, so every refusal is the queue's.
+    let limits = Limits {
+        max_concurrency: 1,
+        queue: 1,
+        quarantine_after: u32::MAX,
+        ..Limits::default()
+    };
+    let iterations = spin_iterations(limits.deadline, 0.7);
+    let dirs = Dirs::new().plugin("spin", &fixture("spin")).flag_file(
+        "prod",
+        &json!({"flags": {
+            "spinner": {"state": "ENABLED", "variants": {"on": true, "off": false},
+                        "defaultVariant": "off", "targeting": spin_rule(iterations)},
+        }}),
+    );
+    let mut config = dirs.config("prod", limits);
+    config.admin_token = Some(TOKEN.into());
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let answers =
+        futures_util::future::join_all((0..16).map(|_| fh.evaluate("spinner", json!({})))).await;
+    let full = answers
+        .iter()
+        .filter(|(status, body)| {
+            *status == 400
+                && body["errorDetails"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("waiting, its limit"))
+        })
+        .count();
+    assert!(
+        full > 0,
+        "16 callers at once fill a queue of 1: {answers:?}"
+    );
+    let listing = fh.plugin_listing(TOKEN).await;
+    let spin = listing["plugins"]
+        .as_array()
+        .and_then(|plugins| plugins.iter().find(|p| p["name"] == "spin"))
+        .expect("spin is listed");
+    assert_eq!(
+        spin["refused"].as_u64(),
+        Some(full as u64),
+        "every caller the queue turned away is counted refused: {spin}"
+    );
+    fh.stop().await.expect("clean stop");
+}

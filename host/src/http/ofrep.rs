@@ -17,7 +17,7 @@ use super::{ApiError, AppState};
 use crate::cache::Snapshot;
 use crate::evaluation::{self, ErrorCode, EvaluationContext, EvaluationError, Resolution, Verdict};
 use crate::flags::{FastMap as HashMap, Flag, FlagSet, FlagState, Metadata, json_text};
-use crate::plugins::Budget;
+use crate::plugins::{Budget, PoolError};
 
 /// Path parameters of both route families.
 #[derive(Deserialize)]
@@ -145,16 +145,32 @@ async fn on_plugin_pool(
     };
     match state.plugin_pool.run(lane, job).await {
         Ok(verdicts) => verdicts,
-        Err(refused) => (0..count)
-            .map(|_| {
-                Err(EvaluationError {
-                    code: ErrorCode::General,
-                    details: refused.to_string(),
-                    metadata: None,
-                })
-            })
-            .collect(),
+        Err(refused) => {
+            if let PoolError::Full { .. } = refused {
+                // NB: counted as each plugin of the lane refusing each flag,
+                // as a quarantined plugin's refusals are: the admin listing
+                // and `flaghost_plugin_refused_total` show a full queue.
+                let plugins = state.plugins.current();
+                for plugin in lane.split('/').filter_map(|name| plugins.get(name)) {
+                    (0..count).for_each(|_| plugin.count_refused());
+                }
+            }
+            refused_all(count, &refused)
+        }
     }
+}
+
+/// `count` evaluations the plugin pool turned away.
+fn refused_all(count: usize, refused: &PoolError) -> Vec<Result<Verdict, EvaluationError>> {
+    (0..count)
+        .map(|_| {
+            Err(EvaluationError {
+                code: ErrorCode::General,
+                details: refused.to_string(),
+                metadata: None,
+            })
+        })
+        .collect()
 }
 
 /// `POST .../ofrep/v1/evaluate/flags`: every enabled flag, each a success or

@@ -573,6 +573,12 @@ impl Plugin {
         self.stats.snapshot()
     }
 
+    /// Counts an evaluation turned away before it reached the plugin (its
+    /// lane's queue in the plugin pool was full).
+    pub fn count_refused(&self) {
+        self.stats.refused();
+    }
+
     /// The contract version the component implements.
     pub fn contract_version(&self) -> &str {
         self.contract_version

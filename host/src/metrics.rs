@@ -1004,7 +1004,7 @@ impl Collector for Collected {
         family(
             &mut encoder,
             "flaghost_plugin_refused",
-            "Plugin calls not run: the plugin was quarantined, or at its share of the plugin threads",
+            "Plugin calls not run: the plugin was quarantined, at its share of the plugin threads, its queue was full, or the request's budget was spent",
             MetricType::Counter,
             stats
                 .iter()

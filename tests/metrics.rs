@@ -343,15 +343,28 @@ async fn metrics_count_a_known_sequence_exactly() {
         scrape(&fh, &public, Some("wrong-token-0123456")).await.0,
         401
     );
+    // Every route is one the table knows: none is counted as `other`.
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(fh.get(path).await.0, 200, "{path}");
+    }
+    assert!(fh.plugin_listing(TOKEN).await["plugins"].is_array());
     let (status, behind) = scrape(&fh, &public, Some(TOKEN)).await;
     assert_eq!(status, 200);
+    let behind = behind.expect("parsed");
+    let routes: std::collections::BTreeSet<&str> = behind
+        .samples
+        .iter()
+        .filter_map(|x| x.labels.get("route").map(String::as_str))
+        .collect();
+    for route in ["/healthz", "/readyz", "/admin/v1/plugins", "/metrics"] {
+        assert!(routes.contains(route), "{route} counted: {routes:?}");
+    }
+    assert!(
+        !routes.contains("other"),
+        "a route missing from the table: {routes:?}"
+    );
     assert_eq!(
-        evaluations(
-            &behind.expect("parsed"),
-            "items-per-page",
-            "small",
-            "STATIC"
-        ),
+        evaluations(&behind, "items-per-page", "small", "STATIC"),
         4.0,
         "the same counters on both addresses"
     );

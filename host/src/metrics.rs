@@ -138,15 +138,21 @@ const ROUTES: [&str; 12] = [
 pub struct Route(usize);
 
 impl Route {
+    /// A request no route matched.
+    pub const UNMATCHED: Route = Route(ROUTES.len() - 1);
+
     /// The route of a request that matched `pattern` (if any).
     pub fn of(pattern: Option<&str>) -> Self {
-        Route(match pattern {
-            Some(p) => ROUTES[..ROUTES.len() - 2]
+        let Some(pattern) = pattern else {
+            return Route::UNMATCHED;
+        };
+        let other = ROUTES.len() - 2;
+        Route(
+            ROUTES[..other]
                 .iter()
-                .position(|known| *known == p)
-                .unwrap_or(ROUTES.len() - 2),
-            None => ROUTES.len() - 1,
-        })
+                .position(|known| *known == pattern)
+                .unwrap_or(other),
+        )
     }
 
     /// Its pattern (`other` for a route not in the table, `unmatched` for
@@ -315,6 +321,19 @@ fn shards() -> usize {
     })
 }
 
+/// Adds `n` to `counter`: a plain load and store when this thread is its
+/// one writer (`own`), an atomic add when threads share it.
+fn bump(counter: &AtomicU64, n: u64, own: bool) {
+    if own {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    } else {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 thread_local! {
     /// This thread's shard if it owns one (never reused: a thread that
     /// ends leaves its index unused).
@@ -341,21 +360,12 @@ impl<const N: usize> Sharded<N> {
     }
 
     fn add_by(&self, i: usize, n: u64) {
-        match SHARD.with(|s| *s).and_then(|own| self.shards.get(own)) {
-            // NB: this thread is the one writer of its shard: no locked add.
-            Some(own) => {
-                if let Some(counter) = own.0.get(i) {
-                    counter.store(
-                        counter.load(Ordering::Relaxed).wrapping_add(n),
-                        Ordering::Relaxed,
-                    );
-                }
-            }
-            None => {
-                if let Some(counter) = self.shards.last().and_then(|s| s.0.get(i)) {
-                    counter.fetch_add(n, Ordering::Relaxed);
-                }
-            }
+        let own = SHARD
+            .with(|s| *s)
+            .filter(|&own| own + 1 < self.shards.len());
+        let shard = own.map_or(self.shards.last(), |own| self.shards.get(own));
+        if let Some(counter) = shard.and_then(|s| s.0.get(i)) {
+            bump(counter, n, own.is_some());
         }
     }
 
@@ -450,8 +460,19 @@ pub struct SetCounters {
     names: Vec<FlagNames>,
     /// Counters per shard (a whole number of lines).
     stride: usize,
+    /// Shards of this block: [`shards()`], or one that every thread adds
+    /// to atomically when that many would take more than
+    /// [`MAX_SHARDED_BYTES`].
+    shards: usize,
     lines: Box<[Line]>,
 }
+
+/// The most a set's counters take, in bytes, with a shard per worker.
+///
+/// NB: a block is 48 bytes per variant and shard. A 16 MiB flag file can
+/// hold millions of variants, and a shard per core would multiply what it
+/// costs by the machine's cores; past this, one shard.
+const MAX_SHARDED_BYTES: usize = 32 << 20;
 
 /// Where one flag's counters are in its set's block: for each variant (by
 /// ordinal), then for answers without one, a counter per reason; then one
@@ -496,6 +517,11 @@ struct Line([AtomicU64; 8]);
 
 impl SetCounters {
     fn new(owner: u64, set: &FlagSet) -> Self {
+        Self::bounded(owner, set, MAX_SHARDED_BYTES)
+    }
+
+    /// A block for `set`, sharded if that takes at most `max_sharded_bytes`.
+    fn bounded(owner: u64, set: &FlagSet, max_sharded_bytes: usize) -> Self {
         let mut offset = NOT_FOUND_SLOT + 1;
         let mut flags = Vec::with_capacity(set.flags.len());
         let mut names = Vec::with_capacity(set.flags.len());
@@ -520,15 +546,20 @@ impl SetCounters {
             });
         }
         let stride = offset.div_ceil(8) * 8;
+        let sharded = shards();
+        let shards = if sharded.saturating_mul(stride).saturating_mul(8) <= max_sharded_bytes {
+            sharded
+        } else {
+            1
+        };
         Self {
             owner,
             environment: set.environment.clone(),
             flags,
             names,
             stride,
-            lines: (0..shards() * stride / 8)
-                .map(|_| Line::default())
-                .collect(),
+            shards,
+            lines: (0..shards * stride / 8).map(|_| Line::default()).collect(),
         }
     }
 
@@ -539,7 +570,7 @@ impl SetCounters {
 
     /// Counter `slot`, summed over the shards.
     fn total(&self, slot: usize) -> u64 {
-        (0..shards())
+        (0..self.shards)
             .filter_map(|shard| self.counter(shard, slot))
             .map(|c| c.load(Ordering::Relaxed))
             .fold(0, u64::wrapping_add)
@@ -737,21 +768,10 @@ impl Counter<'_> {
 
     fn add(&self, slot: usize) {
         let counters = self.counters();
-        match self.shard {
-            // NB: this thread is the one writer of its shard: no locked add.
-            Some(own) => {
-                if let Some(counter) = counters.counter(own, slot) {
-                    counter.store(
-                        counter.load(Ordering::Relaxed).wrapping_add(1),
-                        Ordering::Relaxed,
-                    );
-                }
-            }
-            None => {
-                if let Some(counter) = counters.counter(shards() - 1, slot) {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        let own = self.shard.filter(|&own| own + 1 < counters.shards);
+        let shard = own.unwrap_or(counters.shards - 1);
+        if let Some(counter) = counters.counter(shard, slot) {
+            bump(counter, 1, own.is_some());
         }
     }
 

@@ -272,7 +272,7 @@ pub async fn not_found(
     uri: axum::http::Uri,
 ) -> ApiError {
     state.metrics.request(
-        crate::metrics::Route::of(None),
+        crate::metrics::Route::UNMATCHED,
         &method,
         404,
         std::time::Duration::ZERO,
@@ -287,7 +287,7 @@ pub async fn method_not_allowed(
     uri: axum::http::Uri,
 ) -> ApiError {
     state.metrics.request(
-        crate::metrics::Route::of(None),
+        crate::metrics::Route::UNMATCHED,
         &method,
         405,
         std::time::Duration::ZERO,

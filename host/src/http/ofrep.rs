@@ -152,7 +152,7 @@ async fn on_plugin_pool(
                 // and `flaghost_plugin_refused_total` show a full queue.
                 let plugins = state.plugins.current();
                 for plugin in lane.split('/').filter_map(|name| plugins.get(name)) {
-                    (0..count).for_each(|_| plugin.count_refused());
+                    plugin.count_refused(count);
                 }
             }
             refused_all(count, &refused)
@@ -390,9 +390,9 @@ async fn bulk(state: &AppState, served: &Snapshot, context: EvaluationContext) -
     body.extend_from_slice(b"{\"flags\":[");
     // NB: counted in a loop of their own, before the answer is written:
     // each count is an add to a counter not in the core's nearest cache,
-    // and with nothing else in the loop the core has many of them under
-    // way at once (perf: interleaved with the writing, a 900-flag answer
-    // spent 8% of its loop waiting on them one by one).
+    // and with nothing else in the loop the core has several under way at
+    // once. (Perf of a 900-flag answer, with the counters' names also moved
+    // out of their way: counting fell from about 3.7% to 2.1% of samples.)
     let counter = state.metrics.evaluations().counter(set);
     for (flag, result) in flags.iter().zip(&results) {
         match result {

@@ -322,3 +322,41 @@ fn scrapes_while_sets_come_and_go_never_go_backwards() {
         "every dropped set's block is folded"
     );
 }
+
+#[test]
+fn a_set_too_large_to_shard_counts_in_one_block_every_thread_shares() {
+    let set = two_flags("prod");
+    let one = super::SetCounters::bounded(0, &set, 0);
+    assert_eq!(one.shards, 1, "nothing fits the bound: one shard");
+    assert_eq!(one.lines.len() * 8, one.stride, "one shard's counters only");
+    let sharded = super::SetCounters::bounded(0, &set, usize::MAX);
+    assert_eq!(sharded.shards, super::shards());
+
+    // Counted through the one block from more threads than shards: exact.
+    let evaluations = Arc::new(Evaluations::default());
+    set.counters
+        .set(Arc::new(super::SetCounters::bounded(
+            evaluations.id,
+            &set,
+            0,
+        )))
+        .expect("not counted yet");
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (evaluations, set) = (evaluations.clone(), set.clone());
+            std::thread::spawn(move || {
+                serve(&evaluations, &set, "alpha", "off", Reason::Default, 5_000);
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("counted");
+    }
+    // (Counted into the block the set holds, not registered: summed here.)
+    let mut totals = super::Totals::new();
+    set.counters.get().expect("block").add_to(&mut totals);
+    assert_eq!(
+        totals[&("prod".to_owned(), "alpha".to_owned())].variants["off"],
+        reasons(&[(Reason::Default, 40_000)])
+    );
+}

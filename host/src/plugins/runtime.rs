@@ -573,10 +573,10 @@ impl Plugin {
         self.stats.snapshot()
     }
 
-    /// Counts an evaluation turned away before it reached the plugin (its
-    /// lane's queue in the plugin pool was full).
-    pub fn count_refused(&self) {
-        self.stats.refused();
+    /// Counts `evaluations` turned away before they reached the plugin
+    /// (its lane's queue in the plugin pool was full).
+    pub fn count_refused(&self, evaluations: usize) {
+        self.stats.refused_by(evaluations as u64);
     }
 
     /// The contract version the component implements.

@@ -205,7 +205,12 @@ impl Stats {
 
     /// Records an evaluation refused without running.
     pub fn refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.refused_by(1);
+    }
+
+    /// Records `evaluations` refused without running.
+    pub fn refused_by(&self, evaluations: u64) {
+        self.refused.fetch_add(evaluations, Ordering::Relaxed);
     }
 
     /// The counters now.

@@ -241,8 +241,12 @@ impl Link {
     /// Closes the breaker: requests go to Redis again.
     fn close(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        // NB: the first connection is no transition back.
-        if matches!(state.0, State::Disconnected(_)) {
+        // NB: only a breaker that tripped closes again: the first
+        // connection is none, even after failed attempts (Redis down at
+        // start), so `closed` never runs ahead of `opened`. Both change
+        // under this lock.
+        if self.breaker_opened.load(Ordering::Relaxed) > self.breaker_closed.load(Ordering::Relaxed)
+        {
             self.breaker_closed.fetch_add(1, Ordering::Relaxed);
         }
         *state = (State::Connected, Instant::now());
@@ -390,6 +394,41 @@ fn error(reason: String) -> CacheError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counts(link: &Link) -> (u64, u64) {
+        let status = link.status();
+        (status.breaker_opened, status.breaker_closed)
+    }
+
+    #[tokio::test]
+    async fn the_breaker_counts_a_close_only_after_it_opened() {
+        // NB: nothing listens on port 1; the link is lazy and never dials.
+        let client = redis::Client::open("redis://127.0.0.1:1").expect("url");
+        let (events, _) = broadcast::channel(4);
+        let link = Link::new(
+            client,
+            "redis://127.0.0.1:1".into(),
+            Duration::from_millis(50),
+            Duration::from_millis(50),
+            events,
+        )
+        .expect("link");
+        // Redis down at start: attempts fail, then it answers.
+        link.set_state(State::Disconnected("refused".into()));
+        link.close();
+        assert_eq!(
+            counts(&link),
+            (0, 0),
+            "the first connection is no transition"
+        );
+        link.trip("gone".into());
+        link.trip("still gone".into());
+        assert_eq!(counts(&link), (1, 0));
+        link.set_state(State::Disconnected("refused again".into()));
+        link.close();
+        link.close();
+        assert_eq!(counts(&link), (1, 1));
+    }
 
     #[test]
     fn backoff_doubles_from_100ms_to_a_2s_cap_with_jitter() {

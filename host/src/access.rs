@@ -69,8 +69,10 @@ struct Seen {
 struct Entry {
     environments: Box<[Box<str>]>,
     /// GCRA's theoretical arrival time of the key's next request, in
-    /// nanoseconds after [`ApiKeys::started`].
-    next_at: AtomicU64,
+    /// nanoseconds after [`ApiKeys::started`]. Shared with the entry of the
+    /// same key in the next version of the file, so a reload (any edit,
+    /// a rotation of other keys) gives no key a fresh burst.
+    next_at: Arc<AtomicU64>,
 }
 
 /// A per-key request rate (`--api-key-rate-limit`).
@@ -262,7 +264,13 @@ impl ApiKeys {
         }
         *self.seen() = Seen { stamp, digest };
         match parse(&self.file, &bytes) {
-            Ok(table) => {
+            Ok(mut table) => {
+                let before = self.table.load();
+                for (digest, entry) in &mut table.environments {
+                    if let Some(kept) = before.environments.get(digest) {
+                        entry.next_at = kept.next_at.clone();
+                    }
+                }
                 info!(file = %self.file.display(), environments = table.named,
                       keys = table.environments.len(), "API keys reloaded");
                 self.table.store(Arc::new(table));
@@ -429,7 +437,7 @@ fn parse(file: &Path, bytes: &[u8]) -> Result<KeyTable, KeyFileError> {
                 digest,
                 Entry {
                     environments: environments.into_boxed_slice(),
-                    next_at: AtomicU64::new(0),
+                    next_at: Arc::default(),
                 },
             )
         })
@@ -709,5 +717,34 @@ mod tests {
         keys.reload();
         assert_eq!(keys.admit("production", &new), Ok(()));
         assert_eq!(keys.admit("production", &old), Err(Denied::Unknown));
+    }
+
+    #[test]
+    fn a_reload_gives_a_key_that_stays_no_fresh_allowance() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("keys.json");
+        std::fs::write(&file, format!(r#"{{"production": ["{KEY}"]}}"#)).expect("write");
+        let keys = ApiKeys::load(&file)
+            .expect("loads")
+            .with_rate_limit(Some(RateLimit { per_second: 2 }));
+        let prod = headers(&[("x-api-key", KEY)]);
+        let staging = headers(&[("x-api-key", STAGING)]);
+        assert_eq!(keys.admit("production", &prod), Ok(()));
+        assert_eq!(keys.admit("production", &prod), Ok(()));
+        // Another key added (an edit an attacker with one key might wait for).
+        std::fs::write(
+            &file,
+            format!(r#"{{"production": ["{KEY}"], "staging": ["{STAGING}"]}}"#),
+        )
+        .expect("write");
+        keys.reload();
+        assert_eq!(keys.admit("staging", &staging), Ok(()), "the new key");
+        assert!(
+            matches!(
+                keys.admit("production", &prod),
+                Err(Denied::RateLimited { .. })
+            ),
+            "the kept key's allowance is still spent"
+        );
     }
 }

@@ -304,6 +304,7 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
         config.api_keys_file.as_deref(),
         Some(std::path::Path::new("/etc/flaghost/api-keys.json"))
     );
+    assert_eq!(config.ignored, [], "every setting given has its effect");
 }
 
 #[test]
@@ -315,6 +316,21 @@ fn redis_url_empty_in_env_is_the_rollback_and_no_env_is_memory_only() {
     assert_eq!(env["REDIS_URL"], "");
     let (_, config) = serve_accepts(&env.into_iter().collect::<Vec<_>>());
     assert!(config.redis.is_none(), "rolled back to the in-memory cache");
+
+    // The rollback leaves Redis's TLS lines in .env: flaghost still starts,
+    // and names them in a warning rather than ignoring them silently.
+    dotenv.insert(
+        "FLAGHOST_REDIS_CA_FILE".into(),
+        "/etc/flaghost/redis-ca.pem".into(),
+    );
+    let env = container_env(Some(&dotenv));
+    let (_, config) = serve_accepts(&env.into_iter().collect::<Vec<_>>());
+    assert!(config.redis.is_none());
+    let ignored: Vec<String> = config.ignored.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        ignored,
+        ["--redis-ca-file (FLAGHOST_REDIS_CA_FILE) is ignored without REDIS_URL"]
+    );
 
     // No .env at all: flaghost's defaults, the in-memory cache among them.
     let env = container_env(None);

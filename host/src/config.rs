@@ -95,6 +95,11 @@ pub struct EvalArgs {
     /// A file holding the evaluation context as a JSON object.
     #[arg(long)]
     pub context_file: Option<PathBuf>,
+
+    /// How plugin evaluations are isolated, as `serve` takes it: with
+    /// `reuse`, `--all` shows what a plugin carries from flag to flag.
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
 }
 
 /// Where flags and plugins come from.
@@ -300,6 +305,15 @@ pub struct PoolArgs {
     #[arg(long, env = "FLAGHOST_PLUGIN_QUARANTINE_MS", default_value_t = limits::DEFAULT_QUARANTINE_FOR.as_millis() as u64)]
     pub plugin_quarantine_ms: u64,
 
+    /// How plugin evaluations are isolated.
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
+}
+
+/// How plugin evaluations are isolated: `serve` takes these, and `eval`
+/// (whose `--all` calls a plugin once per flag, as one request would).
+#[derive(Debug, Clone, Default, Args)]
+pub struct IsolationArgs {
     /// How plugin evaluations are isolated. `fresh`: a new instance for
     /// every evaluation, so nothing one caller's evaluation leaves in a
     /// plugin reaches another caller or flag (about 16 µs per evaluation
@@ -558,6 +572,9 @@ pub struct ServeConfig {
     pub plugin_cache_key: Option<PathBuf>,
     /// Default environment.
     pub default_environment: String,
+    /// Settings given that have no effect in this configuration (warned
+    /// about at start-up).
+    pub ignored: Vec<Ignored>,
     /// Cache TTL.
     pub cache_ttl: Duration,
     /// Redis, if configured.
@@ -583,6 +600,21 @@ pub struct ServeConfig {
     pub compiler: Compiler,
 }
 
+/// A setting given without the one it needs: it does nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    /// The setting given.
+    pub option: &'static str,
+    /// The setting it needs, not given.
+    pub without: &'static str,
+}
+
+impl std::fmt::Display for Ignored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is ignored without {}", self.option, self.without)
+    }
+}
+
 impl std::fmt::Debug for ServeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeConfig")
@@ -594,6 +626,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("plugin_cache_dir", &self.plugin_cache_dir)
             .field("plugin_cache_key", &self.plugin_cache_key)
             .field("default_environment", &self.default_environment)
+            .field("ignored", &self.ignored)
             .field("cache_ttl", &self.cache_ttl)
             .field("redis", &self.redis)
             .field("check_interval", &self.check_interval)
@@ -614,8 +647,9 @@ impl std::fmt::Debug for ServeConfig {
 
 impl LimitArgs {
     /// The limits these arguments ask for, the plugin threads shared as
-    /// `pool` says (`None`: as by default: `validate` and `eval` run no
-    /// pool).
+    /// `pool` says. `None`: `validate` and `eval`, which call plugins one at
+    /// a time, on one plugin thread; `serve` checks its own pool's bound
+    /// (below) with the threads it is given.
     pub fn to_limits(&self, pool: Option<&PoolArgs>) -> Result<Limits, ConfigError> {
         if self.plugin_deadline_ms == 0 {
             return Err(ConfigError {
@@ -665,8 +699,12 @@ impl LimitArgs {
             compile_memory_bytes: self.plugin_compile_memory_mib << 20,
             ..Limits::default()
         };
-        if let Some(pool) = pool {
-            pool.apply(&mut limits)?;
+        match pool {
+            Some(pool) => pool.apply(&mut limits)?,
+            None => {
+                limits.pool_threads = 1;
+                limits.max_concurrency = 1;
+            }
         }
         let memories = u64::from(limits.pool_component_instances())
             * u64::from(limits::MAX_MEMORIES_PER_COMPONENT);
@@ -712,13 +750,72 @@ impl PoolArgs {
         limits.quarantine_after = self.plugin_quarantine_after.max(1);
         limits.quarantine_for =
             Duration::from_millis(self.plugin_quarantine_ms.min(MAX_INTERVAL_MS));
-        limits.isolation = self.plugin_isolation;
-        limits.isolation_for = self.plugin_isolation_for.iter().cloned().collect();
+        self.isolation.apply(limits);
         Ok(())
     }
 }
 
+impl IsolationArgs {
+    /// Sets how `limits` isolate plugin evaluations, as these arguments ask.
+    pub fn apply(&self, limits: &mut Limits) {
+        limits.isolation = self.plugin_isolation;
+        limits.isolation_for = self.plugin_isolation_for.iter().cloned().collect();
+    }
+}
+
 impl ServeArgs {
+    /// Settings given that do nothing without another: refusing them would
+    /// break the documented rollback (unset `REDIS_URL`, keep the rest of
+    /// `.env`), so they are named in a warning at start-up instead.
+    fn ignored(&self) -> Vec<Ignored> {
+        let set = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+        let redis = self
+            .redis_url
+            .as_ref()
+            .is_some_and(|u| !u.expose().trim().is_empty());
+        let keys = set(&self.api_keys_file);
+        [
+            (
+                !redis && set(&self.redis_ca_file),
+                "--redis-ca-file (FLAGHOST_REDIS_CA_FILE)",
+                "REDIS_URL",
+            ),
+            (
+                !redis && set(&self.redis_client_cert),
+                "--redis-client-cert (FLAGHOST_REDIS_CLIENT_CERT)",
+                "REDIS_URL",
+            ),
+            (
+                !redis && set(&self.redis_client_key),
+                "--redis-client-key (FLAGHOST_REDIS_CLIENT_KEY)",
+                "REDIS_URL",
+            ),
+            (
+                !redis
+                    && self
+                        .cache_signing_key
+                        .as_ref()
+                        .is_some_and(|k| !k.expose().is_empty()),
+                "--cache-signing-key (FLAGHOST_CACHE_SIGNING_KEY)",
+                "REDIS_URL",
+            ),
+            (
+                !redis && self.cache_max_entry_mib.is_some(),
+                "--cache-max-entry-mib (FLAGHOST_CACHE_MAX_ENTRY_MIB)",
+                "REDIS_URL",
+            ),
+            (
+                !keys && self.api_key_rate_limit.is_some_and(|n| n > 0),
+                "--api-key-rate-limit (FLAGHOST_API_KEY_RATE_LIMIT)",
+                "--api-keys-file (FLAGHOST_API_KEYS_FILE)",
+            ),
+        ]
+        .into_iter()
+        .filter(|(given, ..)| *given)
+        .map(|(_, option, without)| Ignored { option, without })
+        .collect()
+    }
+
     /// Validates the raw arguments.
     pub fn validate(self) -> Result<ServeConfig, ConfigError> {
         if !crate::store::valid_environment_name(&self.default_environment) {
@@ -767,6 +864,7 @@ impl ServeArgs {
         }
         let cache_ttl = Duration::from_secs(self.cache_ttl);
         let documents = self.source.documents.to_limits()?;
+        let ignored = self.ignored();
         let redis = match self.redis_url.as_ref().map(|u| u.expose().trim()) {
             None | Some("") => None,
             Some(url) => {
@@ -856,6 +954,7 @@ impl ServeArgs {
             });
         }
         Ok(ServeConfig {
+            ignored,
             cache_ttl,
             redis,
             check_interval: Duration::from_millis(self.check_interval_ms),
@@ -1145,6 +1244,51 @@ mod tests {
     }
 
     #[test]
+    fn validate_and_eval_size_their_pool_for_one_plugin_thread_whatever_the_machine() {
+        // NB: 600 plugins fit one thread's pool (2 × 600 × 3 × 4 slots) but
+        // no serving pool of 2 threads or more: the bound is each pool's own.
+        let Command::Validate(validate) =
+            parse(&["validate", "--plugin-max-plugins", "600"]).command
+        else {
+            panic!("expected validate");
+        };
+        let limits = validate.source.limits.to_limits(None).expect("fits");
+        assert_eq!((limits.pool_threads, limits.max_concurrency), (1, 1));
+        let Command::Serve(serve) = parse(&[
+            "serve",
+            "--plugin-threads",
+            "2",
+            "--plugin-max-plugins",
+            "600",
+        ])
+        .command
+        else {
+            panic!("expected serve");
+        };
+        assert!(serve.validate().is_err(), "a serving pool of 2 threads");
+    }
+
+    #[test]
+    fn eval_takes_the_isolation_serve_does() {
+        let Command::Eval(eval) = parse(&[
+            "eval",
+            "--all",
+            "--plugin-isolation",
+            "reuse",
+            "--plugin-isolation-for",
+            "strict=fresh",
+        ])
+        .command
+        else {
+            panic!("expected eval");
+        };
+        let mut limits = eval.source.limits.to_limits(None).expect("valid");
+        eval.isolation.apply(&mut limits);
+        assert_eq!(limits.isolation_of("any"), Isolation::Reuse);
+        assert_eq!(limits.isolation_of("strict"), Isolation::Fresh);
+    }
+
+    #[test]
     fn parsed_arguments_printed_for_debugging_show_no_secret() {
         let cli = parse(&[
             "serve",
@@ -1163,6 +1307,9 @@ mod tests {
 
     #[test]
     fn validate_and_eval_take_no_serving_only_options() {
+        // NB: eval takes the isolation options too (see
+        // `eval_takes_the_isolation_serve_does`); validate checks plugins on
+        // fresh instances whatever they say.
         let cli = Cli::command();
         let longs = |name: &str| -> Vec<String> {
             cli.find_subcommand(name)
@@ -1180,20 +1327,73 @@ mod tests {
             "plugin-strike-fraction",
             "plugin-quarantine-after",
             "plugin-quarantine-ms",
-            "plugin-isolation",
-            "plugin-isolation-for",
         ];
+        let isolation = ["plugin-isolation", "plugin-isolation-for"];
         for command in ["validate", "eval"] {
             let taken = longs(command);
             for option in serving_only {
                 assert!(!taken.iter().any(|t| t == option), "{command} --{option}");
             }
             assert!(taken.iter().any(|t| t == "plugin-memory-mib"), "{command}");
+            for option in isolation {
+                let has = taken.iter().any(|t| t == option);
+                assert_eq!(has, command == "eval", "{command} --{option}");
+            }
         }
         let serve = longs("serve");
-        for option in serving_only {
+        for option in serving_only.into_iter().chain(isolation) {
             assert!(serve.iter().any(|t| t == option), "serve --{option}");
         }
+    }
+
+    #[test]
+    fn settings_that_need_redis_or_keys_are_named_as_ignored_without_them() {
+        let ignored = |args: &[&str]| -> Vec<&'static str> {
+            let Command::Serve(serve) = parse(args).command else {
+                panic!("expected serve");
+            };
+            let config = serve.validate().expect("a rollback still starts");
+            config.ignored.iter().map(|i| i.option).collect()
+        };
+        let redis_settings = [
+            "serve",
+            "--redis-ca-file",
+            "ca.pem",
+            "--redis-client-cert",
+            "c.pem",
+            "--redis-client-key",
+            "c.key",
+            "--cache-signing-key",
+            "signing-key-0123456789",
+            "--cache-max-entry-mib",
+            "8",
+            "--api-key-rate-limit",
+            "5",
+        ];
+        let named = ignored(&redis_settings);
+        for option in [
+            "--redis-ca-file",
+            "--redis-client-cert",
+            "--redis-client-key",
+            "--cache-signing-key",
+            "--cache-max-entry-mib",
+            "--api-key-rate-limit",
+        ] {
+            assert!(
+                named.iter().any(|n| n.starts_with(option)),
+                "{option}: {named:?}"
+            );
+        }
+        let with_both: Vec<&str> = redis_settings
+            .into_iter()
+            .chain([
+                "--redis-url",
+                "rediss://cache:6379",
+                "--api-keys-file",
+                "keys.json",
+            ])
+            .collect();
+        assert_eq!(ignored(&with_both), Vec::<&str>::new());
     }
 
     #[test]

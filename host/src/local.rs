@@ -26,7 +26,7 @@ pub const LOAD_ERROR: u8 = 3;
 /// line), explanations on stderr; the exit code.
 pub fn run(args: &EvalArgs) -> u8 {
     let loaded = context_of(args).and_then(|context| {
-        crate::server::load_locally(&args.source, args.environment.as_deref())
+        crate::server::load_locally(&args.source, &args.isolation, args.environment.as_deref())
             .map(|set| (set, context))
     });
     let (set, context) = match loaded {

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::access::ApiKeys;
 use crate::cache::{FlagCache, RedisCache, redact_url};
-use crate::config::{ServeConfig, SourceArgs};
+use crate::config::{IsolationArgs, ServeConfig, SourceArgs};
 use crate::environments::{Environments, Timing};
 use crate::http::{AdminToken, AppState, HttpOptions, app};
 use crate::plugin_changes::PluginChanges;
@@ -125,6 +125,13 @@ fn load_plugins(
 /// load, or start-up fails listing what is wrong.
 pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
     let started = std::time::Instant::now();
+    for ignored in &config.ignored {
+        warn!(
+            option = ignored.option,
+            needs = ignored.without,
+            "{ignored}"
+        );
+    }
     let runtime = Arc::new(runtime(
         config.limits.clone(),
         config.compiler.clone(),
@@ -250,12 +257,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
         "flaghost loaded"
     );
     let api_keys = match &config.api_keys_file {
-        None => {
-            if config.api_key_rate_limit.is_some() {
-                warn!("--api-key-rate-limit has no keys to limit without --api-keys-file: ignored");
-            }
-            None
-        }
+        None => None,
         Some(file) => {
             // NB: off the async workers: the path may be on a slow mount.
             let path = file.clone();
@@ -429,11 +431,17 @@ impl Validation {
 }
 
 /// The plugins of `source` for a command run without a server (`validate`,
-/// `eval`), compiled by children running this binary (which must be
-/// `flaghost`), and the errors of those that did not load.
-fn local_plugins(source: &SourceArgs) -> anyhow::Result<(PluginSet, Vec<PluginError>)> {
+/// `eval`), isolated as `isolation` says, compiled by children running this
+/// binary (which must be `flaghost`), and the errors of those that did not
+/// load.
+fn local_plugins(
+    source: &SourceArgs,
+    isolation: &IsolationArgs,
+) -> anyhow::Result<(PluginSet, Vec<PluginError>)> {
+    let mut limits = source.limits.to_limits(None)?;
+    isolation.apply(&mut limits);
     let runtime = runtime(
-        source.limits.to_limits(None)?,
+        limits,
         Compiler::this_binary().context("cannot find the flaghost binary to compile plugins")?,
         source.plugin_cache_dir.as_deref(),
         source.plugin_cache_key.as_deref(),
@@ -445,7 +453,8 @@ fn local_plugins(source: &SourceArgs) -> anyhow::Result<(PluginSet, Vec<PluginEr
 /// Plugins are compiled by children running this binary (which must be
 /// `flaghost`).
 pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
-    let (plugins, plugin_errors) = local_plugins(source)?;
+    // NB: isolation changes no check: a plugin is checked on a fresh instance.
+    let (plugins, plugin_errors) = local_plugins(source, &IsolationArgs::default())?;
     let mut problems: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
     let store = DirStore::new(&source.flags, plugins).with_limits(source.documents.to_limits()?);
     let environments = store
@@ -480,12 +489,14 @@ pub fn validate(source: &SourceArgs) -> anyhow::Result<Validation> {
 
 /// `flaghost eval`: the flag set of `environment` (or the one environment,
 /// or `production`) loaded from `source` as `serve` would load it, every
-/// plugin included; an error names what did not load.
+/// plugin included and isolated as `isolation` says; an error names what
+/// did not load.
 pub fn load_locally(
     source: &SourceArgs,
+    isolation: &IsolationArgs,
     environment: Option<&str>,
 ) -> anyhow::Result<Arc<crate::flags::FlagSet>> {
-    let (plugins, plugin_errors) = local_plugins(source)?;
+    let (plugins, plugin_errors) = local_plugins(source, isolation)?;
     if !plugin_errors.is_empty() {
         let list: Vec<String> = plugin_errors.iter().map(ToString::to_string).collect();
         anyhow::bail!("plugins refused:\n  {}", list.join("\n  "));

@@ -141,6 +141,7 @@ pub fn config_for(
         plugin_cache_dir: None,
         plugin_cache_key: None,
         default_environment: default_environment.to_owned(),
+        ignored: Vec::new(),
         cache_ttl: flaghost::cache::DEFAULT_TTL,
         redis: None,
         check_interval: Duration::from_secs(1),

@@ -71,6 +71,7 @@ pub fn ofrep_router(
             environments,
             default_environment: env.into(),
             admin: None,
+            metrics_token: None,
             plugins: Default::default(),
             plugin_changes: None,
             plugin_pool: runtime.pool().clone(),

@@ -240,6 +240,7 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
             "FLAGHOST_LOG_FORMAT" => "text".into(),
             "FLAGHOST_API_KEYS_FILE" => "/etc/flaghost/api-keys.json".into(),
             "FLAGHOST_METRICS_LISTEN" => "0.0.0.0:9090".into(),
+            "FLAGHOST_METRICS_TOKEN" => "a-metrics-token-of-32-characters".into(),
             "FLAGHOST_API_KEY_RATE_LIMIT" => "50".into(),
             "OTEL_EXPORTER_OTLP_ENDPOINT" => "http://otel-collector:4318".into(),
             "FLAGHOST_TRACE_SAMPLE_RATIO" => "0.25".into(),
@@ -303,6 +304,10 @@ fn every_env_example_setting_reaches_flaghost_through_compose() {
     assert_eq!(
         config.api_keys_file.as_deref(),
         Some(std::path::Path::new("/etc/flaghost/api-keys.json"))
+    );
+    assert_eq!(
+        config.metrics_token.as_deref(),
+        Some("a-metrics-token-of-32-characters")
     );
     assert_eq!(config.ignored, [], "every setting given has its effect");
 }

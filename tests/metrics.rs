@@ -403,3 +403,45 @@ async fn without_an_admin_token_or_a_metrics_address_metrics_are_off() {
     );
     fh.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_metrics_token_reads_metrics_and_opens_nothing_else() {
+    const METRICS_TOKEN: &str = "scraper-token-0123456789";
+    let dirs = Dirs::new().flag_file(
+        "production",
+        &json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a"}}}),
+    );
+    let status_of = |response: reqwest::Response| response.status().as_u16();
+    for admin in [Some(TOKEN), None] {
+        let mut config = dirs.config("production", answer_limits());
+        config.admin_token = admin.map(Into::into);
+        config.metrics_token = Some(METRICS_TOKEN.into());
+        let fh = Flaghost::start(&config).await.expect("starts");
+        let public = format!("{}/metrics", fh.base);
+        assert_eq!(scrape(&fh, &public, Some(METRICS_TOKEN)).await.0, 200);
+        assert_eq!(scrape(&fh, &public, None).await.0, 401);
+        assert_eq!(
+            scrape(&fh, &public, Some("wrong-token-0123456789")).await.0,
+            401
+        );
+        let admin_with_metrics_token = fh
+            .client
+            .get(format!("{}/admin/v1/plugins", fh.base))
+            .bearer_auth(METRICS_TOKEN)
+            .send()
+            .await
+            .expect("reaches flaghost");
+        match admin {
+            Some(token) => {
+                assert_eq!(status_of(admin_with_metrics_token), 401);
+                assert_eq!(
+                    scrape(&fh, &public, Some(token)).await.0,
+                    200,
+                    "the admin token reads it too"
+                );
+            }
+            None => assert_eq!(status_of(admin_with_metrics_token), 404, "admin API off"),
+        }
+        fh.stop().await.expect("clean stop");
+    }
+}

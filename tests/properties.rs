@@ -96,6 +96,7 @@ fn router(flags: &Path, env: &str) -> (Arc<Environments>, axum::Router) {
             environments: environments.clone(),
             default_environment: env.into(),
             admin: None,
+            metrics_token: None,
             plugins: Default::default(),
             plugin_changes: None,
             plugin_pool: world.runtime.pool().clone(),

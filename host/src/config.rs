@@ -449,6 +449,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
+    /// Token that reads `GET /metrics` on the main address and nothing
+    /// else, for a scraper that must not hold the admin token (the admin
+    /// token reads it too). Unset: only the admin token does.
+    #[arg(long, env = "FLAGHOST_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
+
     /// JSON file of callers' API keys per environment,
     /// `{"<environment>": ["<key>", "sha256:<hex>", ...]}`; callers send
     /// `Authorization: Bearer <key>` or `X-API-Key: <key>`. Set, every
@@ -585,6 +591,8 @@ pub struct ServeConfig {
     pub watch_interval: Option<Duration>,
     /// The admin API's token; `None`: the admin API is off.
     pub admin_token: Option<String>,
+    /// A token that reads `/metrics` only; `None`: only the admin token does.
+    pub metrics_token: Option<String>,
     /// Callers' API keys; `None`: evaluation is open.
     pub api_keys_file: Option<PathBuf>,
     /// Each key's request rate; `None`: unlimited.
@@ -634,6 +642,10 @@ impl std::fmt::Debug for ServeConfig {
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "<redacted>"),
             )
             .field("api_keys_file", &self.api_keys_file)
             .field("api_key_rate_limit", &self.api_key_rate_limit)
@@ -946,11 +958,25 @@ impl ServeArgs {
                 reason: "must be at least 1".into(),
             });
         }
-        let admin_token = self.admin_token.map(|t| t.0).filter(|t| !t.is_empty());
-        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        let token = |secret: Option<Secret>, option: &'static str| {
+            let token = secret.map(|t| t.0).filter(|t| !t.is_empty());
+            if token.as_ref().is_some_and(|t| t.len() < 16) {
+                return Err(ConfigError {
+                    option,
+                    reason: "must be at least 16 characters".into(),
+                });
+            }
+            Ok(token)
+        };
+        let admin_token = token(self.admin_token, "--admin-token (FLAGHOST_ADMIN_TOKEN)")?;
+        let metrics_token = token(
+            self.metrics_token,
+            "--metrics-token (FLAGHOST_METRICS_TOKEN)",
+        )?;
+        if metrics_token.is_some() && metrics_token == admin_token {
             return Err(ConfigError {
-                option: "--admin-token (FLAGHOST_ADMIN_TOKEN)",
-                reason: "must be at least 16 characters".into(),
+                option: "--metrics-token (FLAGHOST_METRICS_TOKEN)",
+                reason: "is the admin token: a scraper's token must not open the admin API".into(),
             });
         }
         Ok(ServeConfig {
@@ -961,6 +987,7 @@ impl ServeArgs {
             watch_interval: (self.watch_interval_ms > 0)
                 .then(|| Duration::from_millis(self.watch_interval_ms)),
             admin_token,
+            metrics_token,
             api_keys_file: self.api_keys_file.filter(|f| !f.as_os_str().is_empty()),
             api_key_rate_limit: self
                 .api_key_rate_limit
@@ -1136,6 +1163,8 @@ mod tests {
             "redis://flaghost:s3cret-password@cache.internal:6380/2",
             "--admin-token",
             "an-admin-token-nobody-may-read",
+            "--metrics-token",
+            "a-metrics-token-nobody-may-read",
         ])
         .command
         else {
@@ -1145,6 +1174,10 @@ mod tests {
         assert!(!printed.contains("s3cret-password"), "{printed}");
         assert!(
             !printed.contains("an-admin-token-nobody-may-read"),
+            "{printed}"
+        );
+        assert!(
+            !printed.contains("a-metrics-token-nobody-may-read"),
             "{printed}"
         );
         assert!(
@@ -1344,6 +1377,21 @@ mod tests {
         for option in serving_only.into_iter().chain(isolation) {
             assert!(serve.iter().any(|t| t == option), "serve --{option}");
         }
+    }
+
+    #[test]
+    fn a_metrics_token_must_be_long_and_not_the_admin_token() {
+        let refused = |args: &[&str]| {
+            let Command::Serve(serve) = parse(args).command else {
+                panic!("expected serve");
+            };
+            serve.validate().expect_err("refused")
+        };
+        let err = refused(&["serve", "--metrics-token", "short"]);
+        assert!(err.option.contains("--metrics-token"), "{err}");
+        let same = "the-same-token-0123456789";
+        let err = refused(&["serve", "--admin-token", same, "--metrics-token", same]);
+        assert!(err.reason.contains("admin token"), "{err}");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct AppState {
     pub default_environment: Arc<str>,
     /// The admin API's token; `None`: the admin API is off.
     pub admin: Option<AdminToken>,
+    /// A token that reads `/metrics` only (and the admin token does too).
+    pub metrics_token: Option<AdminToken>,
     /// The plugins in force, for the admin listing.
     pub plugins: PluginRegistry,
     /// Uploads and deletions of plugins; `None` without a plugin directory.

@@ -327,6 +327,7 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             environments: read_path,
             default_environment: config.default_environment.as_str().into(),
             admin: config.admin_token.as_deref().map(AdminToken::new),
+            metrics_token: config.metrics_token.as_deref().map(AdminToken::new),
             plugins: registry,
             plugin_changes,
             plugin_pool: runtime.pool().clone(),

@@ -147,6 +147,7 @@ pub fn config_for(
         check_interval: Duration::from_secs(1),
         watch_interval: Some(Duration::from_secs(1)),
         admin_token: None,
+        metrics_token: None,
         api_keys_file: None,
         api_key_rate_limit: None,
         http: Default::default(),

@@ -19,8 +19,9 @@ use crate::plugin_changes::{PluginChanges, Upload};
 use crate::plugins::{CONTRACT_VERSIONS, Origin, Plugin, ReloadReport, StatsSnapshot};
 use crate::store::valid_environment_name;
 
-/// The admin token, kept as its digest: comparing digests takes the same
-/// time whatever the guess, so the token cannot be found byte by byte.
+/// A bearer token (the admin token, or the metrics token), kept as its
+/// digest: comparing digests takes the same time whatever the guess, so the
+/// token cannot be found byte by byte.
 #[derive(Clone)]
 pub struct AdminToken([u8; 32]);
 
@@ -30,23 +31,30 @@ impl AdminToken {
         Self(Sha256::digest(token.as_bytes()).into())
     }
 
-    fn admits(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthorized(
-                    "send the admin token as \"Authorization: Bearer <token>\"".into(),
-                )
-            })?;
+    fn matches(&self, presented: &str) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
-        if digest == self.0 {
+        digest == self.0
+    }
+
+    fn admits(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let presented = bearer(headers).ok_or_else(|| {
+            ApiError::Unauthorized(
+                "send the admin token as \"Authorization: Bearer <token>\"".into(),
+            )
+        })?;
+        if self.matches(presented) {
             Ok(())
         } else {
             Err(ApiError::Unauthorized("wrong admin token".into()))
         }
     }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 impl std::fmt::Debug for AdminToken {
@@ -59,6 +67,28 @@ pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Api
     match &state.admin {
         None => Err(ApiError::AdminOff),
         Some(token) => token.admits(headers),
+    }
+}
+
+/// `/metrics` on the main address: the metrics token reads it, and so does
+/// the admin token; without a metrics token, as the admin API.
+pub(super) fn authorize_metrics(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(metrics) = &state.metrics_token else {
+        return authorize(state, headers);
+    };
+    let presented = bearer(headers).ok_or_else(|| {
+        ApiError::Unauthorized(
+            "send the metrics token (or the admin token) as \"Authorization: Bearer <token>\""
+                .into(),
+        )
+    })?;
+    let admin = state.admin.as_ref().is_some_and(|a| a.matches(presented));
+    if metrics.matches(presented) || admin {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "wrong token: /metrics takes the metrics token or the admin token".into(),
+        ))
     }
 }
 

@@ -14,12 +14,13 @@ use futures_util::future::BoxFuture;
 use super::{ApiError, AppState};
 use crate::metrics::Route;
 
-/// `GET /metrics` on the public port: behind the admin token.
+/// `GET /metrics` on the public port: behind the metrics token or the
+/// admin token.
 pub async fn behind_token(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    super::admin::authorize(&state, &headers)?;
+    super::admin::authorize_metrics(&state, &headers)?;
     Ok(exposition(&state))
 }
 

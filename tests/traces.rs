@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use flaghost_tests::{build_plugins, eventually, flaghost_binary, root};
+use flaghost_tests::{build_plugins, eventually, fixture, flaghost_binary, root};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
@@ -331,4 +331,98 @@ async fn with_api_keys_only_a_caller_with_a_key_joins_its_trace() {
     let span = request_span("keyed-3").expect("span");
     assert_eq!(hex(&span.trace_id), KEYED_TRACE, "a keyed caller's trace");
     assert_eq!(hex(&span.parent_span_id), CALLER_SPAN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_traces_off_every_log_line_of_a_request_names_its_id_text_or_json() {
+    build_plugins();
+    let flags = tempfile::tempdir().expect("flags");
+    let plugins = tempfile::tempdir().expect("plugins");
+    std::fs::copy(fixture("trap"), plugins.path().join("trap.wasm")).expect("plugin");
+    std::fs::write(
+        flags.path().join("production.json"),
+        serde_json::json!({"flags": {"trapping": {
+            "state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+            "targeting": {"plugin": ["trap", {}]}
+        }}})
+        .to_string(),
+    )
+    .expect("flag file");
+    for format in ["text", "json"] {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let flaghost = Killed(
+            Command::new(flaghost_binary())
+                .arg("serve")
+                .arg("--flags")
+                .arg(flags.path())
+                .arg("--plugins")
+                .arg(plugins.path())
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--log-format", format])
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env("RUST_LOG", "flaghost=debug")
+                .stdout(Stdio::null())
+                .stderr(log.reopen().expect("log"))
+                .spawn()
+                .expect("flaghost starts"),
+        );
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let ready = eventually(Duration::from_secs(30), || async {
+            client
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        assert!(ready, "flaghost is ready");
+        for (flag, id) in [
+            ("no-such-flag", "off-request-4"),
+            ("trapping", "off-request-5"),
+        ] {
+            let answer = client
+                .post(format!("{base}/ofrep/v1/evaluate/flags/{flag}"))
+                .header("x-request-id", id)
+                .body("{}")
+                .send()
+                .await
+                .expect("answer");
+            assert_eq!(
+                answer.headers().get("x-request-id").map(|v| v.as_bytes()),
+                Some(id.as_bytes())
+            );
+        }
+        drop(flaghost);
+        let logged = std::fs::read_to_string(log.path()).expect("log");
+        // The refusal (an HTTP worker's line) and the trap (a plugin
+        // thread's) are each logged naming their request.
+        for (says, id) in [
+            ("no-such-flag", "off-request-4"),
+            ("plugin evaluation failed", "off-request-5"),
+        ] {
+            let lines: Vec<&str> = logged.lines().filter(|l| l.contains(says)).collect();
+            assert!(!lines.is_empty(), "{format}: {says:?} is logged:\n{logged}");
+            for line in lines {
+                match format {
+                    "json" => {
+                        let line: serde_json::Value =
+                            serde_json::from_str(line).expect("a JSON log line");
+                        assert_eq!(line["request_id"], id, "{line}");
+                    }
+                    _ => assert!(line.ends_with(&format!(" request_id={id}")), "{line}"),
+                }
+            }
+        }
+        // Lines outside any request name none.
+        let started = logged
+            .lines()
+            .find(|l| l.contains("listening"))
+            .expect("the listening line");
+        assert!(!started.contains("request_id"), "{started}");
+    }
 }

@@ -2,20 +2,25 @@
 //! `RUST_LOG`; spans exported over OTLP/HTTP (protobuf) when an endpoint is
 //! configured, off otherwise.
 //!
-//! Every request runs in a `request` span carrying its request id, so each
-//! log line of a request names it. With traces on, the request span takes
-//! its parent from the caller's W3C `traceparent`, a single-flag request's
-//! evaluation gets a span, and so does each plugin call; with traces off,
-//! no evaluation or plugin span is created at all ([`traces_on`]).
+//! Each log line of a request names its request id. With traces on, the
+//! request runs in a `request` span carrying it, whose parent is the
+//! caller's W3C `traceparent`; a single-flag request's evaluation gets a
+//! span, and so does each plugin call. With traces off, no span is created
+//! at all ([`traces_on`]): the id rides in a task-local ([`in_request`])
+//! that the log format prints.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, format};
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
@@ -71,8 +76,19 @@ pub fn init(format: LogFormat, traces: Option<&TraceOptions>) -> anyhow::Result<
     // NB: the level filter is the log lines' own: spans go to the exporter
     // whatever RUST_LOG says.
     let logs = match format {
-        LogFormat::Text => logs.with_filter(filter).boxed(),
-        LogFormat::Json => logs.json().flatten_event(true).with_filter(filter).boxed(),
+        LogFormat::Text => logs
+            .event_format(NamingRequests {
+                inner: format::Format::default().with_ansi(ansi),
+                json: false,
+            })
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .map_event_format(|inner| NamingRequests { inner, json: true })
+            .with_filter(filter)
+            .boxed(),
     };
     let Some(traces) = traces else {
         tracing_subscriber::registry().with(logs).init();
@@ -131,4 +147,136 @@ pub fn adopt_caller_context(span: &tracing::Span, headers: &axum::http::HeaderMa
     // NB: fails only for a span already started or disabled; the span then
     // stays a root.
     let _ = span.set_parent(parent);
+}
+
+/// The request header carrying a caller's request id, answered back.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A request's id: the caller's `X-Request-Id` if it is one a log line can
+/// carry as it is (1 to 64 letters, digits, `.`, `_`, `:` or `-`; answered
+/// back), else a number of this process's.
+///
+/// NB: a number, not text, until a log line or a span prints it: making a
+/// string for every request cost 1% of a single-flag request (perf).
+#[derive(Clone)]
+pub enum RequestId {
+    /// The caller's, answered back.
+    Given(HeaderValue),
+    /// This process's: its random number, and the request's.
+    Own(u32, u64),
+}
+
+impl RequestId {
+    /// The id of a request with these headers.
+    pub fn of(headers: &HeaderMap) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        static PROCESS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        if let Some(given) = headers.get(REQUEST_ID_HEADER)
+            && (1..=64).contains(&given.len())
+            && given
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return RequestId::Given(given.clone());
+        }
+        // NB: numbered per thread (a thread's number in the high bits): one
+        // counter shared by every core is a cache line they take in turn.
+        thread_local! {
+            static OWN: std::cell::Cell<u64> =
+                std::cell::Cell::new(NEXT.fetch_add(1, Ordering::Relaxed) << 40);
+        }
+        RequestId::Own(
+            *PROCESS.get_or_init(rand::random::<u32>),
+            OWN.with(|n| {
+                let id = n.get();
+                n.set(id + 1);
+                id
+            }),
+        )
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // (Checked above: ASCII.)
+            RequestId::Given(value) => f.write_str(value.to_str().unwrap_or_default()),
+            RequestId::Own(process, n) => write!(f, "{process:08x}-{n:x}"),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The request a task (or a plugin thread's job) serves, for its log
+    /// lines; set with traces off only (on, the `request` span carries it).
+    static REQUEST: RequestId;
+}
+
+/// `future`, its log lines naming request `id`.
+///
+/// NB: not a span: with traces off, an enabled `request` span for every
+/// request cost a single flag about 1.5 µs of CPU at `RUST_LOG=info`
+/// (the log layer formats its fields into a string at creation, and every
+/// poll enters and leaves it); this moves the id in and out of a
+/// thread-local per poll, and only a log line formats it.
+pub fn in_request<F: std::future::Future>(
+    id: RequestId,
+    future: F,
+) -> impl std::future::Future<Output = F::Output> {
+    REQUEST.scope(id, future)
+}
+
+/// The id of the request being served here, to carry to another thread.
+pub fn current_request() -> Option<RequestId> {
+    REQUEST.try_with(RequestId::clone).ok()
+}
+
+/// Runs `f`, its log lines naming request `id` (if any).
+pub fn with_request<R>(id: Option<RequestId>, f: impl FnOnce() -> R) -> R {
+    match id {
+        Some(id) => REQUEST.sync_scope(id, f),
+        None => f(),
+    }
+}
+
+/// A log line format that adds the request id where one is being served
+/// ([`in_request`]): ` request_id=<id>` at the end of a text line, a
+/// `request_id` field in a JSON one.
+struct NamingRequests<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for NamingRequests<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Ok(id) = REQUEST.try_with(ToString::to_string) else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        // NB: formatted whole first, for the id to go before the newline
+        // (and the JSON object's closing brace). Colours are kept: the
+        // inner format is told whether to use them, not the buffer.
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let end = line.trim_end_matches('\n').len();
+        let (body, newline) = line.split_at(end);
+        if self.json && body.ends_with('}') {
+            let (object, brace) = body.split_at(body.len() - 1);
+            // (The id is letters, digits and `.`, `_`, `:`, `-`: no escaping.)
+            write!(writer, "{object},\"request_id\":\"{id}\"{brace}{newline}")
+        } else {
+            write!(writer, "{body} request_id={id}{newline}")
+        }
+    }
 }

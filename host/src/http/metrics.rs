@@ -1,5 +1,5 @@
 //! `GET /metrics` (Prometheus text), and what every matched request gets:
-//! a request id, a `request` span, and its metrics.
+//! a request id (in a `request` span with traces on), and its metrics.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,10 +9,11 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 
 use super::{ApiError, AppState};
 use crate::metrics::Route;
+use crate::telemetry::RequestId;
 
 /// `GET /metrics` on the public port: behind the metrics token or the
 /// admin token.
@@ -40,11 +41,11 @@ fn exposition(state: &AppState) -> Response {
         .into_response()
 }
 
-/// Runs each request to a matched route in a `request` span carrying its
-/// request id (the caller's `X-Request-Id` if it sent a usable one, else a
-/// new one; answered in `X-Request-Id`), its parent the caller's trace
-/// context when traces are on; and counts it: route, method, status and
-/// time to the response's headers.
+/// Gives each request to a matched route its request id (the caller's
+/// `X-Request-Id` if it sent a usable one, answered back in `X-Request-Id`,
+/// else a new one) for its log lines: with traces on, in a `request` span
+/// whose parent is the caller's trace context. Counts it: route, method,
+/// status and time to the response's headers.
 ///
 /// NB: a service of its own, not `axum::middleware::from_fn`: that clones
 /// the route's boxed service and boxes it again for every request, which
@@ -96,10 +97,13 @@ where
                 .map(MatchedPath::as_str),
         );
         let id = RequestId::of(request.headers());
-        // NB: with traces off, the span carries the request id alone: at
-        // the default level the log layer formats every field into a
-        // string for each request, whether or not a line is then logged.
-        let span = if crate::telemetry::traces_on() {
+        let given = match &id {
+            RequestId::Given(value) => Some(value.clone()),
+            RequestId::Own(..) => None,
+        };
+        // NB: with traces off, no span: the id is carried for log lines
+        // alone (see `telemetry::in_request`).
+        let answer = if crate::telemetry::traces_on() {
             let span = tracing::info_span!(
                 "request",
                 request_id = %id,
@@ -115,77 +119,30 @@ where
             {
                 crate::telemetry::adopt_caller_context(&span, request.headers());
             }
-            span
+            let answer = self.inner.call(request).instrument(span.clone());
+            Either::Left(async move {
+                let answer = answer.await;
+                if let Ok(response) = &answer {
+                    span.record("http.response.status_code", response.status().as_u16());
+                }
+                answer
+            })
         } else {
-            tracing::info_span!("request", request_id = %id)
+            Either::Right(crate::telemetry::in_request(id, self.inner.call(request)))
         };
-        let answer = self.inner.call(request).instrument(span.clone());
         let state = self.state.clone();
         Box::pin(async move {
             let Ok(mut response) = answer.await;
             let status = response.status().as_u16();
-            span.record("http.response.status_code", status);
             state
                 .metrics
                 .request(route, &method, status, started.elapsed());
-            if let RequestId::Given(value) = id {
-                response.headers_mut().insert(REQUEST_ID, value);
+            if let Some(value) = given {
+                response
+                    .headers_mut()
+                    .insert(crate::telemetry::REQUEST_ID_HEADER, value);
             }
             Ok(response)
         })
-    }
-}
-
-const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
-
-/// A request's id: the caller's `X-Request-Id` if it is one a log line can
-/// carry as it is (1 to 64 letters, digits, `.`, `_`, `:` or `-`; answered
-/// back), else a number of this process's.
-///
-/// NB: a number, not text, until a log line or a span prints it: making a
-/// string for every request cost 1% of a single-flag request (perf).
-enum RequestId {
-    Given(HeaderValue),
-    Own(u32, u64),
-}
-
-impl RequestId {
-    fn of(headers: &HeaderMap) -> Self {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        static PROCESS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        if let Some(given) = headers.get(REQUEST_ID)
-            && (1..=64).contains(&given.len())
-            && given
-                .as_bytes()
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-        {
-            return RequestId::Given(given.clone());
-        }
-        // NB: numbered per thread (a thread's number in the high bits): one
-        // counter shared by every core is a cache line they take in turn.
-        thread_local! {
-            static OWN: std::cell::Cell<u64> =
-                std::cell::Cell::new(NEXT.fetch_add(1, Ordering::Relaxed) << 40);
-        }
-        RequestId::Own(
-            *PROCESS.get_or_init(rand::random::<u32>),
-            OWN.with(|n| {
-                let id = n.get();
-                n.set(id + 1);
-                id
-            }),
-        )
-    }
-}
-
-impl std::fmt::Display for RequestId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // (Checked above: ASCII.)
-            RequestId::Given(value) => f.write_str(value.to_str().unwrap_or_default()),
-            RequestId::Own(process, n) => write!(f, "{process:08x}-{n:x}"),
-        }
     }
 }

@@ -135,12 +135,16 @@ async fn on_plugin_pool(
     // NB: the plugin calls' spans are children of this request's (traces
     // on only: entering a span on another thread is not free).
     let parent = crate::telemetry::traces_on().then(tracing::Span::current);
+    // With traces off, the request id goes along for the plugin's log lines.
+    let request = crate::telemetry::current_request();
     let job = move || {
         let _parent = parent.as_ref().map(tracing::Span::enter);
-        budget.run(|| {
-            keys.iter()
-                .map(|key| evaluation::evaluate(&set, key, &context, None).map(|r| r.verdict()))
-                .collect::<Vec<_>>()
+        crate::telemetry::with_request(request, || {
+            budget.run(|| {
+                keys.iter()
+                    .map(|key| evaluation::evaluate(&set, key, &context, None).map(|r| r.verdict()))
+                    .collect::<Vec<_>>()
+            })
         })
     };
     match state.plugin_pool.run(lane, job).await {

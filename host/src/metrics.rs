@@ -393,7 +393,18 @@ pub struct Evaluations {
     /// reused by the next one).
     id: u64,
     tallies: Mutex<Tallies>,
+    /// Rows (a flag, or a variant of one) `retired` may hold before a fold
+    /// drops those no live block names ([`MAX_RETIRED_ROWS`]).
+    max_retired_rows: usize,
 }
+
+/// Rows the retired totals may hold before a fold drops the flags and
+/// variants no live block names. A scrape drops those no loaded set has;
+/// without a scraper, flag files whose keys or variant names change at
+/// every reload would otherwise grow them without end. NB: a flag of a set
+/// loaded but not yet evaluated has no live block: past this bound, its
+/// earlier counts may go (a counter reset to Prometheus).
+pub const MAX_RETIRED_ROWS: usize = 1 << 18;
 
 #[derive(Debug, Default)]
 struct Tallies {
@@ -409,6 +420,7 @@ impl Default for Evaluations {
         Self {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             tallies: Mutex::default(),
+            max_retired_rows: MAX_RETIRED_ROWS,
         }
     }
 }
@@ -683,11 +695,16 @@ impl Evaluations {
             counters.add_to(&mut folded);
         }
         let mut tallies = self.lock();
-        tallies
-            .live
-            .retain(|counters| !retiring.iter().any(|r| Arc::ptr_eq(r, counters)));
+        let Tallies { live, retired } = &mut *tallies;
+        live.retain(|counters| !retiring.iter().any(|r| Arc::ptr_eq(r, counters)));
         for ((environment, flag), counts) in folded {
-            merge(&mut tallies.retired, (&environment, &flag), counts);
+            merge(retired, (&environment, &flag), counts);
+        }
+        let rows: usize = retired.values().map(|c| 1 + c.variants.len()).sum();
+        if rows > self.max_retired_rows {
+            let mut named = HashSet::new();
+            insert_names(&mut named, live);
+            prune(retired, &named);
         }
     }
 
@@ -711,23 +728,8 @@ impl Evaluations {
                     );
                 }
             }
-            for counters in live.iter() {
-                let environment = counters.environment.as_str();
-                served.insert((environment, "", ""));
-                for flag in &counters.names {
-                    served.insert((environment, &flag.key, ""));
-                    served.extend(
-                        (flag.variants.iter().flatten())
-                            .map(|v| (environment, flag.key.as_str(), v.as_str())),
-                    );
-                }
-            }
-            retired.retain(|(environment, flag), counts| {
-                counts.variants.retain(|variant, _| {
-                    served.contains(&(environment.as_str(), flag.as_str(), variant.as_str()))
-                });
-                served.contains(&(environment.as_str(), flag.as_str(), ""))
-            });
+            insert_names(&mut served, live);
+            prune(retired, &served);
             (retired.clone(), live.clone())
         };
         // NB: summed outside the lock; a block held here cannot be folded
@@ -737,6 +739,35 @@ impl Evaluations {
         }
         totals
     }
+}
+
+/// Environments, flags and variants (as `(environment, flag, variant)`,
+/// the flag or variant empty for the whole) some block of `live` counts.
+fn insert_names<'a>(
+    names: &mut HashSet<(&'a str, &'a str, &'a str)>,
+    live: &'a [Arc<SetCounters>],
+) {
+    for counters in live {
+        let environment = counters.environment.as_str();
+        names.insert((environment, "", ""));
+        for flag in &counters.names {
+            names.insert((environment, &flag.key, ""));
+            names.extend(
+                (flag.variants.iter().flatten())
+                    .map(|v| (environment, flag.key.as_str(), v.as_str())),
+            );
+        }
+    }
+}
+
+/// Drops from `retired` the flags and variants `names` does not have.
+fn prune(retired: &mut Totals, names: &HashSet<(&str, &str, &str)>) {
+    retired.retain(|(environment, flag), counts| {
+        counts.variants.retain(|variant, _| {
+            names.contains(&(environment.as_str(), flag.as_str(), variant.as_str()))
+        });
+        names.contains(&(environment.as_str(), flag.as_str(), ""))
+    });
 }
 
 /// A set's counters, as one evaluation uses them.

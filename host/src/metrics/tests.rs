@@ -360,3 +360,57 @@ fn a_set_too_large_to_shard_counts_in_one_block_every_thread_shares() {
         reasons(&[(Reason::Default, 40_000)])
     );
 }
+
+#[test]
+fn without_a_scraper_names_that_change_at_every_reload_stay_bounded() {
+    let evaluations = Evaluations {
+        max_retired_rows: 16,
+        ..Evaluations::default()
+    };
+    let rows = |evaluations: &Evaluations| -> usize {
+        let tallies = evaluations.tallies.lock().expect("lock");
+        tallies.retired.values().map(|c| 1 + c.variants.len()).sum()
+    };
+    let renamed = |i: usize| {
+        set(
+            "prod",
+            json!({ format!("flag-{i}"): {"state": "ENABLED",
+                "variants": {format!("v{i}"): true}, "defaultVariant": format!("v{i}")}}),
+        )
+    };
+    let mut last = renamed(0);
+    for i in 0..200 {
+        last = renamed(i);
+        let (flag, variant) = (format!("flag-{i}"), format!("v{i}"));
+        serve(&evaluations, &last, &flag, &variant, Reason::Static, 1);
+        assert!(
+            rows(&evaluations) <= 16,
+            "reload {i}: {}",
+            rows(&evaluations)
+        );
+    }
+    // What the set in force counted is still there.
+    assert_eq!(
+        totals_of(&evaluations, &[last], "prod", "flag-199").variants["v199"]
+            [Reason::Static as usize],
+        1
+    );
+    // Below the bound nothing is dropped before a scrape.
+    let kept = Evaluations::default();
+    for i in 0..50 {
+        let set = renamed(i);
+        serve(
+            &kept,
+            &set,
+            &format!("flag-{i}"),
+            &format!("v{i}"),
+            Reason::Static,
+            1,
+        );
+    }
+    assert_eq!(
+        rows(&kept),
+        2 * 49,
+        "the 49 retired flags, each with its variant"
+    );
+}

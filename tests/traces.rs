@@ -85,6 +85,28 @@ const CALLER_SPAN: &str = "b7ad6b7169203331";
 /// with `extra` options: the process, its base URL and its log.
 async fn start(collector: &str, extra: &[&str]) -> (Killed, String, tempfile::NamedTempFile) {
     build_plugins();
+    launch(
+        &root().join("examples/flags"),
+        &root().join("target/plugins"),
+        extra,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
+            // Batches sent every 100 ms, not every 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await
+}
+
+/// flaghost serving `flags` and `plugins` with `extra` options and `env`
+/// (logging at debug, no traces unless `env` says where), once ready: the
+/// process, its base URL and its log.
+async fn launch(
+    flags: &std::path::Path,
+    plugins: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Killed, String, tempfile::NamedTempFile) {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -94,15 +116,14 @@ async fn start(collector: &str, extra: &[&str]) -> (Killed, String, tempfile::Na
         Command::new(flaghost_binary())
             .arg("serve")
             .arg("--flags")
-            .arg(root().join("examples/flags"))
+            .arg(flags)
             .arg("--plugins")
-            .arg(root().join("target/plugins"))
+            .arg(plugins)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector)
-            // Batches sent every 100 ms, not every 5 s.
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("RUST_LOG", "flaghost=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log.reopen().expect("log"))
             .spawn()
@@ -349,38 +370,9 @@ async fn with_traces_off_every_log_line_of_a_request_names_its_id_text_or_json()
     )
     .expect("flag file");
     for format in ["text", "json"] {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .port();
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let flaghost = Killed(
-            Command::new(flaghost_binary())
-                .arg("serve")
-                .arg("--flags")
-                .arg(flags.path())
-                .arg("--plugins")
-                .arg(plugins.path())
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--log-format", format])
-                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-                .env("RUST_LOG", "flaghost=debug")
-                .stdout(Stdio::null())
-                .stderr(log.reopen().expect("log"))
-                .spawn()
-                .expect("flaghost starts"),
-        );
-        let base = format!("http://127.0.0.1:{port}");
+        let (flaghost, base, log) =
+            launch(flags.path(), plugins.path(), &["--log-format", format], &[]).await;
         let client = reqwest::Client::new();
-        let ready = eventually(Duration::from_secs(30), || async {
-            client
-                .get(format!("{base}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-        assert!(ready, "flaghost is ready");
         for (flag, id) in [
             ("no-such-flag", "off-request-4"),
             ("trapping", "off-request-5"),

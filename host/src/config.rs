@@ -959,7 +959,11 @@ impl ServeArgs {
             });
         }
         let token = |secret: Option<Secret>, option: &'static str| {
-            let token = secret.map(|t| t.0).filter(|t| !t.is_empty());
+            // NB: trimmed, as a presented token is: `T ` in .env and `T`
+            // sent are one token (and two that differ only so are one).
+            let token = secret
+                .map(|t| t.0.trim().to_owned())
+                .filter(|t| !t.is_empty());
             if token.as_ref().is_some_and(|t| t.len() < 16) {
                 return Err(ConfigError {
                     option,
@@ -1391,6 +1395,9 @@ mod tests {
         assert!(err.option.contains("--metrics-token"), "{err}");
         let same = "the-same-token-0123456789";
         let err = refused(&["serve", "--admin-token", same, "--metrics-token", same]);
+        assert!(err.reason.contains("admin token"), "{err}");
+        let spaced = format!("{same} ");
+        let err = refused(&["serve", "--admin-token", same, "--metrics-token", &spaced]);
         assert!(err.reason.contains("admin token"), "{err}");
     }
 

@@ -398,12 +398,13 @@ pub struct Evaluations {
     max_retired_rows: usize,
 }
 
-/// Rows the retired totals may hold before a fold drops the flags and
-/// variants no live block names. A scrape drops those no loaded set has;
-/// without a scraper, flag files whose keys or variant names change at
-/// every reload would otherwise grow them without end. NB: a flag of a set
-/// loaded but not yet evaluated has no live block: past this bound, its
-/// earlier counts may go (a counter reset to Prometheus).
+/// Rows the retired totals may hold, and twice the rows of the live blocks,
+/// before a fold drops the flags and variants no live block names. A
+/// scrape drops those no loaded set has; without a scraper, flag files
+/// whose keys or variant names change at every reload would otherwise grow
+/// them without end. NB: a set loaded but not yet evaluated has no live
+/// block: should a fold prune, its flags' earlier counts go (a counter
+/// reset to Prometheus). Reloads that keep their names never prune.
 pub const MAX_RETIRED_ROWS: usize = 1 << 18;
 
 #[derive(Debug, Default)]
@@ -477,6 +478,8 @@ pub struct SetCounters {
     /// [`MAX_SHARDED_BYTES`].
     shards: usize,
     lines: Box<[Line]>,
+    /// Its flags and their variants, counted once each.
+    rows: usize,
 }
 
 /// The most a set's counters take, in bytes, with a shard per worker.
@@ -572,6 +575,7 @@ impl SetCounters {
             stride,
             shards,
             lines: (0..shards * stride / 8).map(|_| Line::default()).collect(),
+            rows: set.flags.values().map(|f| 1 + f.variants.len()).sum(),
         }
     }
 
@@ -660,10 +664,11 @@ impl Evaluations {
 
     fn resolve(&self, set: &FlagSet) -> Arc<SetCounters> {
         // NB: folded here too, not only at scrapes: with no scraper, each
-        // reload would otherwise leave its block behind.
-        self.fold_retired();
+        // reload would otherwise leave its block behind. After the new
+        // block is live, so a fold that prunes keeps this set's names.
         let counters = Arc::new(SetCounters::new(self.id, set));
         self.lock().live.push(counters.clone());
+        self.fold_retired();
         counters
     }
 
@@ -700,8 +705,12 @@ impl Evaluations {
         for ((environment, flag), counts) in folded {
             merge(retired, (&environment, &flag), counts);
         }
+        // NB: retired rows of the flags sets still serve are about as many
+        // as the live blocks' rows; only past twice that (and the bound)
+        // are they names nothing serves any more.
         let rows: usize = retired.values().map(|c| 1 + c.variants.len()).sum();
-        if rows > self.max_retired_rows {
+        let live_rows: usize = live.iter().map(|c| c.rows).sum();
+        if rows > self.max_retired_rows.max(2 * live_rows) {
             let mut named = HashSet::new();
             insert_names(&mut named, live);
             prune(retired, &named);

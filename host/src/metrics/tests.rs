@@ -371,11 +371,15 @@ fn without_a_scraper_names_that_change_at_every_reload_stay_bounded() {
         let tallies = evaluations.tallies.lock().expect("lock");
         tallies.retired.values().map(|c| 1 + c.variants.len()).sum()
     };
+    // Each version keeps one flag and renames the other.
     let renamed = |i: usize| {
         set(
             "prod",
-            json!({ format!("flag-{i}"): {"state": "ENABLED",
-                "variants": {format!("v{i}"): true}, "defaultVariant": format!("v{i}")}}),
+            json!({
+                format!("flag-{i}"): {"state": "ENABLED",
+                    "variants": {format!("v{i}"): true}, "defaultVariant": format!("v{i}")},
+                "steady": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on"}
+            }),
         )
     };
     let mut last = renamed(0);
@@ -383,17 +387,24 @@ fn without_a_scraper_names_that_change_at_every_reload_stay_bounded() {
         last = renamed(i);
         let (flag, variant) = (format!("flag-{i}"), format!("v{i}"));
         serve(&evaluations, &last, &flag, &variant, Reason::Static, 1);
+        serve(&evaluations, &last, "steady", "on", Reason::Static, 1);
         assert!(
             rows(&evaluations) <= 16,
             "reload {i}: {}",
             rows(&evaluations)
         );
     }
-    // What the set in force counted is still there.
+    // What the set in force counted is still there, and the flag every
+    // version kept lost none of its counts.
+    let sets = [last];
     assert_eq!(
-        totals_of(&evaluations, &[last], "prod", "flag-199").variants["v199"]
+        totals_of(&evaluations, &sets, "prod", "flag-199").variants["v199"]
             [Reason::Static as usize],
         1
+    );
+    assert_eq!(
+        totals_of(&evaluations, &sets, "prod", "steady").variants["on"][Reason::Static as usize],
+        200
     );
     // Below the bound nothing is dropped before a scrape.
     let kept = Evaluations::default();
@@ -407,10 +418,11 @@ fn without_a_scraper_names_that_change_at_every_reload_stay_bounded() {
             Reason::Static,
             1,
         );
+        serve(&kept, &set, "steady", "on", Reason::Static, 1);
     }
     assert_eq!(
         rows(&kept),
-        2 * 49,
-        "the 49 retired flags, each with its variant"
+        2 * 49 + 2,
+        "the 49 retired renamed flags, each with its variant, and the kept one"
     );
 }

@@ -1123,9 +1123,22 @@ mod tests {
             .expect("arguments parse")
     }
 
+    /// `args` parsed as `serve` (its first).
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let Command::Serve(serve) = parse(args).command else {
+            panic!("expected serve");
+        };
+        serve
+    }
+
+    /// Why `serve` with `args` is refused.
+    fn refused(args: &[&str]) -> ConfigError {
+        serve_args(args).validate().expect_err("refused")
+    }
+
     #[test]
     fn serve_arguments_validate_into_a_config() {
-        let Command::Serve(args) = parse(&[
+        let args = serve_args(&[
             "serve",
             "--listen",
             "127.0.0.1:0",
@@ -1143,11 +1156,7 @@ mod tests {
             "strict=fresh",
             "--plugin-isolation-for",
             "py-rule=REUSE,other=fresh",
-        ])
-        .command
-        else {
-            panic!("expected serve");
-        };
+        ]);
         let config = args.validate().expect("valid");
         assert_eq!(config.default_environment, "staging");
         assert_eq!(config.limits.deadline, Duration::from_millis(25));
@@ -1161,7 +1170,7 @@ mod tests {
 
     #[test]
     fn a_configuration_printed_for_debugging_shows_no_secret() {
-        let Command::Serve(args) = parse(&[
+        let args = serve_args(&[
             "serve",
             "--redis-url",
             "redis://flaghost:s3cret-password@cache.internal:6380/2",
@@ -1169,11 +1178,7 @@ mod tests {
             "an-admin-token-nobody-may-read",
             "--metrics-token",
             "a-metrics-token-nobody-may-read",
-        ])
-        .command
-        else {
-            panic!("expected serve");
-        };
+        ]);
         let printed = format!("{:?}", args.validate().expect("valid"));
         assert!(!printed.contains("s3cret-password"), "{printed}");
         assert!(
@@ -1196,9 +1201,7 @@ mod tests {
 
     #[test]
     fn isolation_is_fresh_unless_chosen_and_a_bad_choice_says_why() {
-        let Command::Serve(args) = parse(&["serve", "--flags", "f"]).command else {
-            panic!("expected serve");
-        };
+        let args = serve_args(&["serve", "--flags", "f"]);
         let config = args.validate().expect("valid");
         assert_eq!(config.limits.isolation_of("any"), Isolation::Fresh);
         for (bad, says) in [
@@ -1218,18 +1221,13 @@ mod tests {
 
     #[test]
     fn a_short_cache_signing_key_is_refused() {
-        let Command::Serve(args) = parse(&[
+        let err = refused(&[
             "serve",
             "--redis-url",
             "redis://127.0.0.1:6379",
             "--cache-signing-key",
             "short",
-        ])
-        .command
-        else {
-            panic!("expected serve");
-        };
-        let err = args.validate().expect_err("refused");
+        ]);
         assert!(err.option.contains("--cache-signing-key"), "{err}");
     }
 
@@ -1251,22 +1249,13 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_option() {
-        let Command::Serve(args) = parse(&["serve", "--default-environment", "../etc"]).command
-        else {
-            panic!("expected serve");
-        };
-        let err = args.validate().expect_err("refused");
+        let err = refused(&["serve", "--default-environment", "../etc"]);
         assert!(err.option.contains("FLAGHOST_DEFAULT_ENVIRONMENT"), "{err}");
     }
 
     #[test]
     fn an_instance_pool_past_the_address_space_is_refused_naming_its_options() {
-        let refused = |args: &[&str]| {
-            let Command::Serve(serve) = parse(args).command else {
-                panic!("expected serve");
-            };
-            serve.validate().err()
-        };
+        let refused = |args: &[&str]| serve_args(args).validate().err();
         let err = refused(&[
             "serve",
             "--plugin-threads",
@@ -1291,17 +1280,13 @@ mod tests {
         };
         let limits = validate.source.limits.to_limits(None).expect("fits");
         assert_eq!((limits.pool_threads, limits.max_concurrency), (1, 1));
-        let Command::Serve(serve) = parse(&[
+        let serve = serve_args(&[
             "serve",
             "--plugin-threads",
             "2",
             "--plugin-max-plugins",
             "600",
-        ])
-        .command
-        else {
-            panic!("expected serve");
-        };
+        ]);
         assert!(serve.validate().is_err(), "a serving pool of 2 threads");
     }
 
@@ -1385,12 +1370,6 @@ mod tests {
 
     #[test]
     fn a_metrics_token_must_be_long_and_not_the_admin_token() {
-        let refused = |args: &[&str]| {
-            let Command::Serve(serve) = parse(args).command else {
-                panic!("expected serve");
-            };
-            serve.validate().expect_err("refused")
-        };
         let err = refused(&["serve", "--metrics-token", "short"]);
         assert!(err.option.contains("--metrics-token"), "{err}");
         let same = "the-same-token-0123456789";
@@ -1404,10 +1383,9 @@ mod tests {
     #[test]
     fn settings_that_need_redis_or_keys_are_named_as_ignored_without_them() {
         let ignored = |args: &[&str]| -> Vec<&'static str> {
-            let Command::Serve(serve) = parse(args).command else {
-                panic!("expected serve");
-            };
-            let config = serve.validate().expect("a rollback still starts");
+            let config = serve_args(args)
+                .validate()
+                .expect("a rollback still starts");
             config.ignored.iter().map(|i| i.option).collect()
         };
         let redis_settings = [
@@ -1453,12 +1431,6 @@ mod tests {
 
     #[test]
     fn redis_tls_options_that_cannot_work_are_refused_naming_them() {
-        let refused = |args: &[&str]| {
-            let Command::Serve(serve) = parse(args).command else {
-                panic!("expected serve");
-            };
-            serve.validate().expect_err("refused")
-        };
         let err = refused(&[
             "serve",
             "--redis-url",
@@ -1482,7 +1454,7 @@ mod tests {
             "c.pem",
         ]);
         assert!(err.option.contains("--redis-client-key"), "{err}");
-        let Command::Serve(serve) = parse(&[
+        let serve = serve_args(&[
             "serve",
             "--redis-url",
             "rediss://flaghost:pw@cache:6379",
@@ -1492,11 +1464,7 @@ mod tests {
             "c.pem",
             "--redis-client-key",
             "c.key",
-        ])
-        .command
-        else {
-            panic!("expected serve");
-        };
+        ]);
         let tls = serve.validate().expect("valid").redis.expect("redis").tls;
         assert_eq!(tls.ca_file, Some(PathBuf::from("ca.pem")));
         assert_eq!(
@@ -1507,36 +1475,25 @@ mod tests {
 
     #[test]
     fn a_malformed_redis_url_names_the_variable_and_hides_the_password() {
-        let Command::Serve(args) =
-            parse(&["serve", "--redis-url", "http://user:hunter2@cache:6379"]).command
-        else {
-            panic!("expected serve");
-        };
-        let err = args.validate().expect_err("refused");
+        let err = refused(&["serve", "--redis-url", "http://user:hunter2@cache:6379"]);
         assert!(err.option.contains("REDIS_URL"), "{err}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]
     fn redis_is_off_unless_configured() {
-        let Command::Serve(args) = parse(&["serve"]).command else {
-            panic!("expected serve");
-        };
+        let args = serve_args(&["serve"]);
         let config = args.validate().expect("valid");
         assert!(config.redis.is_none());
         assert_eq!(config.cache_ttl, Duration::from_secs(300));
         assert!(config.admin_token.is_none());
-        let Command::Serve(args) = parse(&[
+        let args = serve_args(&[
             "serve",
             "--redis-url",
             "redis://:pw@127.0.0.1:6390/2",
             "--cache-ttl",
             "60",
-        ])
-        .command
-        else {
-            panic!("expected serve");
-        };
+        ]);
         let redis = args.validate().expect("valid").redis.expect("on");
         assert_eq!(redis.ttl, Duration::from_secs(60));
     }

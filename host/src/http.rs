@@ -11,7 +11,7 @@ mod health;
 mod metrics;
 mod ofrep;
 
-pub use admin::AdminToken;
+pub use admin::BearerToken;
 pub use connections::ConnectionLimits;
 pub use error::ApiError;
 pub use ofrep::answer_json;
@@ -42,9 +42,9 @@ pub struct AppState {
     /// The environment `/ofrep/v1/...` evaluates in.
     pub default_environment: Arc<str>,
     /// The admin API's token; `None`: the admin API is off.
-    pub admin: Option<AdminToken>,
+    pub admin: Option<BearerToken>,
     /// A token that reads `/metrics` only (and the admin token does too).
-    pub metrics_token: Option<AdminToken>,
+    pub metrics_token: Option<BearerToken>,
     /// The plugins in force, for the admin listing.
     pub plugins: PluginRegistry,
     /// Uploads and deletions of plugins; `None` without a plugin directory.

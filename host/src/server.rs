@@ -15,7 +15,7 @@ use crate::access::ApiKeys;
 use crate::cache::{FlagCache, RedisCache, redact_url};
 use crate::config::{IsolationArgs, ServeConfig, SourceArgs};
 use crate::environments::{Environments, Timing};
-use crate::http::{AdminToken, AppState, HttpOptions, app};
+use crate::http::{AppState, BearerToken, HttpOptions, app};
 use crate::plugin_changes::PluginChanges;
 use crate::plugins::{Compiler, PluginError, PluginRegistry, PluginRuntime, PluginSet};
 use crate::signing::SigningKey;
@@ -326,8 +326,8 @@ pub async fn build(config: &ServeConfig) -> anyhow::Result<Service> {
             metrics,
             environments: read_path,
             default_environment: config.default_environment.as_str().into(),
-            admin: config.admin_token.as_deref().map(AdminToken::new),
-            metrics_token: config.metrics_token.as_deref().map(AdminToken::new),
+            admin: config.admin_token.as_deref().map(BearerToken::new),
+            metrics_token: config.metrics_token.as_deref().map(BearerToken::new),
             plugins: registry,
             plugin_changes,
             plugin_pool: runtime.pool().clone(),

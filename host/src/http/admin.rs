@@ -23,9 +23,9 @@ use crate::store::valid_environment_name;
 /// digest: comparing digests takes the same time whatever the guess, so the
 /// token cannot be found byte by byte.
 #[derive(Clone)]
-pub struct AdminToken([u8; 32]);
+pub struct BearerToken([u8; 32]);
 
-impl AdminToken {
+impl BearerToken {
     /// The token `token`.
     pub fn new(token: &str) -> Self {
         Self(Sha256::digest(token.as_bytes()).into())
@@ -57,9 +57,9 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-impl std::fmt::Debug for AdminToken {
+impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(***)")
+        f.write_str("BearerToken(***)")
     }
 }
 

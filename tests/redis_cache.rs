@@ -161,7 +161,8 @@ async fn the_cache_port_writes_reads_and_deletes_with_the_key_layout_and_ttl() {
     assert_eq!(keys, ["beta-banner", "greeting", "ratio"]);
     for (key, flag) in &set.flags {
         assert_eq!(
-            back.flags[key].definition, flag.definition,
+            back.flags[key].definition.get(),
+            flag.definition.get(),
             "{key} reads back the same"
         );
     }

@@ -135,15 +135,26 @@ impl Value {
 }
 
 impl FlagSet {
-    /// The set as a flagd flag file that parses back into it: metadata and
-    /// every flag's [`Flag::definition`].
-    pub fn document(&self) -> serde_json::Value {
-        let flags: serde_json::Map<String, serde_json::Value> = self
-            .flags
-            .iter()
-            .map(|(key, flag)| (key.clone(), serde_json::Value::clone(&flag.definition)))
-            .collect();
-        serde_json::json!({ "metadata": self.metadata.entries(), "flags": flags })
+    /// The set as a flagd flag file that parses back into it, as JSON text:
+    /// metadata and every flag's [`Flag::definition`].
+    pub fn document(&self) -> String {
+        // NB: fields in key order, as a `serde_json::Value` writes them, so
+        // the text is the same as the document parsed and written again.
+        #[derive(Serialize)]
+        struct Document<'a> {
+            flags: std::collections::BTreeMap<&'a str, &'a serde_json::value::RawValue>,
+            metadata: &'a Metadata,
+        }
+        let document = Document {
+            flags: self
+                .flags
+                .iter()
+                .map(|(key, flag)| (key.as_str(), &*flag.definition))
+                .collect(),
+            metadata: &self.metadata,
+        };
+        // NB: maps with string keys and JSON text always serialise.
+        serde_json::to_string(&document).unwrap_or_default()
     }
 }
 
@@ -270,7 +281,7 @@ pub struct Flag {
     pub metadata: Arc<Metadata>,
     /// The flag in the flagd format as evaluated (`$ref`s resolved, metadata
     /// merged): parsed alone, it gives this flag back. Cached in Redis.
-    pub definition: Arc<serde_json::Value>,
+    pub definition: Arc<serde_json::value::RawValue>,
     /// The key as a JSON string, for answers.
     pub key_json: Box<str>,
     /// The rule's plugin-pool lane, asked of it once at load: a bulk

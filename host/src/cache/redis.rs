@@ -628,8 +628,7 @@ pub fn encode(
     let now = SystemTime::now();
     let (written_at, expires_at) = (unix_millis(now), unix_millis(now + ttl));
     let (written_text, expires_text) = (written_at.to_string(), expires_at.to_string());
-    // NB: serialising a serde_json::Value cannot fail.
-    let flag_set = raw(serde_json::to_string(&set.document()).unwrap_or_default());
+    let flag_set = raw(set.document());
     let signature = key.map(|key| {
         key.tag_hex(&set_signed_parts(
             &set.environment,
@@ -652,7 +651,7 @@ pub fn encode(
         .flags
         .iter()
         .map(|(flag_key_name, flag)| {
-            let definition = raw(serde_json::to_string(&flag.definition).unwrap_or_default());
+            let definition = &flag.definition;
             let signature = key.map(|key| {
                 key.tag_hex(&[
                     FLAG_FORMAT.as_bytes(),
@@ -669,7 +668,7 @@ pub fn encode(
                 flag_key: flag_key_name,
                 digest: &set.digest,
                 expires_at,
-                flag: &definition,
+                flag: definition,
                 signature,
             };
             (

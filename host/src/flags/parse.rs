@@ -10,6 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
 use super::targeting::{
@@ -136,6 +137,7 @@ pub fn parse_flag_file(
         limits,
     );
 
+    let set_metadata = Arc::new(Metadata::new(set_metadata));
     let mut flags = Vec::with_capacity(raw_flags.len());
     let mut warnings = Vec::new();
     for (key, raw) in raw_flags {
@@ -156,7 +158,7 @@ pub fn parse_flag_file(
     Ok(FlagSet {
         environment: environment.to_owned(),
         flags: flags.into_iter().collect(),
-        metadata: Arc::new(Metadata::new(set_metadata)),
+        metadata: set_metadata,
         digest: crate::sha256_hex(bytes),
         warnings,
         lints,
@@ -168,7 +170,7 @@ pub fn parse_flag_file(
 fn parse_flag(
     key: &str,
     raw: Json,
-    set_metadata: &Map<String, Json>,
+    set_metadata: &Arc<Metadata>,
     evaluators: &Evaluators,
     binder: &dyn RuleBinder,
 ) -> Result<Flag, Vec<Problem>> {
@@ -231,19 +233,27 @@ fn parse_flag(
         }
     };
 
-    let mut metadata = set_metadata.clone();
-    if let Some(m) = raw.remove("metadata") {
-        match parse_metadata(m) {
-            Ok(own) => metadata.extend(own),
-            Err(reason) => problems.push(format!("metadata: {reason}")),
+    // NB: a flag without metadata of its own shares the set's (one map for
+    // all of them, not one per flag).
+    let metadata = match raw.remove("metadata").map(parse_metadata) {
+        None => Ok(Arc::clone(set_metadata)),
+        Some(Ok(own)) => {
+            let mut metadata = set_metadata.entries().clone();
+            metadata.extend(own);
+            Ok(Arc::new(Metadata::new(metadata)))
         }
-    }
+        Some(Err(reason)) => {
+            problems.push(format!("metadata: {reason}"));
+            Err(())
+        }
+    };
 
     // The rule is bound only once the rest is sound: a plugin's configuration
     // check is given the variant names, which must be right first.
-    if !problems.is_empty() {
-        return Err(refuse(problems));
-    }
+    let metadata = match metadata {
+        Ok(metadata) if problems.is_empty() => metadata,
+        _ => return Err(refuse(problems)),
+    };
     let (targeting, resolved_rule) = match raw.remove("targeting") {
         None => (Targeting::None, None),
         Some(rule) => parse_targeting(key, &sorted_names(&variants), rule, evaluators, binder)
@@ -273,8 +283,8 @@ fn parse_flag(
         variants,
         default_variant,
         targeting,
-        metadata: Arc::new(Metadata::new(metadata)),
-        definition: Arc::new(definition),
+        metadata,
+        definition,
         key_json: super::json_text(&key),
         position: 0,
     })
@@ -283,13 +293,17 @@ fn parse_flag(
 /// The flag as flaghost evaluates it, in the flagd format: `$ref`s resolved
 /// and metadata merged, so it parses alone (no `$evaluators`) into the same
 /// flag. This is what the shared cache stores.
+///
+/// NB: kept as JSON text, not a tree: the tree took about 3 KB per flag
+/// (a map node per object), a third of a 1,000-flag set's memory, for a
+/// value only written to the shared cache.
 fn definition(
     state: FlagState,
     variants: &FastMap<String, Variant>,
     default_variant: Option<&str>,
     rule: Option<Json>,
     metadata: &Map<String, Json>,
-) -> Json {
+) -> Arc<RawValue> {
     let mut out = Map::new();
     let state = match state {
         FlagState::Enabled => "ENABLED",
@@ -311,7 +325,10 @@ fn definition(
     if !metadata.is_empty() {
         out.insert("metadata".into(), Json::Object(metadata.clone()));
     }
-    Json::Object(out)
+    // NB: a map of JSON values always serialises (string keys).
+    serde_json::value::to_raw_value(&out)
+        .unwrap_or_default()
+        .into()
 }
 
 /// Variants: a non-empty object whose values share one type.

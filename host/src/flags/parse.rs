@@ -236,22 +236,22 @@ fn parse_flag(
     // NB: a flag without metadata of its own shares the set's (one map for
     // all of them, not one per flag).
     let metadata = match raw.remove("metadata").map(parse_metadata) {
-        None => Ok(Arc::clone(set_metadata)),
+        None => Some(Arc::clone(set_metadata)),
         Some(Ok(own)) => {
             let mut metadata = set_metadata.entries().clone();
             metadata.extend(own);
-            Ok(Arc::new(Metadata::new(metadata)))
+            Some(Arc::new(Metadata::new(metadata)))
         }
         Some(Err(reason)) => {
             problems.push(format!("metadata: {reason}"));
-            Err(())
+            None
         }
     };
 
     // The rule is bound only once the rest is sound: a plugin's configuration
     // check is given the variant names, which must be right first.
     let metadata = match metadata {
-        Ok(metadata) if problems.is_empty() => metadata,
+        Some(metadata) if problems.is_empty() => metadata,
         _ => return Err(refuse(problems)),
     };
     let (targeting, resolved_rule) = match raw.remove("targeting") {

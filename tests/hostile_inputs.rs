@@ -213,6 +213,75 @@ async fn connections_that_never_finish_their_request_are_closed_and_others_get_t
     fh.stop().await.expect("clean stop");
 }
 
+/// A body sent a byte at a time, each byte well within the body timeout of
+/// the one before, is still cut off when the timeout has passed: the
+/// deadline is the whole body's (a timer started again at every byte
+/// never fired, and held the request for as long as the client liked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_timeout() {
+    use std::io::{Read as _, Write as _};
+    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
+    let mut config = dirs.config("prod", answer_limits());
+    config.http.body_timeout = Duration::from_millis(500);
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let address = fh.base.trim_start_matches("http://").to_owned();
+
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .expect("read timeout");
+        let started = std::time::Instant::now();
+        let _ = stream.write_all(
+            b"POST /ofrep/v1/evaluate/flags/ok HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+        );
+        // A byte every 100 ms: the 1,000 would take 100 s.
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while started.elapsed() < Duration::from_secs(30) {
+            if stream.write_all(b" ").is_err() {
+                break;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        // The rest of a short answer comes with its head.
+                        std::thread::sleep(Duration::from_millis(50));
+                        if let Ok(n) = stream.read(&mut buf) {
+                            answer.extend_from_slice(&buf[..n]);
+                        }
+                        break;
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        (
+            String::from_utf8_lossy(&answer).into_owned(),
+            started.elapsed(),
+        )
+    })
+    .await
+    .expect("trickled");
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "a trickled body is answered 408: {answer:?} after {took:?}"
+    );
+    assert!(
+        answer.contains("did not arrive in time") && answer.contains("--body-timeout-ms"),
+        "the answer says what happened and what to change: {answer}"
+    );
+    // NB: generous for a loaded machine; the trickle itself takes 100 s.
+    assert!(
+        took < Duration::from_secs(15),
+        "cut off at the body timeout, not when the body ends: {took:?}"
+    );
+    fh.stop().await.expect("clean stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     use std::io::{Read as _, Write as _};

@@ -477,8 +477,9 @@ pub struct ServeArgs {
     #[arg(long, env = "FLAGHOST_HEADER_TIMEOUT_MS", default_value_t = crate::http::connections::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
     pub header_timeout_ms: u64,
 
-    /// Time a client has to send a request's body, in milliseconds; past it
-    /// the request is refused.
+    /// Time a client has to send a request's whole body, in milliseconds,
+    /// plus a second for every 64 KiB it sends; past it the request is
+    /// refused (408).
     #[arg(long, env = "FLAGHOST_BODY_TIMEOUT_MS", default_value_t = crate::http::connections::DEFAULT_BODY_TIMEOUT.as_millis() as u64)]
     pub body_timeout_ms: u64,
 

@@ -5,6 +5,7 @@
 //! picks its environment with its base URL alone.
 
 mod admin;
+mod body_deadline;
 pub mod connections;
 mod error;
 mod health;
@@ -23,7 +24,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::{get, post, put};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::access::ApiKeys;
 use crate::environments::Environments;
@@ -168,7 +168,7 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         .layer(DefaultBodyLimit::max(options.body_limit))
         // NB: a body that trickles in is cut off (slowloris on the body);
         // the headers are bounded by the connection (see `connections`).
-        .layer(RequestBodyTimeoutLayer::new(options.body_timeout))
+        .layer(body_deadline::layer(options.body_timeout))
         .with_state(state);
     match cors_layer(&options.cors) {
         Some(cors) => router.layer(cors),

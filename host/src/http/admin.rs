@@ -108,7 +108,7 @@ pub async fn invalidate(
 ) -> Result<Json<Invalidation>, ApiError> {
     authorize(&state, &headers)?;
     let bad = |details: String| ApiError::BadRequest { key: None, details };
-    let body = body.map_err(|e| bad(format!("cannot read the request body: {e}")))?;
+    let body = body.map_err(|e| ApiError::unreadable_body(None, &e))?;
     let request = if body.iter().all(u8::is_ascii_whitespace) {
         InvalidateRequest { environment: None }
     } else {
@@ -269,10 +269,7 @@ pub async fn put_plugin(
     }
     let mut bytes = Vec::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest {
-            key: None,
-            details: format!("cannot read the request body: {e}"),
-        })?;
+        let chunk = chunk.map_err(|e| ApiError::unreadable_body(None, &e))?;
         if bytes.len() + chunk.len() > limit {
             discard(&headers, &mut body, bytes.len() + chunk.len()).await;
             return Err(too_large());

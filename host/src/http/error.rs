@@ -31,6 +31,13 @@ pub enum ApiError {
         /// The limit.
         details: String,
     },
+    /// The body did not arrive within its deadline (see `body_deadline`).
+    TooSlow {
+        /// The flag asked for, on single-flag requests.
+        key: Option<String>,
+        /// The deadline.
+        details: String,
+    },
     /// An environment that cannot be found or is unavailable.
     Environment {
         /// The flag asked for, on single-flag requests.
@@ -92,6 +99,24 @@ impl From<crate::access::Denied> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A request body that could not be read, for `error`: a 408 if it did
+    /// not arrive in time, else a 400 saying why.
+    pub fn unreadable_body(key: Option<&str>, error: &(dyn std::error::Error + 'static)) -> Self {
+        let key = key.map(str::to_owned);
+        match super::body_deadline::timed_out(error) {
+            Some(timeout) => ApiError::TooSlow {
+                key,
+                details: timeout.to_string(),
+            },
+            None => ApiError::BadRequest {
+                key,
+                details: format!("cannot read the request body: {error}"),
+            },
+        }
+    }
+}
+
 impl From<ChangeError> for ApiError {
     fn from(e: ChangeError) -> Self {
         ApiError::Plugin(e)
@@ -123,6 +148,13 @@ impl IntoResponse for ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 key.as_deref(),
                 "INVALID_CONTEXT",
+                details.clone(),
+                None,
+            ),
+            ApiError::TooSlow { key, details } => (
+                StatusCode::REQUEST_TIMEOUT,
+                key.as_deref(),
+                "GENERAL",
                 details.clone(),
                 None,
             ),

@@ -227,7 +227,7 @@ fn parse_request(
                 details: "the request body is over the size limit".into(),
             }
         }
-        other => bad(format!("cannot read the request body: {other}")),
+        other => ApiError::unreadable_body(key, &other),
     })?;
     if body.is_empty() {
         return Ok(EvaluationContext::default());

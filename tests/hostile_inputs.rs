@@ -282,6 +282,42 @@ async fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_timeout() {
     fh.stop().await.expect("clean stop");
 }
 
+/// The admin API checks the token before it reads a body: a caller without
+/// one is refused at once, not after flaghost has waited for (and held)
+/// what it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_call_without_the_token_is_refused_before_its_body_is_read() {
+    use std::io::{Read as _, Write as _};
+    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
+    let mut config = dirs.config("prod", answer_limits());
+    config.admin_token = Some("the-admin-token".into());
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let address = fh.base.trim_start_matches("http://").to_owned();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        // Headers promising a body that never comes.
+        stream
+            .write_all(
+                b"POST /admin/v1/cache/invalidate HTTP/1.1\r\nHost: x\r\n\
+                  Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n",
+            )
+            .expect("sends");
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .expect("asked");
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "refused without waiting for the body: {answer:?}"
+    );
+    fh.stop().await.expect("clean stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     use std::io::{Read as _, Write as _};

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::{Body, BodyDataStream, Bytes};
+use axum::body::{Body, BodyDataStream};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
@@ -98,17 +97,32 @@ struct InvalidateRequest {
     environment: Option<String>,
 }
 
+/// Largest body `invalidate` reads: `{"environment": "<name>"}` with room.
+const MAX_INVALIDATE_BYTES: usize = 4096;
+
 /// `POST /admin/v1/cache/invalidate` with `{"environment": "<env>"}` (or no
 /// environment, or no body, for every one): drops the cached flag sets here,
 /// in Redis and in every other instance.
 pub async fn invalidate(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Invalidation>, ApiError> {
+    // NB: the token before the body: without it, nobody gets flaghost to
+    // read and hold one.
     authorize(&state, &headers)?;
     let bad = |details: String| ApiError::BadRequest { key: None, details };
-    let body = body.map_err(|e| ApiError::unreadable_body(None, &e))?;
+    let body = axum::body::to_bytes(body, MAX_INVALIDATE_BYTES)
+        .await
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(limit) if limit.is::<http_body_util::LengthLimitError>() => ApiError::TooLarge {
+                key: None,
+                details: format!(
+                    "the body is over {MAX_INVALIDATE_BYTES} bytes: send {{\"environment\": \"<name>\"}} or nothing"
+                ),
+            },
+            _ => ApiError::unreadable_body(None, &e),
+        })?;
     let request = if body.iter().all(u8::is_ascii_whitespace) {
         InvalidateRequest { environment: None }
     } else {

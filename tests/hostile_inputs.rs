@@ -14,6 +14,20 @@ fn static_flag() -> Value {
     json!({"state": "ENABLED", "variants": {"a": "A", "b": "B"}, "defaultVariant": "a"})
 }
 
+/// flaghost serving one static flag (`ok`, in `prod`) as `edit` configures
+/// it: its flag directory (keep it while flaghost runs), flaghost, and the
+/// address to connect to.
+async fn serve_ok(
+    edit: impl FnOnce(&mut flaghost::config::ServeConfig),
+) -> (Dirs, Flaghost, String) {
+    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
+    let mut config = dirs.config("prod", answer_limits());
+    edit(&mut config);
+    let fh = Flaghost::start(&config).await.expect("starts");
+    let address = fh.base.trim_start_matches("http://").to_owned();
+    (dirs, fh, address)
+}
+
 fn rule_flag(rule: Value) -> Value {
     json!({"state": "ENABLED", "variants": {"on": true, "off": false},
            "defaultVariant": "off", "targeting": rule})
@@ -155,13 +169,12 @@ fn closed_by_server(stream: &mut std::net::TcpStream, within: Duration) -> bool 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_finish_their_request_are_closed_and_others_get_through() {
     use std::io::Write as _;
-    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
-    let mut config = dirs.config("prod", answer_limits());
-    config.http.connections.header_timeout = Duration::from_millis(500);
-    config.http.connections.max_connections = 64;
-    config.http.body_timeout = Duration::from_millis(500);
-    let fh = Flaghost::start(&config).await.expect("starts");
-    let address = fh.base.trim_start_matches("http://").to_owned();
+    let (_dirs, fh, address) = serve_ok(|config| {
+        config.http.connections.header_timeout = Duration::from_millis(500);
+        config.http.connections.max_connections = 64;
+        config.http.body_timeout = Duration::from_millis(500);
+    })
+    .await;
 
     // Slowloris: 200 connections that send half their headers and wait;
     // and 10 that send headers and half a body.
@@ -220,11 +233,10 @@ async fn connections_that_never_finish_their_request_are_closed_and_others_get_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_timeout() {
     use std::io::{Read as _, Write as _};
-    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
-    let mut config = dirs.config("prod", answer_limits());
-    config.http.body_timeout = Duration::from_millis(500);
-    let fh = Flaghost::start(&config).await.expect("starts");
-    let address = fh.base.trim_start_matches("http://").to_owned();
+    let (_dirs, fh, address) = serve_ok(|config| {
+        config.http.body_timeout = Duration::from_millis(500);
+    })
+    .await;
 
     let (answer, took) = tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(&address).expect("connects");
@@ -288,11 +300,10 @@ async fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_call_without_the_token_is_refused_before_its_body_is_read() {
     use std::io::{Read as _, Write as _};
-    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
-    let mut config = dirs.config("prod", answer_limits());
-    config.admin_token = Some("the-admin-token".into());
-    let fh = Flaghost::start(&config).await.expect("starts");
-    let address = fh.base.trim_start_matches("http://").to_owned();
+    let (_dirs, fh, address) = serve_ok(|config| {
+        config.admin_token = Some("the-admin-token".into());
+    })
+    .await;
     let answer = tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(&address).expect("connects");
         stream
@@ -321,11 +332,10 @@ async fn an_admin_call_without_the_token_is_refused_before_its_body_is_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     use std::io::{Read as _, Write as _};
-    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
-    let mut config = dirs.config("prod", answer_limits());
-    config.http.connections.header_timeout = Duration::from_millis(500);
-    let fh = Flaghost::start(&config).await.expect("starts");
-    let address = fh.base.trim_start_matches("http://").to_owned();
+    let (_dirs, fh, address) = serve_ok(|config| {
+        config.http.connections.header_timeout = Duration::from_millis(500);
+    })
+    .await;
 
     let (answered, closed_after) = tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(&address).expect("connects");
@@ -357,14 +367,13 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_holding_its_share_of_connections_leaves_room_for_others() {
     use std::io::Write as _;
-    let dirs = Dirs::new().flag_file("prod", &json!({"flags": {"ok": static_flag()}}));
-    let mut config = dirs.config("prod", answer_limits());
-    // NB: the slow connections outlive the test's checks.
-    config.http.connections.header_timeout = Duration::from_secs(30);
-    config.http.connections.max_connections = 64;
-    config.http.connections.max_per_client = 16;
-    let fh = Flaghost::start(&config).await.expect("starts");
-    let address = fh.base.trim_start_matches("http://").to_owned();
+    let (_dirs, fh, address) = serve_ok(|config| {
+        // NB: the slow connections outlive the test's checks.
+        config.http.connections.header_timeout = Duration::from_secs(30);
+        config.http.connections.max_connections = 64;
+        config.http.connections.max_per_client = 16;
+    })
+    .await;
 
     // Client 127.0.0.1 opens every slot there is, sending half its headers.
     let mut held = Vec::new();

@@ -168,9 +168,19 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_millis(200);
 
-    fn fed() -> (mpsc::Sender<Bytes>, DeadlineBody<Fed>) {
+    /// A body under [`TIMEOUT`] that gets `count` copies of `chunk`, one
+    /// every `every`, until it is dropped.
+    fn fed(chunk: Bytes, every: Duration, count: usize) -> DeadlineBody<Fed> {
         let (tx, rx) = mpsc::channel(16);
-        (tx, DeadlineBody::new(Fed(rx), TIMEOUT))
+        tokio::spawn(async move {
+            for _ in 0..count {
+                tokio::time::sleep(every).await;
+                if tx.send(chunk.clone()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        DeadlineBody::new(Fed(rx), TIMEOUT)
     }
 
     #[tokio::test]
@@ -184,16 +194,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_trickle_is_cut_off_at_the_deadline_however_often_it_sends() {
-        let (tx, body) = fed();
-        tokio::spawn(async move {
-            // A byte every 50 ms, each well within the 200 ms timeout, for 5 s.
-            for _ in 0..100 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if tx.send(Bytes::from_static(b" ")).await.is_err() {
-                    return;
-                }
-            }
-        });
+        // A byte every 50 ms, each well within the 200 ms timeout, for 5 s.
+        let body = fed(Bytes::from_static(b" "), Duration::from_millis(50), 100);
         let started = std::time::Instant::now();
         let mut body = std::pin::pin!(body);
         let error = loop {
@@ -217,16 +219,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_body_at_a_fair_rate_earns_the_time_it_needs() {
-        let (tx, body) = fed();
-        tokio::spawn(async move {
-            // 10 chunks of MIN_RATE bytes, one every 100 ms: 1 s in all, five
-            // times the timeout, at ten times the minimum rate.
-            for _ in 0..10 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let chunk = Bytes::from(vec![b' '; MIN_RATE as usize]);
-                tx.send(chunk).await.expect("read");
-            }
-        });
+        // 10 chunks of MIN_RATE bytes, one every 100 ms: 1 s in all, five
+        // times the timeout, at ten times the minimum rate.
+        let chunk = Bytes::from(vec![b' '; MIN_RATE as usize]);
+        let body = fed(chunk, Duration::from_millis(100), 10);
         let body = body.collect().await.expect("the whole body");
         assert_eq!(body.to_bytes().len(), 10 * MIN_RATE as usize);
     }

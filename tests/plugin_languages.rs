@@ -56,9 +56,9 @@ fn toolchains_present(test: &str) -> bool {
     false
 }
 
-/// One compiled-plugin cache for every test here (and every run): the
-/// Python and JavaScript runtimes take seconds to compile, once. With it,
-/// the compile bound these tests run under.
+/// The options every flaghost here runs with: one compiled-plugin cache
+/// for every test (and every run), since the Python and JavaScript runtimes
+/// take seconds to compile, and the compile bound.
 ///
 /// The default bound (60 s of CPU) is set for a release build. These tests
 /// run the debug build, where a 12 MB JavaScript runtime takes 11.5 s of

@@ -262,6 +262,11 @@ async fn the_admin_api_is_off_without_a_token_and_refuses_wrong_ones() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = invalidate(&fh, r#"{"env": "production"}"#).await;
     assert_eq!(status, 400, "{body}");
+    // A body past what a name needs is refused, not read whole.
+    let long = format!(r#"{{"environment": "{}"}}"#, "x".repeat(5000));
+    let (status, body) = invalidate(&fh, &long).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.to_string().contains("4096 bytes"), "{body}");
     // A name no flag file has is a mistake, not a kill switch pulled.
     let (status, body) = invalidate(&fh, r#"{"environment": "prodution"}"#).await;
     assert_eq!(status, 404, "{body}");

@@ -13,8 +13,8 @@
 //! - One client (an IPv4 address, or an IPv6 /64, which one host commonly
 //!   holds whole) has at most [`ConnectionLimits::max_per_client`] of them,
 //!   so a single client cannot take every slot from the others.
-//! - A request body must arrive within the body timeout, the whole body
-//!   (a router layer, see `super::body_deadline`).
+//! - The whole of a request body must arrive within the body timeout, not
+//!   each piece of it (a router layer, see `super::body_deadline`).
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -191,7 +191,21 @@ fn serve(binary: &Path, dirs: &Dirs, port: u16, extra_args: &str) -> Command {
 /// README's first command runs).
 fn release_flaghost() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    // NB: `cargo bench` runs this binary with its own package's CARGO_PKG_*
+    // and CARGO_MANIFEST_* set; build scripts that watch those (ring's)
+    // would see them changed and rebuild flaghost's TLS stack on every run.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_CRATE_")
+            || name.starts_with("CARGO_BIN_")
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let status = command
         .args(["build", "--release", "-p", "flaghost", "--bin", "flaghost"])
         .current_dir(root())
         .status()

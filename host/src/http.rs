@@ -135,9 +135,21 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
     // its own copy of the state, and cloning (then dropping) each of its
     // `Arc`s was about 3% of a single-flag request's CPU.
     let state = Arc::new(state);
-    let mut ofrep = Router::new()
-        .route("/evaluate/flags", post(ofrep::evaluate_all))
-        .route("/evaluate/flags/{key}", post(ofrep::evaluate_one));
+    // NB: every route at its full path, merged rather than nested: a nested
+    // router strips its prefix (a new URI per request) and adds a second
+    // routing step, about 4% of a single-flag request's CPU.
+    let mut ofrep = Router::new();
+    for prefix in ["/ofrep/v1", "/environments/{environment}/ofrep/v1"] {
+        ofrep = ofrep
+            .route(
+                &format!("{prefix}/evaluate/flags"),
+                post(ofrep::evaluate_all),
+            )
+            .route(
+                &format!("{prefix}/evaluate/flags/{{key}}"),
+                post(ofrep::evaluate_one),
+            );
+    }
     if state.api_keys.is_some() {
         // NB: a layer on the matched routes, so a caller without a key is
         // turned away before its body is read; without keys there is no
@@ -148,8 +160,7 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
         ));
     }
     let router = Router::new()
-        .nest("/ofrep/v1", ofrep.clone())
-        .nest("/environments/{environment}/ofrep/v1", ofrep)
+        .merge(ofrep)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::behind_token))

@@ -364,6 +364,53 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     fh.stop().await.expect("clean stop");
 }
 
+/// A connection's requests share one timer (see `header_timer`): one sent
+/// after an earlier request's deadline has passed is still served, and the
+/// connection is closed once it idles a whole timeout after its last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_busy_past_the_header_timeout_stays_open_until_it_idles() {
+    use std::io::{Read as _, Write as _};
+    let (_dirs, fh, address) = serve_ok(|config| {
+        config.http.connections.header_timeout = Duration::from_millis(400);
+    })
+    .await;
+
+    let (answered, closed_after) = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let started = std::time::Instant::now();
+        let mut answered = 0;
+        // A request every 100 ms for 1.2 s: three timeouts' worth.
+        while started.elapsed() < Duration::from_millis(1_200) {
+            let sent = stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n");
+            let mut buf = [0u8; 4096];
+            match (sent, stream.read(&mut buf)) {
+                (Ok(()), Ok(n)) if buf[..n].starts_with(b"HTTP/1.1 200") => answered += 1,
+                _ => break,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let idle = std::time::Instant::now();
+        let closed = closed_by_server(&mut stream, Duration::from_secs(5));
+        (answered, closed.then(|| idle.elapsed()))
+    })
+    .await
+    .expect("ran");
+    assert!(
+        answered >= 8,
+        "every request was answered while the connection was busy: {answered}"
+    );
+    let closed_after = closed_after.expect("closed once idle");
+    assert!(
+        closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(3),
+        "closed about a header timeout after its last request: {closed_after:?}"
+    );
+    fh.stop().await.expect("clean stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_holding_its_share_of_connections_leaves_room_for_others() {
     use std::io::Write as _;

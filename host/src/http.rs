@@ -8,6 +8,7 @@ mod admin;
 mod body_deadline;
 pub mod connections;
 mod error;
+mod header_timer;
 mod health;
 mod metrics;
 mod ofrep;

@@ -6,7 +6,8 @@
 //!   [`ConnectionLimits::header_timeout`] of starting to read them, an idle
 //!   keep-alive connection included; else it is closed. Without this, a
 //!   client holding about 20,000 connections that never finished their
-//!   headers made flaghost unreachable and out of file descriptors.
+//!   headers made flaghost unreachable and out of file descriptors. (Each
+//!   connection's timeouts share one timer: `super::header_timer`.)
 //! - At most [`ConnectionLimits::max_connections`] are open at once; one past
 //!   that is closed at once, so the descriptors flaghost needs for its flag
 //!   and plugin directories, Redis and child compilers stay free.
@@ -25,13 +26,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 use tracing::{debug, warn};
+
+use super::header_timer::ConnectionTimer;
 
 /// Default time a client has to send a request's headers.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,7 +132,6 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     loop {
@@ -169,7 +171,12 @@ pub async fn serve(
                 .clone()
                 .map_request(|request: axum::http::Request<Incoming>| request.map(Body::new)),
         );
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        // NB: a timer of the connection's own, so its header timeouts share
+        // one tokio timer instead of registering one per request.
+        let mut connection_builder = builder.clone();
+        connection_builder.timer(ConnectionTimer::default());
+        let connection =
+            graceful.watch(connection_builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             // A client that goes away or times out ends its connection: not
             // flaghost's error.

@@ -140,6 +140,27 @@ async fn deep_or_exploding_rules_at_start_up_are_refused_naming_file_flag_and_re
     }
 }
 
+/// A connection to `address` whose reads give up after 5 s. Blocking.
+fn keep_alive_connection(address: &str) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(address).expect("connects");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+}
+
+/// Asks `/healthz` on `stream`, keeping it open: whether a 200 came back.
+fn healthz_on(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut buf = [0u8; 4096];
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .is_ok()
+        && stream
+            .read(&mut buf)
+            .is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 200"))
+}
+
 /// Reads from `stream` until the server closes it (or `within` passes):
 /// whether it did. Blocking: run off the async workers.
 fn closed_by_server(stream: &mut std::net::TcpStream, within: Duration) -> bool {
@@ -331,23 +352,14 @@ async fn an_admin_call_without_the_token_is_refused_before_its_body_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
-    use std::io::{Read as _, Write as _};
     let (_dirs, fh, address) = serve_ok(|config| {
         config.http.connections.header_timeout = Duration::from_millis(500);
     })
     .await;
 
     let (answered, closed_after) = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
-            .expect("sends");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut buf = [0u8; 4096];
-        let n = stream.read(&mut buf).expect("an answer");
-        let answered = String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200");
+        let mut stream = keep_alive_connection(&address);
+        let answered = healthz_on(&mut stream);
         // Then nothing more is sent: the connection idles.
         let idle = std::time::Instant::now();
         let closed = closed_by_server(&mut stream, Duration::from_secs(5));
@@ -369,28 +381,18 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
 /// connection is closed once it idles a whole timeout after its last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_busy_past_the_header_timeout_stays_open_until_it_idles() {
-    use std::io::{Read as _, Write as _};
     let (_dirs, fh, address) = serve_ok(|config| {
         config.http.connections.header_timeout = Duration::from_millis(400);
     })
     .await;
 
     let (answered, closed_after) = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(&address).expect("connects");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+        let mut stream = keep_alive_connection(&address);
         let started = std::time::Instant::now();
         let mut answered = 0;
         // A request every 100 ms for 1.2 s: three timeouts' worth.
-        while started.elapsed() < Duration::from_millis(1_200) {
-            let sent = stream
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n");
-            let mut buf = [0u8; 4096];
-            match (sent, stream.read(&mut buf)) {
-                (Ok(()), Ok(n)) if buf[..n].starts_with(b"HTTP/1.1 200") => answered += 1,
-                _ => break,
-            }
+        while started.elapsed() < Duration::from_millis(1_200) && healthz_on(&mut stream) {
+            answered += 1;
             std::thread::sleep(Duration::from_millis(100));
         }
         let idle = std::time::Instant::now();

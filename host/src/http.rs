@@ -137,8 +137,9 @@ pub fn app(state: AppState, options: &HttpOptions) -> Router {
     // `Arc`s was about 3% of a single-flag request's CPU.
     let state = Arc::new(state);
     // NB: every route at its full path, merged rather than nested: a nested
-    // router strips its prefix (a new URI per request) and adds a second
-    // routing step, about 4% of a single-flag request's CPU.
+    // router wraps each of its routes in a layer that strips the prefix (a
+    // new URI per request) and one that records the nested path: measured
+    // (perf stat, wrk -c64), about 2 µs of a single-flag request's 16.
     let mut ofrep = Router::new();
     for prefix in ["/ofrep/v1", "/environments/{environment}/ofrep/v1"] {
         ofrep = ofrep

@@ -27,15 +27,17 @@ use std::time::{Duration, Instant};
 
 use hyper::rt::{Sleep, Timer};
 
+/// The tokio sleep a connection's deadlines wait on, made at the first one
+/// polled.
+// NB: a mutex because hyper wants a `Sync` timer; only the connection's own
+// task polls it, so it is never contended.
+type SharedSleep = Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
+
 /// hyper's timer for one connection (one per connection: the sleep it
 /// shares is that connection's).
 #[derive(Clone, Default)]
 pub struct ConnectionTimer {
-    /// The tokio sleep this connection's deadlines wait on, made at the
-    /// first one polled.
-    // NB: a mutex because hyper wants a `Sync` timer; only the connection's
-    // own task polls it, so it is never contended.
-    shared: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    shared: SharedSleep,
 }
 
 impl Timer for ConnectionTimer {
@@ -59,7 +61,7 @@ impl Timer for ConnectionTimer {
 /// One sleep hyper asked for: done at `at`.
 struct Deadline {
     at: tokio::time::Instant,
-    shared: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    shared: SharedSleep,
 }
 
 impl Sleep for Deadline {}

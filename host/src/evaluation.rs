@@ -109,11 +109,11 @@ impl Resolution<'_> {
 }
 
 /// A [`Resolution`] without borrows, to carry back from the thread that
-/// evaluated it (the plugin pool): the variant by name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// evaluated it (the plugin pool): the variant by its ordinal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
-    /// The variant served, when there is one.
-    pub variant: Option<String>,
+    /// The [`Variant::ordinal`] of the variant served, when there is one.
+    pub variant: Option<usize>,
     /// Why.
     pub reason: Reason,
 }
@@ -122,7 +122,7 @@ impl Resolution<'_> {
     /// This resolution without borrows.
     pub fn verdict(&self) -> Verdict {
         Verdict {
-            variant: self.variant.map(str::to_owned),
+            variant: self.served.map(|variant| variant.ordinal),
             reason: self.reason,
         }
     }
@@ -131,19 +131,13 @@ impl Resolution<'_> {
 impl Verdict {
     /// The resolution this verdict on `flag` stands for.
     pub fn resolve<'a>(&self, flag: &'a Flag) -> Resolution<'a> {
-        // NB: the variant came from evaluating this very flag, so it is one
-        // of its variants (or none).
-        let served = self
-            .variant
-            .as_deref()
-            .and_then(|v| flag.variants.get_key_value(v));
-        Resolution {
-            value: served.map(|(_, variant)| &variant.value),
-            variant: served.map(|(name, _)| name.as_str()),
-            reason: self.reason,
-            metadata: &flag.metadata,
-            served: served.map(|(_, variant)| variant),
-        }
+        // NB: the ordinal came from evaluating this very flag (the same
+        // `Arc`'d flag set), so it is one of its variants (or none).
+        served(
+            flag,
+            self.variant.and_then(|at| flag.variants.at(at)),
+            self.reason,
+        )
     }
 }
 
@@ -212,18 +206,13 @@ pub fn evaluate_flag<'a>(
                 flag.default_variant.as_deref(),
                 Reason::Default,
             )),
-            Ok(Some(variant)) => match flag.variants.get_key_value(variant.as_str()) {
-                Some((name, variant)) => Ok(Resolution {
-                    value: Some(&variant.value),
-                    variant: Some(name),
-                    reason: Reason::TargetingMatch,
-                    metadata: &flag.metadata,
-                    served: Some(variant),
-                }),
-                // NB: a rule that runs plugins may have made the name from a
-                // plugin's answer (which may carry another caller's data):
-                // it is not echoed. A JsonLogic rule's own is the flag
-                // file's text.
+            Ok(Some(variant)) => match flag.variants.get_key_value(variant) {
+                Some(served) => Ok(self::served(flag, Some(served), Reason::TargetingMatch)),
+                // NB: rules report names the flag lacks themselves (they
+                // know its variants); this is for one that did not. A rule
+                // that runs plugins may have made the name from a plugin's
+                // answer (which may carry another caller's data): it is not
+                // echoed. A JsonLogic rule's own is the flag file's text.
                 None if rule.lane().is_some() => Err(fail(
                     ErrorCode::General,
                     format!(
@@ -244,17 +233,31 @@ pub fn evaluate_flag<'a>(
     }
 }
 
-/// A resolution serving the flag's `variant` (or the code default when `None`).
-fn resolved<'a>(flag: &'a Flag, variant: Option<&'a str>, reason: Reason) -> Resolution<'a> {
+/// A resolution serving the flag's variant named `variant` (or the code
+/// default when `None`).
+fn resolved<'a>(flag: &'a Flag, variant: Option<&str>, reason: Reason) -> Resolution<'a> {
     // NB: `variant` is the flag's default variant, which parsing checked is
     // one of its variants.
-    let served = variant.and_then(|v| flag.variants.get(v));
+    served(
+        flag,
+        variant.and_then(|v| flag.variants.get_key_value(v)),
+        reason,
+    )
+}
+
+/// A resolution serving `variant` of `flag`, with its name (or the code
+/// default when `None`).
+fn served<'a>(
+    flag: &'a Flag,
+    variant: Option<(&'a str, &'a Variant)>,
+    reason: Reason,
+) -> Resolution<'a> {
     Resolution {
-        value: served.map(|v| &v.value),
-        variant,
+        value: variant.map(|(_, v)| &v.value),
+        variant: variant.map(|(name, _)| name),
         reason,
         metadata: &flag.metadata,
-        served,
+        served: variant.map(|(_, v)| v),
     }
 }
 

@@ -15,7 +15,12 @@ use serde_json::Value as Json;
 pub trait TargetingRule: Send + Sync {
     /// The variant that applies, `None` for the flag's default, or why the
     /// rule could not answer.
-    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError>;
+    ///
+    /// The name is the rule's own copy of one of the variant names it was
+    /// bound or compiled with: an answer costs no allocation, and a name
+    /// the flag lacks is the rule's to report (a plugin's without echoing
+    /// it; see [`crate::plugins`]).
+    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<&str>, RuleError>;
 
     /// What the rule is, for logs (`plugin percentage-rollout`).
     fn describe(&self) -> String;

@@ -13,8 +13,8 @@ use crate::flags::{BindError, RuleBinder, parse_flag_file};
 struct Fixed(Result<Option<String>, RuleError>);
 
 impl TargetingRule for Fixed {
-    fn evaluate(&self, _: &EvaluationContext) -> Result<Option<String>, RuleError> {
-        self.0.clone()
+    fn evaluate(&self, _: &EvaluationContext) -> Result<Option<&str>, RuleError> {
+        self.0.as_ref().map(Option::as_deref).map_err(Clone::clone)
     }
     fn describe(&self) -> String {
         "fixed rule".into()

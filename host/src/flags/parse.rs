@@ -17,8 +17,8 @@ use super::targeting::{
     Evaluators, JsonLogicRule, ResolveError, bind_plugins, plugin_args, resolve_refs,
 };
 use super::{
-    DocumentLimits, FastMap, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType,
-    Variant,
+    DocumentLimits, Flag, FlagSet, FlagState, Metadata, Targeting, Value, ValueType, Variant,
+    Variants,
 };
 use crate::rules::{BindError, RuleBinder};
 
@@ -206,11 +206,11 @@ fn parse_flag(
     let variants = match raw.remove("variants") {
         Some(v) => parse_variants(v).unwrap_or_else(|reason| {
             problems.push(reason);
-            FastMap::default()
+            Variants::default()
         }),
         None => {
             problems.push("missing \"variants\"".into());
-            FastMap::default()
+            Variants::default()
         }
     };
 
@@ -220,7 +220,7 @@ fn parse_flag(
             if !variants.is_empty() && !variants.contains_key(&name) {
                 problems.push(format!(
                     "\"defaultVariant\" {name:?} is not one of the variants ({})",
-                    sorted_names(&variants).join(", ")
+                    names(&variants).join(", ")
                 ));
             }
             Some(name)
@@ -256,14 +256,15 @@ fn parse_flag(
     };
     let (targeting, resolved_rule) = match raw.remove("targeting") {
         None => (Targeting::None, None),
-        Some(rule) => parse_targeting(key, &sorted_names(&variants), rule, evaluators, binder)
-            .map_err(|e| {
+        Some(rule) => {
+            parse_targeting(key, &names(&variants), rule, evaluators, binder).map_err(|e| {
                 let mut problem = Problem::new(Some(key), e.to_string());
                 if let TargetingError::Bind(BindError::NotLoaded { plugin, .. }) = e {
                     problem.missing_plugin = Some(plugin);
                 }
                 vec![problem]
-            })?,
+            })?
+        }
     };
     let definition = definition(
         state,
@@ -299,7 +300,7 @@ fn parse_flag(
 /// value only written to the shared cache.
 fn definition(
     state: FlagState,
-    variants: &FastMap<String, Variant>,
+    variants: &Variants,
     default_variant: Option<&str>,
     rule: Option<Json>,
     metadata: &Map<String, Json>,
@@ -332,14 +333,14 @@ fn definition(
 }
 
 /// Variants: a non-empty object whose values share one type.
-fn parse_variants(raw: Json) -> Result<FastMap<String, Variant>, String> {
+fn parse_variants(raw: Json) -> Result<Variants, String> {
     let Json::Object(raw) = raw else {
         return Err("\"variants\" must be an object mapping variant names to values".into());
     };
     if raw.is_empty() {
         return Err("\"variants\" must hold at least one variant".into());
     }
-    let mut variants = FastMap::with_capacity_and_hasher(raw.len(), Default::default());
+    let mut variants = Vec::with_capacity(raw.len());
     let mut first: Option<(String, ValueType)> = None;
     for (name, raw_value) in raw {
         if name.is_empty() {
@@ -372,11 +373,10 @@ fn parse_variants(raw: Json) -> Result<FastMap<String, Variant>, String> {
             }
             Some(_) => {}
         }
-        let mut variant = Variant::new(&name, value);
-        variant.ordinal = variants.len();
-        variants.insert(name, variant);
+        let variant = Variant::new(&name, value);
+        variants.push((name, variant));
     }
-    Ok(variants)
+    Ok(variants.into_iter().collect())
 }
 
 /// Metadata: an object of strings, numbers and booleans.
@@ -443,17 +443,16 @@ fn parse_targeting(
         &mut |name, config| Ok(binder.bind(flag_key, variants, name, config)?),
         &mut plugins,
     )?;
-    let targeting = match JsonLogicRule::compile(flag_key, &bound, plugins) {
+    let targeting = match JsonLogicRule::compile(flag_key, variants, &bound, plugins) {
         Ok(compiled) => Targeting::Rule(Arc::new(compiled)),
         Err(reason) => Targeting::Unparsable(reason),
     };
     Ok((targeting, Some(resolved)))
 }
 
-fn sorted_names(variants: &FastMap<String, Variant>) -> Vec<String> {
-    let mut names: Vec<String> = variants.keys().cloned().collect();
-    names.sort();
-    names
+/// The variants' names, in order (sorted).
+fn names(variants: &Variants) -> Vec<String> {
+    variants.keys().cloned().collect()
 }
 
 #[cfg(test)]

@@ -185,12 +185,14 @@ impl CustomOperator for PluginOperator {
             Some((plugin, call.context.clone()))
         });
         // NB: the plugin runs with no borrow of PLUGIN_CALL held.
-        let answer = match call {
-            Some((plugin, context)) => plugin.evaluate(&context),
+        let answer = match &call {
+            Some((plugin, context)) => plugin
+                .evaluate(context)
+                .map(|variant| variant.map(|v| DataValue::String(arena.alloc_str(v)))),
             None => Err(RuleError(format!("plugin operator {index} is not bound"))),
         };
         let value = match answer {
-            Ok(Some(variant)) => DataValue::String(arena.alloc_str(&variant)),
+            Ok(Some(variant)) => variant,
             Ok(None) => DataValue::Null,
             Err(e) => {
                 PLUGIN_CALL.with(|c| {
@@ -450,6 +452,8 @@ pub struct JsonLogicRule {
     lane: Option<String>,
     /// The context attributes it can read ([`reads`]); `None`: any.
     reads: Option<Box<[String]>>,
+    /// The flag's variant names, sorted: what an answer is looked up in.
+    variants: Box<[String]>,
 }
 
 /// The context attributes `rule` can read, when that is known from its
@@ -531,9 +535,11 @@ fn add_path(path: &str, keys: &mut std::collections::BTreeSet<String>) -> bool {
 }
 
 impl JsonLogicRule {
-    /// Compiles `rule` (with `$ref`s resolved and plugins bound) for `flag_key`.
+    /// Compiles `rule` (with `$ref`s resolved and plugins bound) for
+    /// `flag_key`, whose variants are named `variants`.
     pub fn compile(
         flag_key: &str,
+        variants: &[String],
         rule: &Json,
         plugins: Vec<Arc<dyn TargetingRule>>,
     ) -> Result<Self, String> {
@@ -549,6 +555,12 @@ impl JsonLogicRule {
             plugins: plugins.into(),
             lane,
             reads: reads(&rule),
+            variants: {
+                let mut variants = variants.to_vec();
+                variants.sort_unstable();
+                variants.dedup();
+                variants.into()
+            },
         })
     }
 }
@@ -590,14 +602,17 @@ impl<'a> Converted<'a> {
     fn new(context: &EvaluationContext) -> Self {
         Self {
             timestamp: context.timestamp(),
-            ..Self::default()
+            // NB: room for a typical context's attributes, so that a bulk
+            // request's first flags do not grow it in steps.
+            values: crate::flags::FastMap::with_capacity_and_hasher(16, Default::default()),
+            all: None,
         }
     }
 
     /// `$flagd` for `flag_key`, in `arena`.
-    fn flagd<'s>(&self, flag_key: &str, arena: &'s Bump) -> DataValue<'s> {
+    fn flagd<'s>(&self, flag_key: &'s str, arena: &'s Bump) -> DataValue<'s> {
         DataValue::Object(arena.alloc_slice_copy(&[
-            ("flagKey", DataValue::String(arena.alloc_str(flag_key))),
+            ("flagKey", DataValue::String(flag_key)),
             (
                 "timestamp",
                 DataValue::Number(NumberValue::from_i64(self.timestamp)),
@@ -666,7 +681,7 @@ fn with_flagd_data<T>(
                 evaluate(scratch.alloc(DataValue::Object(entries.into_bump_slice())))
             }
             None => {
-                let flagd = converted.flagd(flag_key, arena);
+                let flagd = converted.flagd(arena.alloc_str(flag_key), arena);
                 let all = match converted.all.take() {
                     Some(all) => all,
                     None => {
@@ -693,26 +708,15 @@ fn with_flagd_data<T>(
     })
 }
 
-/// What a rule's answer means: a variant name, `true`/`false` naming the
-/// variants `"true"`/`"false"` (flagd's boolean shorthand), or null for the
-/// default.
-fn to_variant(answer: &DataValue<'_>) -> Result<Option<String>, RuleError> {
-    if let Some(name) = answer.as_str() {
-        return Ok(Some(name.to_owned()));
-    }
-    if let Some(b) = answer.as_bool() {
-        return Ok(Some(b.to_string()));
-    }
-    if answer.is_null() {
-        return Ok(None);
-    }
-    Err(RuleError(format!(
-        "the targeting rule answered {answer}, which is not a variant name"
-    )))
-}
-
-impl TargetingRule for JsonLogicRule {
-    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError> {
+impl JsonLogicRule {
+    /// Runs the rule for `context` and gives its answer to `read`, which
+    /// must take what it needs: the answer lives in scratch memory, reset
+    /// once `read` returns.
+    fn run<T>(
+        &self,
+        context: &EvaluationContext,
+        read: impl FnOnce(&DataValue<'_>) -> Result<T, RuleError>,
+    ) -> Result<T, RuleError> {
         if !self.plugins.is_empty() {
             PLUGIN_CALL.with(|c| {
                 *c.borrow_mut() = Some(PluginCall {
@@ -734,7 +738,7 @@ impl TargetingRule for JsonLogicRule {
                     engine()
                         .evaluate(&self.logic, data, scratch)
                         .map_err(|e| RuleError(format!("the targeting rule failed: {e}")))
-                        .and_then(to_variant)
+                        .and_then(read)
                 },
             );
             arena.reset();
@@ -750,6 +754,42 @@ impl TargetingRule for JsonLogicRule {
             Some(plugin_failure) => Err(plugin_failure),
             None => answer,
         }
+    }
+
+    /// What the rule's `answer` means: a variant name, `true`/`false`
+    /// naming the variants `"true"`/`"false"` (flagd's boolean shorthand),
+    /// or null for the default; as the rule's copy of the name.
+    fn variant(&self, answer: &DataValue<'_>) -> Result<Option<&str>, RuleError> {
+        let name = match answer {
+            DataValue::Null => return Ok(None),
+            DataValue::Bool(true) => "true",
+            DataValue::Bool(false) => "false",
+            _ => answer.as_str().ok_or_else(|| {
+                RuleError(format!(
+                    "the targeting rule answered {answer}, which is not a variant name"
+                ))
+            })?,
+        };
+        match self.variants.binary_search_by(|v| v.as_str().cmp(name)) {
+            Ok(at) => Ok(Some(&self.variants[at])),
+            // NB: a rule that runs plugins may have made the name from a
+            // plugin's answer (which may carry another caller's data): it
+            // is not echoed. Without plugins, the name is the flag file's.
+            Err(_) if self.lane.is_some() => Err(RuleError(format!(
+                "the targeting rule answered a variant flag {:?} does not have",
+                self.flag_key
+            ))),
+            Err(_) => Err(RuleError(format!(
+                "the targeting rule answered variant {name:?}, which flag {:?} does not have",
+                self.flag_key
+            ))),
+        }
+    }
+}
+
+impl TargetingRule for JsonLogicRule {
+    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<&str>, RuleError> {
+        self.run(context, |answer| self.variant(answer))
     }
 
     fn describe(&self) -> String {
@@ -843,28 +883,48 @@ mod tests {
         EvaluationContext::from_attributes(m).expect("valid")
     }
 
+    /// A rule of flag `flag`, with no variants: [`answer`] reads what it
+    /// answers.
+    fn compile(flag: &str, rule: Json) -> JsonLogicRule {
+        JsonLogicRule::compile(flag, &[], &rule, vec![]).expect("compiles")
+    }
+
+    /// What `rule` answers for `context`, as text, whether a variant of its
+    /// flag or not.
+    fn answer(
+        rule: &JsonLogicRule,
+        context: &EvaluationContext,
+    ) -> Result<Option<String>, RuleError> {
+        rule.run(context, |answer| {
+            Ok(match answer {
+                DataValue::Null => None,
+                DataValue::Bool(b) => Some(b.to_string()),
+                other => Some(
+                    other
+                        .as_str()
+                        .ok_or_else(|| RuleError(other.to_string()))?
+                        .to_owned(),
+                ),
+            })
+        })
+    }
+
     fn run(flag: &str, rule: Json, context: Json) -> Result<Option<String>, RuleError> {
-        JsonLogicRule::compile(flag, &rule, vec![])
-            .expect("compiles")
-            .evaluate(&ctx(context))
+        answer(&compile(flag, rule), &ctx(context))
     }
 
     #[test]
     fn a_conversion_is_shared_by_the_flags_of_one_context_and_no_other() {
-        let reads_some = JsonLogicRule::compile(
+        let reads_some = compile(
             "some",
-            &json!({"cat": [{"var": "country"}, "/", {"var": "$flagd.flagKey"}]}),
-            vec![],
-        )
-        .expect("compiles");
+            json!({"cat": [{"var": "country"}, "/", {"var": "$flagd.flagKey"}]}),
+        );
         // `{"var": ""}` may read anything: it is given every attribute.
         let reads_all = |flag: &str| {
-            JsonLogicRule::compile(
+            compile(
                 flag,
-                &json!({"if": [{"var": ""}, {"cat": [{"var": "country"}, "/", {"var": "$flagd.flagKey"}]}, "none"]}),
-                vec![],
+                json!({"if": [{"var": ""}, {"cat": [{"var": "country"}, "/", {"var": "$flagd.flagKey"}]}, "none"]}),
             )
-            .expect("compiles")
         };
         let (first, second) = (reads_all("first"), reads_all("second"));
         let nl = ctx(json!({"country": "NL", "$flagd": {"flagKey": "forged"}}));
@@ -872,15 +932,15 @@ mod tests {
         for _ in 0..2 {
             for (context, country) in [(&nl, "NL"), (&be, "BE"), (&nl, "NL")] {
                 assert_eq!(
-                    reads_some.evaluate(context),
+                    answer(&reads_some, context),
                     Ok(Some(format!("{country}/some")))
                 );
                 assert_eq!(
-                    first.evaluate(context),
+                    answer(&first, context),
                     Ok(Some(format!("{country}/first")))
                 );
                 assert_eq!(
-                    second.evaluate(context),
+                    answer(&second, context),
                     Ok(Some(format!("{country}/second")))
                 );
             }
@@ -948,6 +1008,70 @@ mod tests {
                 "{rule}"
             );
         }
+    }
+
+    /// A rule that runs guest code (its lane says so) and answers `on`.
+    struct OnPlugin;
+
+    impl TargetingRule for OnPlugin {
+        fn evaluate(&self, _: &EvaluationContext) -> Result<Option<&str>, RuleError> {
+            Ok(Some("on"))
+        }
+        fn describe(&self) -> String {
+            "plugin on".into()
+        }
+        fn lane(&self) -> Option<&str> {
+            Some("on")
+        }
+    }
+
+    #[test]
+    fn a_rule_answers_one_of_its_flag_s_variants_or_says_which_it_lacks() {
+        let variants = ["on".to_owned(), "off".to_owned(), "true".to_owned()];
+        let rule = |rule: Json, plugins: Vec<Arc<dyn TargetingRule>>| {
+            JsonLogicRule::compile("f", &variants, &rule, plugins).expect("compiles")
+        };
+        let nl = ctx(json!({"country": "NL"}));
+        let evaluate = |r: Json| rule(r, vec![]).evaluate(&nl).map(|v| v.map(str::to_owned));
+        assert_eq!(
+            evaluate(json!({"if": [true, "off", "on"]})),
+            Ok(Some("off".into()))
+        );
+        assert_eq!(evaluate(json!({"==": [1, 1]})), Ok(Some("true".into())));
+        assert_eq!(evaluate(json!({"var": "missing"})), Ok(None));
+        assert_eq!(
+            evaluate(json!({"var": "country"})),
+            Err(RuleError(
+                "the targeting rule answered variant \"NL\", which flag \"f\" does not have".into()
+            ))
+        );
+        assert_eq!(
+            evaluate(json!({"==": [1, 2]})),
+            Err(RuleError(
+                "the targeting rule answered variant \"false\", which flag \"f\" does not have"
+                    .into()
+            ))
+        );
+        assert_eq!(
+            evaluate(json!({"+": [1, 2]})),
+            Err(RuleError(
+                "the targeting rule answered 3, which is not a variant name".into()
+            ))
+        );
+        // A name made from a plugin's answer is not echoed (it may carry
+        // another caller's data).
+        let with_plugin = rule(
+            json!({"cat": [{PLUGIN: [0]}, "-nl"]}),
+            vec![Arc::new(OnPlugin)],
+        );
+        assert_eq!(
+            with_plugin.evaluate(&nl),
+            Err(RuleError(
+                "the targeting rule answered a variant flag \"f\" does not have".into()
+            ))
+        );
+        let answered_by_plugin = rule(json!({PLUGIN: [0]}), vec![Arc::new(OnPlugin)]);
+        assert_eq!(answered_by_plugin.evaluate(&nl), Ok(Some("on")));
     }
 
     #[test]

@@ -263,15 +263,16 @@ fn capped(text: &str, plugin: &Plugin) -> String {
 }
 
 impl TargetingRule for PluginRule {
-    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<String>, RuleError> {
+    fn evaluate(&self, context: &EvaluationContext) -> Result<Option<&str>, RuleError> {
         match self.run(context) {
+            Ok(None) => Ok(None),
             // NB: checked here, not only by the evaluator, so that no
             // variant name a plugin made up reaches a caller, whether the
             // rule is the flag's or an operator inside a JsonLogic rule.
-            Ok(Some(variant)) if !self.variants.contains(&variant) => {
-                Err(self.told(Failure::UnknownVariant(variant)))
-            }
-            Ok(answer) => Ok(answer),
+            Ok(Some(variant)) => match self.variants.iter().find(|v| **v == variant) {
+                Some(known) => Ok(Some(known)),
+                None => Err(self.told(Failure::UnknownVariant(variant))),
+            },
             Err(e) => Err(self.told(Failure::Plugin(e))),
         }
     }

@@ -307,8 +307,9 @@ pub struct Variant {
     pub value_json: Box<str>,
     /// The variant's name as a JSON string.
     pub name_json: Box<str>,
-    /// Its number among its flag's variants (0, 1, ...), set at load:
-    /// where its evaluation counters are (see [`crate::metrics`]).
+    /// Its place among its flag's variants in name order (0, 1, ...), set
+    /// when the [`Variants`] are built: where its evaluation counters are
+    /// (see [`crate::metrics`]).
     pub ordinal: usize,
 }
 
